@@ -1,0 +1,616 @@
+"""HiSockClient: HiSock's client API, speaking to HiSock and hisock_gevent servers alike.
+
+The constructor connects and says hello with a plain blocking socket, so it works (and
+raises :class:`ServerNotRunning` or :class:`ConnectionRejected`) from any thread.  The
+first call that needs to *receive* (:meth:`HiSockClient.start`, :meth:`recv`,
+:meth:`get_client`) binds the client to the calling thread's gevent hub: from then on a
+reader greenlet answers keepalives and queues what arrives, and one dispatcher calls the
+handlers.  Methods called from other threads afterwards are run on that hub.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import socket as _stdlib_socket
+import time
+from typing import Any, Callable, Deque, List, Optional, Tuple, Union
+
+import gevent
+from gevent import socket as gsocket
+from gevent.event import AsyncResult
+from gevent.queue import Queue
+
+from . import typecast
+from .connection import DEFAULT_MAX_QUEUE_BYTES, RECV_CHUNK, Connection, set_nodelay
+from .errors import (
+    ClientDisconnected,
+    ClientException,
+    ClientNotFound,
+    ConnectionRejected,
+    RemoteProtocolError,
+    ServerNotRunning,
+)
+from .frames import DEFAULT_HEADER_LEN, DEFAULT_MAX_MESSAGE_SIZE, FrameParser, frame
+from .handlers import CLIENT_RESERVED, CLIENT_UNRESERVED_ARGS, HandlerRunner, HandlerTable
+from .home import Home, _allocate_lock
+from .messages import (
+    CAPABILITY_MSGPACK,
+    GETCLT_COMMAND,
+    NO_SUCH_CLIENT,
+    ChangeGroup,
+    ChangeName,
+    Command,
+    Disconnect,
+    GetClient,
+    Hello,
+    KeepAck,
+    KeepAlive,
+    PeerJoined,
+    PeerLeft,
+    ServerMessage,
+    UserClose,
+    parse_server_body,
+)
+from .outgoing import OutgoingCommand
+from .utils import ClientInfo, MessageCacheMember, Sendable, iptup_to_str
+
+__all__ = ["HiSockClient", "ThreadedHiSockClient", "connect", "threaded_connect"]
+
+logger = logging.getLogger("hisock_gevent")
+
+#: Seconds to wait for the TCP connection.
+DEFAULT_CONNECT_TIMEOUT = 10.0
+#: Seconds to wait for the server's answer to our hello, and for a get_client answer.
+DEFAULT_ANSWER_TIMEOUT = 10.0
+#: Seconds queued frames get to reach the server on close.
+DEFAULT_CLOSE_TIMEOUT = 2.0
+
+# Inbox items are tuples whose first element says what happened.
+_CONNECT, _DISCONNECT, _COMMAND, _FORCED, _CLOSED = "connect", "disconnect", "command", "forced", "closed"
+
+
+class _RecvWaiter:
+    __slots__ = ("command", "result")
+
+    def __init__(self, command: Optional[str]):
+        self.command = command
+        self.result = AsyncResult()
+
+
+class HiSockClient:
+    """The client class for HiSock.
+
+    :param addr: ``(ip, port)`` of the server.
+    :param name: the name to go by, or None.
+    :param group: the group to join, or None.
+    :param header_len: width of every frame header; must match the server's.
+    :param cache_size: -1 or below for no message cache, 0 for unlimited, N for the last N.
+    :param connect_timeout: seconds to wait for the TCP connection.
+    :param answer_timeout: seconds to wait for the server to answer the hello.
+    :param max_message_size: the largest frame body accepted from the server.
+    :param use_msgpack: offer the msgpack extension (needed for bool, None in containers,
+        ClientInfo and tuples to round-trip; faster for lists and dicts).
+    :raises TypeError: the address is not a tuple.
+    :raises ServerNotRunning: nothing accepts connections at ``addr``.
+    :raises ConnectionRejected: the server refused us (full, or its checks said no).
+
+    :ivar addr: the server's address.  :ivar name: our name.  :ivar group: our group.
+    :ivar header_len: the header width.  :ivar funcs: the handlers registered with :meth:`on`.
+    :ivar cache: the message cache (MessageCacheMember items).
+    :ivar connect_time: Unix time the connection was made.
+    """
+
+    def __init__(
+        self,
+        addr: Tuple[str, int],
+        name: Optional[str] = None,
+        group: Optional[str] = None,
+        header_len: int = DEFAULT_HEADER_LEN,
+        cache_size: int = -1,
+        *,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+        answer_timeout: float = DEFAULT_ANSWER_TIMEOUT,
+        max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+        max_queue_bytes: int = DEFAULT_MAX_QUEUE_BYTES,
+        use_msgpack: bool = True,
+    ):
+        if not isinstance(addr, tuple) or len(addr) != 2:
+            raise TypeError(f"addr must be a two-element tuple (ip, port), not {addr!r}")
+        for label, value in (("name", name), ("group", group)):
+            if value is not None and not isinstance(value, str):
+                raise TypeError(f"{label} must be a str or None, not {type(value).__name__}")
+        self.addr = addr
+        self.name = name
+        self.group = group
+        self.header_len = header_len
+        self.cache_size = cache_size
+        self.cache: List[MessageCacheMember] = []
+        self.answer_timeout = answer_timeout
+        self.max_queue_bytes = max_queue_bytes
+        self._handlers = HandlerTable(CLIENT_RESERVED, CLIENT_UNRESERVED_ARGS)
+        self.funcs = self._handlers.funcs
+        self._home = Home()
+        self._runner = HandlerRunner(self._home, "client")
+        self._callback: Optional[Callable[[], Any]] = None
+
+        self.closed = False
+        self.connected = False
+        self.msgpack_ok = False
+        self._conn: Optional[Connection] = None
+        self._inbox: Optional[Queue] = None
+        self._reader: Optional[gevent.Greenlet] = None
+        self._dispatching = False
+        self._recv_waiters: Deque[_RecvWaiter] = collections.deque()
+        self._getclt_waiters: Deque[AsyncResult] = collections.deque()
+        # Guards the hand-over of the plain socket to a hub (and writes made before it).
+        self._bind_lock = _allocate_lock()
+        self._early: List[ServerMessage] = []
+        self._parser = FrameParser(header_len, max_message_size)
+
+        try:
+            sock = _stdlib_socket.create_connection(addr, timeout=connect_timeout)
+        except (ConnectionRefusedError, _stdlib_socket.timeout) as exc:
+            raise ServerNotRunning(f"no HiSock server is accepting connections at {iptup_to_str(addr)}: {exc}") from exc
+        except OSError as exc:
+            raise ServerNotRunning(f"cannot connect to {iptup_to_str(addr)}: {exc}") from exc
+        set_nodelay(sock)
+        self._plain_sock: Optional[_stdlib_socket.socket] = sock
+        self._client_addr: Tuple[str, int] = sock.getsockname()[:2]
+        self.connect_time = time.time()
+        try:
+            self._say_hello(use_msgpack)
+        except BaseException:
+            sock.close()
+            self.closed = True
+            raise
+        self.connected = True
+
+    def __repr__(self) -> str:
+        return f"<HiSockClient connected to {iptup_to_str(self.addr)}>"
+
+    def __enter__(self) -> "HiSockClient":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ handshake
+
+    def _say_hello(self, use_msgpack: bool) -> None:
+        """Send the hello and read until the server's answer (our own $CLTCONN$)."""
+        sock = self._plain_sock
+        assert sock is not None
+        extra = {"caps": [CAPABILITY_MSGPACK]} if use_msgpack else {}
+        sock.sendall(frame(Hello(self.name, self.group, extra).to_body(), self.header_len))
+        deadline = time.monotonic() + self.answer_timeout
+        answered = False
+        while not answered:
+            sock.settimeout(max(0.0, deadline - time.monotonic()))
+            try:
+                data = sock.recv(RECV_CHUNK)
+            except _stdlib_socket.timeout as exc:
+                raise ConnectionRejected(f"the server did not answer our hello within {self.answer_timeout} s") from exc
+            except OSError as exc:
+                raise ConnectionRejected(f"the connection failed during the handshake: {exc}") from exc
+            if not data:
+                raise ConnectionRejected("the server closed the connection during the handshake")
+            try:
+                bodies = self._parser.feed(data)
+                messages = [parse_server_body(body) for body in bodies]
+            except RemoteProtocolError as exc:
+                raise ConnectionRejected(f"the server's answer broke the protocol: {exc}") from exc
+            for message in messages:
+                if answered:
+                    self._early.append(message)
+                elif isinstance(message, Disconnect):
+                    raise ConnectionRejected("the server refused the connection ($DISCONN$)")
+                elif isinstance(message, PeerJoined):
+                    # The first $CLTCONN$ after our hello announces us.
+                    caps = message.info.get("caps")
+                    self.msgpack_ok = use_msgpack and isinstance(caps, list) and CAPABILITY_MSGPACK in caps
+                    self._early.append(message)
+                    answered = True
+                else:
+                    self._early.append(message)
+        sock.settimeout(None)
+
+    # ------------------------------------------------------------------ binding to a hub
+
+    def _bind_here(self) -> None:
+        """Adopt the calling thread's hub as home, if no hub owns the client yet."""
+        if self._conn is not None:
+            return
+        with self._bind_lock:
+            if self._conn is not None:
+                return
+            self._home.adopt_current_thread()
+            self._inbox = Queue()
+            if self._plain_sock is None:  # closed before ever being bound
+                self._inbox.put((_CLOSED,))
+                return
+            gsock = gsocket.socket(fileno=self._plain_sock.detach())
+            self._plain_sock = None
+            self._conn = Connection(gsock, self.addr, self.header_len, self._parser.max_body_len, self.max_queue_bytes, self._on_overflow, self._parser)
+            early, self._early = self._early, []
+            for message in early:
+                self._route(message)
+            self._reader = gevent.spawn(self._read_loop)
+
+    def _on_home(self, func: Callable[..., Any], *args: Any) -> Any:
+        """Bind if needed, then run ``func`` on the home hub."""
+        if self._conn is None and self._home.ident is None:
+            self._bind_here()
+        return self._home.call(func, *args)
+
+    def _write(self, data: bytes) -> None:
+        """Send a whole frame, on the hub once bound, with the plain socket before that."""
+        if self.closed:
+            raise ClientDisconnected("the client is closed")
+        if self._conn is None:
+            with self._bind_lock:
+                if self._conn is None:
+                    assert self._plain_sock is not None
+                    try:
+                        self._plain_sock.sendall(data)
+                    except OSError as exc:
+                        raise ClientDisconnected(f"sending to the server failed: {exc}") from exc
+                    return
+        self._home.call(self._write_here, data)
+
+    def _write_here(self, data: bytes) -> None:
+        conn = self._conn
+        if conn is None or conn.closed:
+            raise ClientDisconnected("the connection to the server is closed")
+        conn.send(data)
+
+    # ------------------------------------------------------------------ reading
+
+    def _read_loop(self) -> None:
+        conn = self._conn
+        assert conn is not None
+        try:
+            for body in conn.bodies():
+                if not self._route(parse_server_body(body)):
+                    return
+        except RemoteProtocolError as exc:
+            logger.warning("closing the connection to %s: %s", iptup_to_str(self.addr), exc)
+        finally:
+            if not self.closed:
+                self._finish(_CLOSED)
+
+    def _route(self, message: ServerMessage) -> bool:
+        """Act on one message from the server; False once the server has disconnected us."""
+        assert self._inbox is not None
+        kind = type(message)
+        if kind is Command:
+            assert isinstance(message, Command)
+            content = typecast.decode(message.fmt, message.payload)
+            if message.command == GETCLT_COMMAND and self._getclt_waiters:
+                self._getclt_waiters.popleft().set(content)
+            else:
+                self._inbox.put((_COMMAND, message.command, content, message))
+        elif kind is KeepAlive:
+            conn = self._conn
+            if conn is not None:
+                conn.send(frame(KeepAck().to_body(), self.header_len))
+        elif kind is PeerJoined:
+            self._inbox.put((_CONNECT, ClientInfo.from_dict(message.info)))  # type: ignore[union-attr]
+        elif kind is PeerLeft:
+            self._inbox.put((_DISCONNECT, ClientInfo.from_dict(message.info)))  # type: ignore[union-attr]
+        elif kind is Disconnect:
+            logger.info("the server at %s disconnected us", iptup_to_str(self.addr))
+            self._finish(_FORCED)
+            return False
+        return True
+
+    def _finish(self, how: str) -> None:
+        """The connection ended: close it, wake every waiter, and tell the dispatcher."""
+        self.closed = True
+        if self._conn is not None:
+            self._conn.close()
+        while self._recv_waiters:
+            self._recv_waiters.popleft().result.set_exception(ClientDisconnected("the connection to the server closed"))
+        while self._getclt_waiters:
+            self._getclt_waiters.popleft().set_exception(ClientDisconnected("the connection to the server closed"))
+        if self._inbox is not None:
+            self._inbox.put((how,))
+
+    def _on_overflow(self, conn: Connection) -> None:
+        logger.warning("the server at %s is not reading; closing", iptup_to_str(self.addr))
+        self._finish(_CLOSED)
+
+    # ------------------------------------------------------------------ dispatching
+
+    def _handle(self, item: Tuple[Any, ...]) -> bool:
+        """Dispatch one inbox item; False when the connection has ended."""
+        kind = item[0]
+        if kind is _COMMAND:
+            _, command, content, message = item
+            for waiter in self._recv_waiters:
+                if waiter.command is None or waiter.command == command:
+                    self._recv_waiters.remove(waiter)
+                    waiter.result.set(content)
+                    self._remember(command, content, message, called=True)
+                    return True
+            entry = self._handlers.command_handler(command)
+            called = True
+            if entry is not None:
+                self._runner.call(entry, (content,), f"'{command}'")
+            else:
+                catch_all = self._handlers.reserved_handler("*")
+                if catch_all is not None:
+                    self._runner.call(catch_all, (command, content), f"'*' ({command})")
+                else:
+                    called = False
+                    logger.debug("no handler for command %r", command)
+            self._remember(command, content, message, called)
+        elif kind is _CONNECT or kind is _DISCONNECT:
+            event = "client_connect" if kind is _CONNECT else "client_disconnect"
+            entry = self._handlers.reserved_handler(event)
+            if entry is not None:
+                self._runner.call(entry, (item[1],), f"'{event}'")
+        else:
+            if kind is _FORCED:
+                entry = self._handlers.reserved_handler("force_disconnect")
+                if entry is not None:
+                    self._runner.call(entry, (), "'force_disconnect'")
+            # Leave the marker for any other loop still waiting on the inbox.
+            assert self._inbox is not None
+            self._inbox.put((_CLOSED,))
+            return False
+        if self._callback is not None:
+            try:
+                self._callback()
+            except Exception as exc:
+                self._runner.report(exc, "callback")
+        return True
+
+    def _remember(self, command: str, content: Any, message: Command, called: bool) -> None:
+        if self.cache_size < 0:
+            return
+        self.cache.append(MessageCacheMember(header=len(message.to_body()), content=content, called=called, command=command))
+        if 0 < self.cache_size < len(self.cache):
+            del self.cache[0]
+
+    def start(self, callback: Optional[Callable[[], Any]] = None, error_handler: Optional[Callable[[BaseException], Any]] = None) -> None:
+        """Receive and dispatch messages until the client is closed or disconnected.
+
+        Blocks the calling greenlet.  The client belongs to the thread that first calls
+        this (or :meth:`recv`); use :class:`ThreadedHiSockClient` to run it in the background.
+
+        :param callback: called after every message is handled.
+        :param error_handler: called with each exception a handler raises; without one it
+            is logged.  Either way the client keeps running.
+        """
+        self._callback = callback
+        self._runner.error_handler = error_handler
+        self._bind_here()
+        if not self._home.is_here():
+            raise ClientException(
+                "start() must run on the thread the client is bound to; "
+                "use ThreadedHiSockClient to run a client in the background"
+            )
+        self._dispatch_loop()
+
+    def _dispatch_loop(self) -> None:
+        assert self._inbox is not None
+        self._dispatching = True
+        try:
+            while self._handle(self._inbox.get()):
+                pass
+        finally:
+            self._dispatching = False
+
+    # ------------------------------------------------------------------ API
+
+    def on(self, command: str, threaded: bool = False, override: bool = False) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        """Register the decorated function for ``command`` or a reserved event.
+
+        Reserved events: ``client_connect(client)``, ``client_disconnect(client)``,
+        ``force_disconnect()`` and ``*`` ``(command, content)``.  Other handlers take () or
+        (content).
+
+        :raises TypeError: wrong number of arguments.  :raises ValueError: reserved ``$...$`` command.
+        """
+
+        def decorator(func: Callable[..., Any]) -> Callable[..., Any]:
+            self._handlers.register(command, func, threaded, override)
+            return func
+
+        return decorator
+
+    def send(self, command: str, content: Sendable = None) -> None:
+        """Send ``command`` and ``content`` to the server.
+
+        :raises ValueError: the command is reserved.  :raises InvalidTypeCast: the content
+            cannot be sent to this server.  :raises ClientDisconnected: the client is closed.
+        """
+        outgoing = OutgoingCommand(command, content, self.header_len)
+        self._write(outgoing.frame_for(self.msgpack_ok))
+
+    def recv(self, recv_on: Optional[str] = None, recv_as: Optional[type] = None, timeout: Optional[float] = None) -> Any:
+        """Block until a command message arrives (``recv_on`` or any) and return its content.
+
+        The message is returned instead of being passed to its handler.  While no
+        :meth:`start` loop runs, other messages that arrive meanwhile go to their handlers.
+
+        :param recv_as: convert the content to this type (e.g. ``str``, ``int``, ``bytes``).
+        :param timeout: seconds to wait; None for no limit.
+        :raises ClientDisconnected: the connection closed first.
+        :raises gevent.Timeout: (a ``TimeoutError`` too) nothing came in time.
+        """
+        content = self._on_home(self._recv_here, recv_on, timeout)
+        if recv_as is not None and not isinstance(content, recv_as):
+            if recv_as is bytes and isinstance(content, str):
+                return content.encode()
+            if recv_as is str and isinstance(content, bytes):
+                return content.decode()
+            return recv_as(content)
+        return content
+
+    def _recv_here(self, recv_on: Optional[str], timeout: Optional[float]) -> Any:
+        if self.closed and (self._inbox is None or self._inbox.empty()):
+            raise ClientDisconnected("the client is closed")
+        waiter = _RecvWaiter(recv_on)
+        self._recv_waiters.append(waiter)
+        try:
+            if self._dispatching:
+                return waiter.result.get(timeout=timeout)
+            # Nobody dispatches: we do, until our message is in.
+            assert self._inbox is not None
+            with gevent.Timeout(timeout, TimeoutError(f"no message within {timeout} s")):
+                while not waiter.result.ready():
+                    if not self._handle(self._inbox.get()):
+                        break
+            return waiter.result.get(block=False) if waiter.result.ready() else self._raise_closed()
+        finally:
+            if waiter in self._recv_waiters:
+                self._recv_waiters.remove(waiter)
+
+    @staticmethod
+    def _raise_closed() -> Any:
+        raise ClientDisconnected("the connection to the server closed")
+
+    def change_name(self, new_name: Optional[str]) -> None:
+        """Change our name; None (or "") goes back to the name we connected with."""
+        self._write(frame(ChangeName(new_name or "").to_body(), self.header_len))
+        self.name = new_name
+
+    def change_group(self, new_group: Optional[str]) -> None:
+        """Change our group; None (or "") goes back to the group we connected with."""
+        self._write(frame(ChangeGroup(new_group or "").to_body(), self.header_len))
+        self.group = new_group
+
+    def get_client(self, client: Union[str, Tuple[str, int], ClientInfo]) -> ClientInfo:
+        """Ask the server about a client, named by name, ``(ip, port)``, ``"ip:port"`` or ClientInfo.
+
+        :raises ClientNotFound: the server knows no such client.
+        :raises ValueError: the client is named in a wrong format.
+        """
+        if isinstance(client, ClientInfo):
+            query = client.ipstr
+        elif isinstance(client, tuple):
+            if len(client) != 2:
+                raise ValueError(f"a client address is a tuple (ip, port), not {client!r}")
+            query = iptup_to_str(client)
+        elif isinstance(client, str):
+            query = client
+        else:
+            raise ValueError(f"a client is named by name, (ip, port) or ClientInfo, not {type(client).__name__}")
+        answer = self._on_home(self._get_client_here, query)
+        if not isinstance(answer, dict) or answer.get("traceback") == NO_SUCH_CLIENT or "ip" not in answer:
+            raise ClientNotFound(f"the server knows no client {query!r}")
+        return ClientInfo.from_dict(answer)
+
+    def _get_client_here(self, query: str) -> Any:
+        result = AsyncResult()
+        self._getclt_waiters.append(result)
+        self._write_here(frame(GetClient(query).to_body(), self.header_len))
+        try:
+            return result.get(timeout=self.answer_timeout)
+        except gevent.Timeout as exc:
+            raise ClientException(f"the server did not answer get_client within {self.answer_timeout} s") from exc
+        finally:
+            if result in self._getclt_waiters:
+                self._getclt_waiters.remove(result)
+
+    def get_server_addr(self) -> Tuple[str, int]:
+        """The ``(ip, port)`` of the server."""
+        return self.addr
+
+    def get_client_addr(self) -> Tuple[str, int]:
+        """Our own ``(ip, port)`` as the server sees it on this machine."""
+        return self._client_addr
+
+    def get_cache(self, idx: Union[int, slice, None] = None) -> Any:
+        """The message cache, or one entry (or slice) of it."""
+        return self.cache if idx is None else self.cache[idx]
+
+    def close(self, emit_leave: bool = True) -> None:
+        """Leave: tell the server (unless ``emit_leave`` is False), then close the connection.
+
+        A running :meth:`start` returns; a blocked :meth:`recv` raises ClientDisconnected.
+        Calling it again does nothing.
+        """
+        if self.closed:
+            return
+        with self._bind_lock:
+            plain = self._plain_sock
+            if plain is not None:
+                self.closed = True
+                self._plain_sock = None
+                if emit_leave:
+                    try:
+                        plain.sendall(frame(UserClose().to_body(), self.header_len))
+                    except OSError:
+                        pass
+                plain.close()
+                return
+        self._home.call(self._close_here, emit_leave)
+
+    def _close_here(self, emit_leave: bool) -> None:
+        if self.closed:
+            return
+        conn = self._conn
+        if conn is not None and emit_leave and not conn.closed:
+            conn.send(frame(UserClose().to_body(), self.header_len))
+            conn.close(DEFAULT_CLOSE_TIMEOUT)
+        self._finish(_CLOSED)
+        if self._reader is not None and self._reader is not gevent.getcurrent():
+            self._reader.kill(block=False)
+
+
+class ThreadedHiSockClient(HiSockClient):
+    """HiSockClient running in the background so it does not block the caller.
+
+    In a plain program the client gets its own OS thread and gevent hub (a Tkinter, pygame
+    or threading program keeps running); in a monkey-patched program a greenlet.  Methods
+    are safe to call from any thread.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._greenlet: Optional[gevent.Greenlet] = None
+
+    def start(self, callback: Optional[Callable[[], Any]] = None, error_handler: Optional[Callable[[BaseException], Any]] = None) -> None:
+        """Start receiving and dispatching in the background; returns at once."""
+        if self._greenlet is not None or self._home.ident is not None:
+            return
+        self._callback = callback
+        self._runner.error_handler = error_handler
+
+        def run() -> None:
+            self._bind_here()
+            self._dispatch_loop()
+
+        if Home.program_is_patched():
+            self._bind_here()
+            self._greenlet = gevent.spawn(self._dispatch_loop)
+        else:
+            self._home.start_thread(run, "hisock-client")
+
+    def close(self, emit_leave: bool = True) -> None:
+        """Close the client and block until its background loop has stopped."""
+        super().close(emit_leave)
+        if self._greenlet is not None:
+            self._greenlet.join(DEFAULT_CLOSE_TIMEOUT * 2)
+        else:
+            self._home.join_thread(DEFAULT_CLOSE_TIMEOUT * 3)
+
+    def join(self, timeout: Optional[float] = None) -> None:
+        """Block until the client is closed or disconnected."""
+        if self._greenlet is not None:
+            self._greenlet.join(timeout)
+        else:
+            self._home.join_thread(timeout)
+
+
+def connect(addr: Tuple[str, int], name: Optional[str] = None, group: Optional[str] = None, header_len: int = DEFAULT_HEADER_LEN, cache_size: int = -1, **kwargs: Any) -> HiSockClient:
+    """Connect to a HiSock server and return a :class:`HiSockClient`."""
+    return HiSockClient(addr, name, group, header_len, cache_size, **kwargs)
+
+
+def threaded_connect(*args: Any, **kwargs: Any) -> ThreadedHiSockClient:
+    """Connect and return a :class:`ThreadedHiSockClient`; arguments as :func:`connect`."""
+    return ThreadedHiSockClient(*args, **kwargs)

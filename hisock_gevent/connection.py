@@ -1,0 +1,189 @@
+"""One peer's socket: frames in through a parser, frames out through a bounded, coalescing queue.
+
+The reading side is a generator, :meth:`Connection.bodies`, run by whichever greenlet owns
+the peer (the server's per-client greenlet, the client's reader).  The writing side never
+blocks its caller: :meth:`Connection.send` appends to a queue and a writer greenlet, started
+only while there is something to write, joins everything queued into one ``sendall``.  A
+peer that stops reading therefore holds up nobody but itself, and when its queue passes
+``max_queue_bytes`` the owner is told through ``on_overflow``.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket as _stdlib_socket
+from typing import Any, Callable, Iterator, List, Optional, Tuple
+
+import gevent
+from gevent import socket as gsocket
+
+from .frames import DEFAULT_HEADER_LEN, DEFAULT_MAX_MESSAGE_SIZE, FrameParser
+
+__all__ = ["Connection", "DEFAULT_MAX_QUEUE_BYTES", "RECV_CHUNK", "set_nodelay"]
+
+logger = logging.getLogger("hisock_gevent")
+
+#: Outbound bytes a peer may have waiting before it counts as not reading (64 MiB).
+DEFAULT_MAX_QUEUE_BYTES = 64 * 1024 * 1024
+#: Bytes asked of the kernel per read.
+RECV_CHUNK = 256 * 1024
+
+
+def set_nodelay(sock: Any) -> None:
+    """Turn off Nagle: HiSock frames are small and must not wait behind delayed ACKs."""
+    try:
+        sock.setsockopt(_stdlib_socket.IPPROTO_TCP, _stdlib_socket.TCP_NODELAY, 1)
+    except OSError:
+        pass
+
+
+class Connection:
+    """A framed, queued connection to one peer.
+
+    :param sock: a connected gevent socket (owned from now on: :meth:`close` closes it).
+    :param on_overflow: called once, with this connection, when the outbound queue passes
+        ``max_queue_bytes``; the owner normally closes the connection.
+    :param parser: continue with this parser (and whatever it has buffered).
+    """
+
+    __slots__ = (
+        "sock",
+        "peer",
+        "header_len",
+        "parser",
+        "max_queue_bytes",
+        "on_overflow",
+        "_out",
+        "_out_bytes",
+        "_writer",
+        "closed",
+        "_overflowed",
+    )
+
+    def __init__(
+        self,
+        sock: Any,
+        peer: Tuple[str, int],
+        header_len: int = DEFAULT_HEADER_LEN,
+        max_body_len: int = DEFAULT_MAX_MESSAGE_SIZE,
+        max_queue_bytes: int = DEFAULT_MAX_QUEUE_BYTES,
+        on_overflow: Optional[Callable[["Connection"], Any]] = None,
+        parser: Optional[FrameParser] = None,
+    ):
+        self.sock = sock
+        self.peer = peer
+        self.header_len = header_len
+        # A parser may be handed over with bytes already buffered (the client's handshake).
+        self.parser = parser if parser is not None else FrameParser(header_len, max_body_len)
+        self.max_queue_bytes = max_queue_bytes
+        self.on_overflow = on_overflow
+        self._out: List[bytes] = []
+        self._out_bytes = 0
+        self._writer: Optional[gevent.Greenlet] = None
+        self.closed = False
+        self._overflowed = False
+
+    # ------------------------------------------------------------------ reading
+
+    def bodies(self) -> Iterator[bytes]:
+        """Yield each body the peer sends, in order, until it closes the connection.
+
+        :raises RemoteProtocolError: the peer sent a bad header (the caller closes us).
+        :raises ConnectionTruncated: never; a close in the middle of a frame just ends the
+            iteration, and :attr:`FrameParser.mid_frame` tells the caller it happened.
+        """
+        recv = self.sock.recv
+        feed = self.parser.feed
+        # Bytes that arrived before we took the socket over may already hold whole frames.
+        for body in feed(b""):
+            yield body
+        while True:
+            try:
+                data = recv(RECV_CHUNK)
+            except OSError:
+                return
+            if not data:
+                return
+            for body in feed(data):
+                yield body
+
+    # ------------------------------------------------------------------ writing
+
+    @property
+    def queued_bytes(self) -> int:
+        """Bytes accepted by :meth:`send` that the kernel has not taken yet."""
+        return self._out_bytes
+
+    def send(self, data: bytes) -> None:
+        """Queue one or more whole frames; returns at once.  Ignored once closed."""
+        if self.closed:
+            return
+        self._out.append(data)
+        self._out_bytes += len(data)
+        if self._out_bytes > self.max_queue_bytes and not self._overflowed:
+            self._overflowed = True
+            if self.on_overflow is not None:
+                self.on_overflow(self)
+                return
+        if self._writer is None:
+            self._writer = gevent.spawn(self._drain)
+
+    def _drain(self) -> None:
+        sendall = self.sock.sendall
+        try:
+            while self._out and not self.closed:
+                chunks, self._out = self._out, []
+                data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+                sendall(data)
+                self._out_bytes -= len(data)
+        except OSError as exc:
+            logger.debug("write to %s failed: %s", self.peer, exc)
+            self._abort()
+        finally:
+            self._writer = None
+
+    def flush(self, timeout: Optional[float] = None) -> bool:
+        """Wait until everything queued was handed to the kernel; False on timeout."""
+        writer = self._writer
+        if writer is None or writer is gevent.getcurrent():
+            return not self._out
+        writer.join(timeout)
+        return not self._out
+
+    def send_now(self, data: bytes) -> None:
+        """Best-effort immediate write for a connection we are about to drop (never blocks)."""
+        try:
+            raw = getattr(self.sock, "_sock", self.sock)
+            raw.send(data)
+        except OSError:
+            pass
+
+    # ------------------------------------------------------------------ closing
+
+    def _abort(self) -> None:
+        self._out = []
+        self._out_bytes = 0
+        self.close()
+
+    def close(self, flush_timeout: float = 0.0) -> None:
+        """Close the socket, first letting queued frames drain for up to ``flush_timeout`` s.
+
+        Idempotent.  A greenlet blocked reading this connection wakes up and ends.
+        """
+        if self.closed:
+            return
+        if flush_timeout > 0 and self._out:
+            self.flush(flush_timeout)
+        self.closed = True
+        writer = self._writer
+        if writer is not None and writer is not gevent.getcurrent():
+            writer.kill(block=False)
+            self._writer = None
+        try:
+            self.sock.shutdown(gsocket.SHUT_RDWR)
+        except OSError:
+            pass
+        try:
+            self.sock.close()
+        except OSError:
+            pass

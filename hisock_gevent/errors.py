@@ -1,0 +1,115 @@
+"""Every exception and warning hisock_gevent raises.
+
+HiSock's public names are kept so ``except hisock.ClientNotFound`` keeps working after the
+import is changed.  Two families are kept apart, as h11 does:
+
+* :class:`RemoteProtocolError` and its subclasses: the *peer* sent something that breaks
+  the protocol.  The library catches these itself, closes that one connection and logs
+  why; user code only sees them from the pure protocol functions.
+* Everything else: *our caller* misused the API (a wrong client format, a command that is
+  reserved, content that cannot be sent), or a documented condition such as a client that
+  does not exist.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "HiSockError",
+    "ClientException",
+    "ServerException",
+    "ClientNotFound",
+    "GroupNotFound",
+    "FunctionNotFoundException",
+    "InvalidTypeCast",
+    "ServerNotRunning",
+    "ClientDisconnected",
+    "NoMessageException",
+    "ConnectionRejected",
+    "RemoteProtocolError",
+    "InvalidHeader",
+    "MessageTooLarge",
+    "MalformedMessage",
+    "MalformedPayload",
+    "HandshakeError",
+    "NoHeaderWarning",
+    "FunctionNotFoundWarning",
+]
+
+
+class HiSockError(Exception):
+    """Base class of every hisock_gevent exception."""
+
+
+class ClientException(HiSockError):
+    """A client-side operation failed (HiSock's name)."""
+
+
+class ServerException(HiSockError):
+    """A server-side operation failed (HiSock's name)."""
+
+
+class ClientNotFound(HiSockError):
+    """No connected client matches the given name, address or ClientInfo."""
+
+
+class GroupNotFound(HiSockError, TypeError):
+    """No connected client is in the given group.
+
+    Also a TypeError, because HiSock documents ``send_group`` as raising TypeError here.
+    """
+
+
+class FunctionNotFoundException(HiSockError):
+    """A handler was looked up that was never registered with ``on()``."""
+
+
+class InvalidTypeCast(HiSockError, TypeError):
+    """Content cannot be encoded for this peer (not Sendable, or needs an extension the peer lacks)."""
+
+
+class ServerNotRunning(HiSockError):
+    """Nothing accepted the connection at the server's address."""
+
+
+class ClientDisconnected(HiSockError):
+    """The connection is closed: the operation cannot be carried out."""
+
+
+class NoMessageException(HiSockError):
+    """No message is available (HiSock's name)."""
+
+
+class ConnectionRejected(ClientException):
+    """The server answered our hello with ``$DISCONN$`` (full, or refused us)."""
+
+
+class RemoteProtocolError(HiSockError):
+    """The peer broke the wire protocol; the connection it came from must be closed."""
+
+
+class InvalidHeader(RemoteProtocolError):
+    """A frame header is not a decimal length padded with spaces."""
+
+
+class MessageTooLarge(RemoteProtocolError):
+    """A frame header announces a body longer than the configured maximum."""
+
+
+class MalformedMessage(RemoteProtocolError):
+    """A frame body is neither a known reserved message nor a command message."""
+
+
+class MalformedPayload(RemoteProtocolError):
+    """A command message's fmt string or payload cannot be decoded."""
+
+
+class HandshakeError(RemoteProtocolError):
+    """The peer's hello is missing, late, repeated or not what the protocol says."""
+
+
+class NoHeaderWarning(Warning):
+    """HiSock's warning for a message without a header."""
+
+
+class FunctionNotFoundWarning(Warning):
+    """HiSock's warning for a command that has no handler."""

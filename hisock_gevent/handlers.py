@@ -1,0 +1,180 @@
+"""``on()``: handler registration, reserved-event signatures, argument checks, and calling.
+
+Server and client each own a :class:`HandlerTable` configured with their reserved events.
+The table stores registrations in HiSock's ``funcs`` shape
+(``{command: {"func", "name", "threaded", "override", "num_args"}}``) and looks them up
+in O(1).  Calling a handler (inline, in a greenlet, or on a worker thread) and routing its
+exceptions is the business of :class:`HandlerRunner`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
+
+import gevent
+
+from .home import Home
+from .messages import is_reserved_command
+
+__all__ = [
+    "HandlerTable",
+    "HandlerRunner",
+    "SERVER_RESERVED",
+    "SERVER_UNRESERVED_ARGS",
+    "CLIENT_RESERVED",
+    "CLIENT_UNRESERVED_ARGS",
+    "CATCH_ALL",
+]
+
+logger = logging.getLogger("hisock_gevent")
+
+#: The catch-all event for command messages nobody registered for.
+CATCH_ALL = "*"
+
+#: Server reserved events -> the argument counts their handlers may take.
+#: ``message`` takes (client, command, content); HiSock 3.0's documented two-argument
+#: form (client, content) is accepted too.
+SERVER_RESERVED: Mapping[str, Tuple[int, ...]] = {
+    "join": (1,),
+    "leave": (1,),
+    "message": (2, 3),
+    "name_change": (3,),
+    "group_change": (3,),
+    CATCH_ALL: (3,),
+}
+#: An ordinary server handler takes (), (client) or (client, content).
+SERVER_UNRESERVED_ARGS: Tuple[int, ...] = (0, 1, 2)
+
+#: Client reserved events -> the argument counts their handlers may take.
+CLIENT_RESERVED: Mapping[str, Tuple[int, ...]] = {
+    "client_connect": (1,),
+    "client_disconnect": (1,),
+    "force_disconnect": (0,),
+    CATCH_ALL: (2,),
+}
+#: An ordinary client handler takes () or (content).
+CLIENT_UNRESERVED_ARGS: Tuple[int, ...] = (0, 1)
+
+
+def _positional_range(func: Callable[..., Any]) -> Tuple[int, float]:
+    """How many positional arguments ``func`` needs at least and takes at most."""
+    try:
+        signature = inspect.signature(func)
+    except (TypeError, ValueError):
+        return 0, float("inf")
+    least, most = 0, 0.0
+    for param in signature.parameters.values():
+        if param.kind is param.VAR_POSITIONAL:
+            most = float("inf")
+        elif param.kind in (param.POSITIONAL_ONLY, param.POSITIONAL_OR_KEYWORD):
+            most += 1
+            if param.default is param.empty:
+                least += 1
+        elif param.kind is param.KEYWORD_ONLY and param.default is param.empty:
+            return -1, -1  # can never be called positionally
+    return least, most
+
+
+class HandlerTable:
+    """The handlers registered with ``on()``, keyed by command or reserved event name.
+
+    :param reserved: reserved event name -> allowed argument counts.
+    :param unreserved_args: allowed argument counts of an ordinary command handler.
+    """
+
+    def __init__(self, reserved: Mapping[str, Tuple[int, ...]], unreserved_args: Tuple[int, ...]):
+        self.reserved = reserved
+        self.unreserved_args = unreserved_args
+        #: HiSock's ``funcs``: command -> registration dict.
+        self.funcs: Dict[str, Dict[str, Any]] = {}
+
+    def register(self, command: str, func: Callable[..., Any], threaded: bool, override: bool) -> None:
+        """Register ``func`` for ``command`` (replacing an earlier one).
+
+        :raises TypeError: ``func`` cannot take a number of arguments the event passes.
+        :raises ValueError: the command has the reserved ``$...$`` form.
+        """
+        if not isinstance(command, str):
+            raise TypeError(f"command must be a str, not {type(command).__name__}")
+        if is_reserved_command(command):
+            raise ValueError(f'commands of the form "$command$" are reserved for HiSock: {command!r}')
+        is_reserved = command in self.reserved and not override
+        allowed = self.reserved[command] if is_reserved else self.unreserved_args
+        least, most = _positional_range(func)
+        fitting = [n for n in allowed if least <= n <= most]
+        if not fitting:
+            kind = f"reserved event {command!r}" if is_reserved else f"command {command!r}"
+            counts = " or ".join(str(n) for n in allowed)
+            raise TypeError(
+                f"handler {getattr(func, '__name__', func)!r} for {kind} must take {counts} "
+                f"positional argument(s)"
+            )
+        self.funcs[command] = {
+            "func": func,
+            "name": getattr(func, "__name__", repr(func)),
+            "threaded": bool(threaded),
+            "override": bool(override) and command in self.reserved,
+            # The most arguments that fit: a handler with optional parameters gets them filled.
+            "num_args": max(fitting),
+        }
+
+    def reserved_handler(self, event: str) -> Optional[Dict[str, Any]]:
+        """The registration for a reserved event, unless it was overridden or is absent."""
+        entry = self.funcs.get(event)
+        if entry is None or entry["override"]:
+            return None
+        return entry
+
+    def command_handler(self, command: str) -> Optional[Dict[str, Any]]:
+        """The registration that handles a command message named ``command``, if any."""
+        entry = self.funcs.get(command)
+        if entry is None or (command in self.reserved and not entry["override"]):
+            return None
+        return entry
+
+
+class HandlerRunner:
+    """Calls handlers: inline, or for ``threaded=True`` where blocking cannot stall the loop.
+
+    In a monkey-patched program a greenlet is enough (``time.sleep`` yields); in a plain one
+    a blocking handler would freeze the hub, so it runs on a worker thread of the home's
+    thread pool instead.  Exceptions go to ``error_handler`` when one was given to
+    ``start()``, otherwise to the log; they never reach the serving loop.
+    """
+
+    def __init__(self, home: Home, owner: str):
+        self.home = home
+        self.owner = owner
+        self.error_handler: Optional[Callable[[BaseException], Any]] = None
+
+    def call(self, entry: Dict[str, Any], args: Tuple[Any, ...], context: str) -> None:
+        """Call a registered handler with the first ``num_args`` of ``args``."""
+        func = entry["func"]
+        call_args = args[: entry["num_args"]]
+        if not entry["threaded"]:
+            self._guarded(func, call_args, context)
+        elif self.home.program_is_patched():
+            gevent.spawn(self._guarded, func, call_args, context)
+        else:
+            self.home.threadpool().spawn(self._guarded, func, call_args, context)
+
+    def _guarded(self, func: Callable[..., Any], args: Tuple[Any, ...], context: str) -> None:
+        try:
+            func(*args)
+        except gevent.GreenletExit:
+            raise
+        except Exception as exc:  # a user handler failed: report, keep serving
+            self.report(exc, context)
+
+    def report(self, exc: BaseException, context: str) -> None:
+        """Hand an exception to the error handler, or log it with its context."""
+        handler = self.error_handler
+        if handler is not None:
+            try:
+                handler(exc)
+                return
+            except Exception:
+                logger.exception("%s: error_handler failed while handling an error in %s", self.owner, context)
+        logger.error("%s: handler error in %s", self.owner, context, exc_info=exc)

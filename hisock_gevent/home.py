@@ -1,0 +1,142 @@
+"""The OS thread and gevent hub that own a server's or client's sockets, and safe calls into them.
+
+gevent objects belong to the hub of the thread that made them.  A plain (not
+monkey-patched) program that runs a threaded server or client, or a ``threaded=True``
+handler on a worker thread, calls our methods from *other* OS threads; :meth:`Home.call`
+runs such a call in a greenlet on the home hub and hands the result (or exception) back.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, List, Optional, Tuple
+
+import gevent
+import gevent.monkey
+from gevent.threadpool import ThreadPool
+
+__all__ = ["Home", "DEFAULT_HANDLER_THREADS"]
+
+logger = logging.getLogger("hisock_gevent")
+
+#: Worker threads available to ``threaded=True`` handlers in a plain program.
+DEFAULT_HANDLER_THREADS = 64
+
+# The real primitives, whether or not the program monkey-patched threading.
+_get_ident: Callable[[], int] = gevent.monkey.get_original("_thread", "get_ident")
+_allocate_lock: Callable[[], Any] = gevent.monkey.get_original("_thread", "allocate_lock")
+_RealThread: Any = gevent.monkey.get_original("threading", "Thread")
+
+# How often a caller on another thread checks that the home is still alive while waiting.
+_LIVENESS_POLL = 0.25
+
+
+class Home:
+    """Which thread and hub own an object; runs calls there from any thread.
+
+    Until :meth:`adopt_current_thread` is called the object is not bound to a hub and every
+    call runs directly in the caller's thread.
+    """
+
+    def __init__(self) -> None:
+        self.hub: Optional[Any] = None
+        self.ident: Optional[int] = None
+        self._pool: Optional[ThreadPool] = None
+        self._thread: Optional[Any] = None
+        self.alive = False
+
+    @staticmethod
+    def program_is_patched() -> bool:
+        """True when the program monkey-patched threading (blocking code then yields to gevent)."""
+        return gevent.monkey.is_module_patched("threading")
+
+    def adopt_current_thread(self) -> None:
+        """Make the calling thread and its hub the home."""
+        self.hub = gevent.get_hub()
+        self.ident = _get_ident()
+        self.alive = True
+
+    def is_here(self) -> bool:
+        """True when the caller runs on the home thread (or there is no home yet)."""
+        return self.ident is None or not self.alive or _get_ident() == self.ident
+
+    def call(self, func: Callable[..., Any], *args: Any) -> Any:
+        """Run ``func(*args)`` on the home hub and return its result or raise its exception.
+
+        On the home thread this is a plain call.  From another thread the caller's thread
+        blocks until a greenlet on the home hub has run it.
+        """
+        if self.is_here():
+            return func(*args)
+        done = _allocate_lock()
+        done.acquire()
+        outcome: List[Tuple[bool, Any]] = []
+
+        def run() -> None:
+            try:
+                outcome.append((True, func(*args)))
+            except BaseException as exc:  # handed back to the calling thread
+                outcome.append((False, exc))
+            finally:
+                done.release()
+
+        hub = self.hub
+        assert hub is not None
+        hub.loop.run_callback_threadsafe(gevent.spawn, run)
+        while not done.acquire(True, _LIVENESS_POLL):
+            if not self.alive:
+                # The home stopped before running us: nothing owns the sockets any more.
+                return func(*args)
+        ok, value = outcome[0]
+        if ok:
+            return value
+        raise value
+
+    def threadpool(self) -> ThreadPool:
+        """The worker threads for blocking handlers (created on first use, on the home hub)."""
+        if self._pool is None:
+            self._pool = ThreadPool(DEFAULT_HANDLER_THREADS, hub=self.hub)
+        return self._pool
+
+    def start_thread(self, target: Callable[[], Any], name: str) -> None:
+        """Run ``target`` on a new real OS thread, which becomes the home.
+
+        Returns once the thread has adopted itself, so calls made right after are routed.
+        """
+        adopted = _allocate_lock()
+        adopted.acquire()
+
+        def main() -> None:
+            self.adopt_current_thread()
+            adopted.release()
+            try:
+                target()
+            finally:
+                self.alive = False
+                self._shutdown_thread_hub()
+
+        self._thread = _RealThread(target=main, name=name, daemon=True)
+        self._thread.start()
+        adopted.acquire()
+
+    def _shutdown_thread_hub(self) -> None:
+        if self._pool is not None:
+            self._pool.kill()
+            self._pool = None
+        hub = gevent.get_hub()
+        try:
+            hub.destroy(destroy_loop=True)
+        except Exception:  # the thread is ending anyway; leave a trace only
+            logger.debug("hub teardown failed", exc_info=True)
+
+    def join_thread(self, timeout: Optional[float] = None) -> None:
+        """Wait for the home thread started by :meth:`start_thread` to end."""
+        thread = self._thread
+        if thread is not None and thread.ident != _get_ident():
+            thread.join(timeout)
+
+    def close(self) -> None:
+        """Release the handler thread pool (on the home thread)."""
+        if self._pool is not None:
+            self._pool.kill()
+            self._pool = None

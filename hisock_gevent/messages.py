@@ -1,0 +1,300 @@
+"""Frame bodies <-> message objects: HiSock's reserved ``$WORD$`` messages and command messages.
+
+Pure functions and small immutable classes; no sockets.  Parsing a body from the network
+raises only :class:`~hisock_gevent.errors.MalformedMessage` (or its sibling
+:class:`~hisock_gevent.errors.HandshakeError` for a bad hello); the type-cast payload of a
+command message is left undecoded here (see :mod:`hisock_gevent.typecast`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Optional, Tuple, Union
+
+from .errors import HandshakeError, MalformedMessage
+
+__all__ = [
+    "Hello",
+    "UserClose",
+    "ChangeName",
+    "ChangeGroup",
+    "KeepAck",
+    "GetClient",
+    "PeerJoined",
+    "PeerLeft",
+    "Disconnect",
+    "KeepAlive",
+    "Command",
+    "ClientMessage",
+    "ServerMessage",
+    "parse_client_body",
+    "parse_server_body",
+    "command_body",
+    "is_reserved_command",
+    "CAPABILITY_MSGPACK",
+    "GETCLT_COMMAND",
+    "NO_SUCH_CLIENT",
+]
+
+#: Capability a hisock_gevent peer lists in its hello (and the server in its answer).
+CAPABILITY_MSGPACK = "msgpack"
+#: Command of the server's answer to ``$GETCLT$``.
+GETCLT_COMMAND = "$GETCLT$"
+#: ``traceback`` value of a ``$GETCLT$`` answer when the client does not exist.
+NO_SUCH_CLIENT = "$NOEXIST$"
+
+_RESERVED_COMMAND = re.compile(r"\$.+\$")
+_CMD = b"$CMD$"
+_MSG = b"$MSG$"
+_FMT_LEN_WIDTH = 8
+
+
+def is_reserved_command(command: str) -> bool:
+    """True when ``command`` has the ``$...$`` form HiSock reserves for itself."""
+    return _RESERVED_COMMAND.search(command) is not None
+
+
+# ---------------------------------------------------------------- client -> server
+
+
+@dataclass(frozen=True)
+class Hello:
+    """``$CLTHELLO$``: the first frame of a client; ``extra`` keeps keys we do not know."""
+
+    name: Optional[str]
+    group: Optional[str]
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def capabilities(self) -> Tuple[str, ...]:
+        caps = self.extra.get("caps")
+        if isinstance(caps, list):
+            return tuple(c for c in caps if isinstance(c, str))
+        return ()
+
+    def to_body(self) -> bytes:
+        return b"$CLTHELLO$" + _json({"name": self.name, "group": self.group, **self.extra})
+
+
+@dataclass(frozen=True)
+class UserClose:
+    """``$USRCLOSE$``: the client is leaving."""
+
+    def to_body(self) -> bytes:
+        return b"$USRCLOSE$"
+
+
+@dataclass(frozen=True)
+class ChangeName:
+    """``$CHNAME$``: a new name; the empty string means the name given at connect."""
+
+    name: str
+
+    def to_body(self) -> bytes:
+        return b"$CHNAME$" + self.name.encode()
+
+
+@dataclass(frozen=True)
+class ChangeGroup:
+    """``$CHGROUP$``: a new group; the empty string means the group given at connect."""
+
+    group: str
+
+    def to_body(self) -> bytes:
+        return b"$CHGROUP$" + self.group.encode()
+
+
+@dataclass(frozen=True)
+class KeepAck:
+    """``$KEEPACK$``: the answer to a keepalive (upstream appended its address; ignored)."""
+
+    def to_body(self) -> bytes:
+        return b"$KEEPACK$"
+
+
+@dataclass(frozen=True)
+class GetClient:
+    """``$GETCLT$``: ask for one client's info, by name or ``ip:port``."""
+
+    query: str
+
+    def to_body(self) -> bytes:
+        return b"$GETCLT$" + self.query.encode()
+
+
+# ---------------------------------------------------------------- server -> client
+
+
+@dataclass(frozen=True)
+class PeerJoined:
+    """``$CLTCONN$``: a client joined; ``info`` is its JSON object (ip, name, group, ipstr)."""
+
+    info: Dict[str, Any]
+
+    def to_body(self) -> bytes:
+        return b"$CLTCONN$" + _json(self.info)
+
+
+@dataclass(frozen=True)
+class PeerLeft:
+    """``$CLTDISCONN$``: a client left."""
+
+    info: Dict[str, Any]
+
+    def to_body(self) -> bytes:
+        return b"$CLTDISCONN$" + _json(self.info)
+
+
+@dataclass(frozen=True)
+class Disconnect:
+    """``$DISCONN$``: the server is disconnecting this client."""
+
+    def to_body(self) -> bytes:
+        return b"$DISCONN$"
+
+
+@dataclass(frozen=True)
+class KeepAlive:
+    """``$KEEPALIVE$``: are you alive?"""
+
+    def to_body(self) -> bytes:
+        return b"$KEEPALIVE$"
+
+
+# ---------------------------------------------------------------- both directions
+
+
+@dataclass(frozen=True)
+class Command:
+    """A command message: ``command`` plus its still-encoded ``fmt`` and ``payload``."""
+
+    command: str
+    fmt: bytes
+    payload: bytes
+
+    def to_body(self) -> bytes:
+        return command_body(self.command.encode(), self.fmt, self.payload)
+
+
+ClientMessage = Union[Hello, UserClose, ChangeName, ChangeGroup, KeepAck, GetClient, Command]
+ServerMessage = Union[PeerJoined, PeerLeft, Disconnect, KeepAlive, Command]
+
+
+def command_body(command: bytes, fmt: bytes, payload: bytes) -> bytes:
+    """Build a command message body from an already-encoded command, fmt and payload."""
+    fmt_len = b"%d" % len(fmt)
+    return b"".join(
+        (_CMD, command, _MSG, fmt_len, b" " * (_FMT_LEN_WIDTH - len(fmt_len)), fmt, payload)
+    )
+
+
+def _json(obj: Dict[str, Any]) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode()
+
+
+def _parse_command(body: bytes) -> Command:
+    split = body.find(_MSG, len(_CMD))
+    if split < 0:
+        raise MalformedMessage("command message without $MSG$")
+    try:
+        command = body[len(_CMD) : split].decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise MalformedMessage("command is not utf-8") from exc
+    fmt_start = split + len(_MSG) + _FMT_LEN_WIDTH
+    fmt_len_field = body[split + len(_MSG) : fmt_start].strip(b" ")
+    if len(body) < fmt_start or not fmt_len_field.isdigit():
+        raise MalformedMessage("command message has no valid fmt length")
+    fmt_end = fmt_start + int(fmt_len_field)
+    if fmt_end > len(body):
+        raise MalformedMessage("fmt length runs past the end of the message")
+    return Command(command, body[fmt_start:fmt_end], body[fmt_end:])
+
+
+def _text(payload: bytes, what: str) -> str:
+    try:
+        return payload.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise MalformedMessage(f"{what} is not utf-8") from exc
+
+
+def _parse_hello(payload: bytes) -> Hello:
+    try:
+        obj = json.loads(payload)
+    except (ValueError, RecursionError) as exc:
+        raise HandshakeError("hello is not JSON") from exc
+    if not isinstance(obj, dict):
+        raise HandshakeError("hello is not a JSON object")
+    name = obj.pop("name", None)
+    group = obj.pop("group", None)
+    for label, value in (("name", name), ("group", group)):
+        if value is not None and not isinstance(value, str):
+            raise HandshakeError(f"hello {label} is not a string")
+    return Hello(name, group, obj)
+
+
+def _parse_info(payload: bytes) -> Dict[str, Any]:
+    try:
+        obj = json.loads(payload)
+    except (ValueError, RecursionError) as exc:
+        raise MalformedMessage("client info is not JSON") from exc
+    if not isinstance(obj, dict) or "ip" not in obj:
+        raise MalformedMessage("client info is not an object with an ip")
+    return obj
+
+
+_ClientParser = Callable[[bytes], ClientMessage]
+_ServerParser = Callable[[bytes], ServerMessage]
+
+_CLIENT_TAGS: Dict[bytes, _ClientParser] = {
+    b"$CLTHELLO$": _parse_hello,
+    b"$USRCLOSE$": lambda _: UserClose(),
+    b"$CHNAME$": lambda p: ChangeName(_text(p, "name")),
+    b"$CHGROUP$": lambda p: ChangeGroup(_text(p, "group")),
+    b"$KEEPACK$": lambda _: KeepAck(),
+    b"$GETCLT$": lambda p: GetClient(_text(p, "client query")),
+}
+
+_SERVER_TAGS: Dict[bytes, _ServerParser] = {
+    b"$CLTCONN$": lambda p: PeerJoined(_parse_info(p)),
+    b"$CLTDISCONN$": lambda p: PeerLeft(_parse_info(p)),
+    b"$DISCONN$": lambda _: Disconnect(),
+    b"$KEEPALIVE$": lambda _: KeepAlive(),
+}
+
+
+def _split_tag(body: bytes) -> Tuple[bytes, bytes]:
+    end = body.find(b"$", 1) if body[:1] == b"$" else -1
+    if end < 0:
+        raise MalformedMessage(f"body {body[:24]!r} is neither a reserved nor a command message")
+    return body[: end + 1], body[end + 1 :]
+
+
+def parse_client_body(body: bytes) -> ClientMessage:
+    """Parse a body a client sent to the server.
+
+    :raises MalformedMessage: unknown reserved tag, no command structure, bad utf-8.
+    :raises HandshakeError: a hello that is not a JSON object with string name/group.
+    """
+    if body.startswith(_CMD):
+        return _parse_command(body)
+    tag, payload = _split_tag(body)
+    parser = _CLIENT_TAGS.get(tag)
+    if parser is None:
+        raise MalformedMessage(f"unknown reserved message {tag[:24]!r}")
+    return parser(payload)
+
+
+def parse_server_body(body: bytes) -> ServerMessage:
+    """Parse a body the server sent to a client.
+
+    :raises MalformedMessage: unknown reserved tag, no command structure, bad JSON.
+    """
+    if body.startswith(_CMD):
+        return _parse_command(body)
+    tag, payload = _split_tag(body)
+    parser = _SERVER_TAGS.get(tag)
+    if parser is None:
+        raise MalformedMessage(f"unknown reserved message {tag[:24]!r}")
+    return parser(payload)

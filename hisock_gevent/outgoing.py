@@ -1,0 +1,74 @@
+"""A command message encoded and framed once, shared by every receiver that speaks the same dialect.
+
+A broadcast to a thousand clients builds its frame once (twice at most: once for peers
+that understand the msgpack extension and once for plain HiSock 3.x peers) and queues
+the same ``bytes`` object to each of them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from . import typecast
+from .errors import InvalidTypeCast
+from .frames import make_header
+from .messages import command_body, is_reserved_command
+
+__all__ = ["OutgoingCommand", "check_command"]
+
+
+def check_command(command: str) -> bytes:
+    """Return the command's wire bytes.
+
+    :raises TypeError: the command is not a str.
+    :raises ValueError: it has the ``$...$`` form HiSock reserves.
+    """
+    if not isinstance(command, str):
+        raise TypeError(f"command must be a str, not {type(command).__name__}")
+    if is_reserved_command(command):
+        raise ValueError(f'commands of the form "$command$" are reserved for HiSock: {command!r}')
+    return command.encode()
+
+
+class OutgoingCommand:
+    """``command`` + ``content``, encoded lazily and at most once per dialect.
+
+    :param reserved_ok: allow a ``$...$`` command (the server's own ``$GETCLT$`` answer).
+    :raises InvalidTypeCast: the content is not Sendable at all.
+    """
+
+    __slots__ = ("command", "content", "header_len", "_command_bytes", "_native", "_extended")
+
+    def __init__(self, command: str, content: Any, header_len: int, reserved_ok: bool = False):
+        self._command_bytes = command.encode() if reserved_ok else check_command(command)
+        self.command = command
+        self.content = content
+        self.header_len = header_len
+        self._native: Optional[bytes] = None
+        self._extended: Optional[bytes] = None
+
+    def frame_for(self, msgpack_ok: bool) -> bytes:
+        """The complete frame for a peer that does (True) or does not support ``m``.
+
+        :raises InvalidTypeCast: a plain peer cannot receive this content.
+        """
+        if msgpack_ok:
+            if self._extended is None:
+                self._extended = self._build(True)
+            return self._extended
+        if self._native is None:
+            self._native = self._build(False)
+        return self._native
+
+    def check_native(self) -> None:
+        """Raise :class:`InvalidTypeCast` now if a plain HiSock peer could not receive this."""
+        if not typecast.is_native(self.content):
+            raise InvalidTypeCast(
+                f"{type(self.content).__name__} content needs the msgpack extension, "
+                "which a plain HiSock peer does not have"
+            )
+
+    def _build(self, msgpack_ok: bool) -> bytes:
+        fmt, payload = typecast.encode(self.content, msgpack_ok=msgpack_ok)
+        body = command_body(self._command_bytes, fmt, payload)
+        return make_header(len(body), self.header_len) + body

@@ -1,0 +1,240 @@
+"""Who is connected, and the one seam through which every "send to whom" goes.
+
+:class:`ClientRegistry` keeps HiSock's ``clients`` (socket -> ClientInfo) and
+``clients_rev`` (ClientInfo -> socket) in step with indexes by address, name and group.
+:class:`Delivery` is the interface the server's send and lookup methods use;
+:class:`LocalDelivery` answers it for the clients of this process.  A backplane that spans
+several processes implements :class:`Delivery` too, and the server's handlers never notice.
+Nothing here touches a socket: a peer is any object with ``info``, ``sock``,
+``msgpack_ok`` and ``send(frame)``.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from abc import ABC, abstractmethod
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Protocol, Tuple, Union
+
+from .errors import ClientNotFound, GroupNotFound
+from .outgoing import OutgoingCommand
+from .utils import ClientInfo, ipstr_to_tup
+
+__all__ = ["Peer", "ClientRegistry", "Delivery", "LocalDelivery", "ClientRef", "GroupRef"]
+
+ClientRef = Union[str, Tuple[str, int], ClientInfo]
+GroupRef = Union[str, ClientInfo]
+
+_ADDRESS = re.compile(r"^\d{1,3}(\.\d{1,3}){3}:\d{1,5}$")
+
+
+class Peer(Protocol):
+    """What the registry needs of a connected client."""
+
+    info: ClientInfo
+    sock: Any
+    msgpack_ok: bool
+
+    def send(self, frame: bytes) -> None: ...
+
+
+def _address_of(client: ClientRef) -> Optional[Tuple[str, int]]:
+    """The (ip, port) a client reference names, or None when it is a name.
+
+    :raises ValueError: a tuple that is not ``(str ip, int port)``, or another type.
+    """
+    if isinstance(client, ClientInfo):
+        return client.ip
+    if isinstance(client, tuple):
+        if len(client) == 2 and isinstance(client[0], str) and isinstance(client[1], int):
+            return client[0], client[1]
+        raise ValueError(f"a client address is a tuple (ip: str, port: int), not {client!r}")
+    if isinstance(client, str):
+        return ipstr_to_tup(client) if _ADDRESS.match(client) else None
+    raise ValueError(
+        f"a client is named by (ip, port), 'ip:port', its name or a ClientInfo, not {type(client).__name__}"
+    )
+
+
+class ClientRegistry:
+    """The joined clients of one server process, with lookups by address, name and group."""
+
+    def __init__(self) -> None:
+        #: HiSock's ``clients``: socket -> ClientInfo.
+        self.clients: Dict[Any, ClientInfo] = {}
+        #: HiSock's ``clients_rev``: ClientInfo -> socket.
+        self.clients_rev: Dict[ClientInfo, Any] = {}
+        self._by_address: Dict[Tuple[str, int], Peer] = {}
+        # name/group -> peers in join order (a dict used as an ordered set).
+        self._by_name: Dict[str, Dict[Peer, None]] = {}
+        self._by_group: Dict[str, Dict[Peer, None]] = {}
+
+    def __len__(self) -> int:
+        return len(self._by_address)
+
+    def __iter__(self) -> Iterator[Peer]:
+        return iter(list(self._by_address.values()))
+
+    def __contains__(self, peer: Peer) -> bool:
+        return self._by_address.get(peer.info.ip) is peer
+
+    # ------------------------------------------------------------- changes
+
+    def add(self, peer: Peer) -> None:
+        """Register a peer under its current ``info``."""
+        info = peer.info
+        self._by_address[info.ip] = peer
+        self.clients[peer.sock] = info
+        self.clients_rev[info] = peer.sock
+        self._index(peer, info)
+
+    def update(self, peer: Peer, new_info: ClientInfo) -> ClientInfo:
+        """Give a registered peer a new name/group; every map changes together.  Returns the old info."""
+        old = peer.info
+        self._unindex(peer, old)
+        self.clients_rev.pop(old, None)
+        peer.info = new_info
+        self.clients[peer.sock] = new_info
+        self.clients_rev[new_info] = peer.sock
+        self._index(peer, new_info)
+        return old
+
+    def remove(self, peer: Peer) -> bool:
+        """Forget a peer; False when it was not registered."""
+        if self._by_address.get(peer.info.ip) is not peer:
+            return False
+        info = peer.info
+        del self._by_address[info.ip]
+        self.clients.pop(peer.sock, None)
+        self.clients_rev.pop(info, None)
+        self._unindex(peer, info)
+        return True
+
+    def _index(self, peer: Peer, info: ClientInfo) -> None:
+        if info.name is not None:
+            self._by_name.setdefault(info.name, {})[peer] = None
+        if info.group is not None:
+            self._by_group.setdefault(info.group, {})[peer] = None
+
+    def _unindex(self, peer: Peer, info: ClientInfo) -> None:
+        for index, key in ((self._by_name, info.name), (self._by_group, info.group)):
+            if key is None:
+                continue
+            members = index.get(key)
+            if members is not None:
+                members.pop(peer, None)
+                if not members:
+                    del index[key]
+
+    # ------------------------------------------------------------- lookups
+
+    def find(self, client: ClientRef) -> Peer:
+        """The peer a reference names.
+
+        :raises ValueError: the reference has a wrong format.
+        :raises ClientNotFound: nobody matches.
+        :raises UserWarning: (as a warning) the name matches several clients; the one that
+            joined first is used.
+        """
+        address = _address_of(client)
+        if address is not None:
+            peer = self._by_address.get(address)
+            if peer is None:
+                raise ClientNotFound(f"no client at {address[0]}:{address[1]}")
+            return peer
+        assert isinstance(client, str)
+        named = self._by_name.get(client)
+        if not named:
+            raise ClientNotFound(f"no client named {client!r}")
+        if len(named) > 1:
+            warnings.warn(
+                f"{len(named)} clients are named {client!r}; using the one that joined first",
+                UserWarning,
+                stacklevel=4,
+            )
+        return next(iter(named))
+
+    def group(self, group: GroupRef) -> List[Peer]:
+        """The peers in a group, in join order.
+
+        :raises GroupNotFound: nobody is in that group, or the ClientInfo has no group.
+        """
+        name = group.group if isinstance(group, ClientInfo) else group
+        if name is None:
+            raise GroupNotFound(f"{group} is not in a group")
+        if not isinstance(name, str):
+            raise GroupNotFound(f"a group is named by a str or a ClientInfo, not {type(name).__name__}")
+        members = self._by_group.get(name)
+        if not members:
+            raise GroupNotFound(f"no client is in group {name!r}")
+        return list(members)
+
+    def groups(self) -> Dict[str, int]:
+        """Group name -> number of members."""
+        return {name: len(members) for name, members in self._by_group.items()}
+
+
+class Delivery(ABC):
+    """The seam for "who receives this": lookups and sends by client, group or everyone."""
+
+    @abstractmethod
+    def find_client(self, client: ClientRef) -> ClientInfo: ...
+
+    @abstractmethod
+    def group_members(self, group: GroupRef) -> List[ClientInfo]: ...
+
+    @abstractmethod
+    def all_clients(self) -> List[ClientInfo]: ...
+
+    @abstractmethod
+    def to_client(self, client: ClientRef, message: OutgoingCommand) -> None: ...
+
+    @abstractmethod
+    def to_group(self, group: GroupRef, message: OutgoingCommand) -> None: ...
+
+    @abstractmethod
+    def to_all(self, message: OutgoingCommand) -> None: ...
+
+    @abstractmethod
+    def announce(self, body_frame: bytes, exclude: Optional[Peer] = None) -> None:
+        """Send a reserved frame ($CLTCONN$, $CLTDISCONN$, ...) to every client."""
+
+
+class LocalDelivery(Delivery):
+    """Delivery to the clients connected to this process, through a :class:`ClientRegistry`."""
+
+    def __init__(self, registry: ClientRegistry):
+        self.registry = registry
+
+    def find_client(self, client: ClientRef) -> ClientInfo:
+        return self.registry.find(client).info
+
+    def group_members(self, group: GroupRef) -> List[ClientInfo]:
+        return [peer.info for peer in self.registry.group(group)]
+
+    def all_clients(self) -> List[ClientInfo]:
+        return [peer.info for peer in self.registry]
+
+    def to_client(self, client: ClientRef, message: OutgoingCommand) -> None:
+        peer = self.registry.find(client)
+        peer.send(message.frame_for(peer.msgpack_ok))
+
+    def to_group(self, group: GroupRef, message: OutgoingCommand) -> None:
+        self._fan_out(self.registry.group(group), message)
+
+    def to_all(self, message: OutgoingCommand) -> None:
+        self._fan_out(list(self.registry), message)
+
+    def announce(self, body_frame: bytes, exclude: Optional[Peer] = None) -> None:
+        for peer in self.registry:
+            if peer is not exclude:
+                peer.send(body_frame)
+
+    @staticmethod
+    def _fan_out(peers: Iterable[Peer], message: OutgoingCommand) -> None:
+        peers = list(peers)
+        if not all(peer.msgpack_ok for peer in peers):
+            # Refuse before anyone receives it: all or nothing.
+            message.check_native()
+        for peer in peers:
+            peer.send(message.frame_for(peer.msgpack_ok))

@@ -1,0 +1,654 @@
+"""HiSockServer: HiSock 3.0's documented server API on a gevent StreamServer.
+
+Each accepted connection gets a greenlet that reads its frames, turns them into
+messages and acts on them; a gevent Pool counts connections against ``max_connections``;
+who receives what goes through the :class:`~hisock_gevent.registry.Delivery` seam; handlers
+are registered and called through :mod:`hisock_gevent.handlers`.  Every public method may
+be called from any thread: calls from outside the server's home thread are run there.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import socket as _stdlib_socket
+import time
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple, TypeVar, Union
+
+import gevent
+from gevent.event import Event
+from gevent.pool import Pool
+from gevent.server import StreamServer
+
+from . import typecast
+from .connection import DEFAULT_MAX_QUEUE_BYTES, Connection, set_nodelay
+from .errors import ClientNotFound, HandshakeError, RemoteProtocolError
+from .frames import DEFAULT_HEADER_LEN, DEFAULT_MAX_MESSAGE_SIZE, frame
+from .handlers import SERVER_RESERVED, SERVER_UNRESERVED_ARGS, HandlerRunner, HandlerTable
+from .home import Home
+from .messages import (
+    CAPABILITY_MSGPACK,
+    GETCLT_COMMAND,
+    NO_SUCH_CLIENT,
+    ChangeGroup,
+    ChangeName,
+    Command,
+    Disconnect,
+    GetClient,
+    Hello,
+    KeepAck,
+    KeepAlive,
+    PeerJoined,
+    PeerLeft,
+    UserClose,
+    parse_client_body,
+)
+from .outgoing import OutgoingCommand
+from .registry import ClientRef, ClientRegistry, Delivery, GroupRef, LocalDelivery
+from .utils import ClientInfo, MessageCacheMember, Sendable
+
+__all__ = [
+    "HiSockServer",
+    "ThreadedHiSockServer",
+    "start_server",
+    "start_threaded_server",
+    "DEFAULT_KEEPALIVE_INTERVAL",
+    "DEFAULT_KEEPALIVE_TIMEOUT",
+    "DEFAULT_HANDSHAKE_TIMEOUT",
+]
+
+logger = logging.getLogger("hisock_gevent")
+
+#: Seconds between two keepalive rounds (HiSock: every minute).
+DEFAULT_KEEPALIVE_INTERVAL = 60.0
+#: Seconds a client has to answer a keepalive (HiSock: thirty seconds).
+DEFAULT_KEEPALIVE_TIMEOUT = 30.0
+#: Seconds a new connection has to send its hello.
+DEFAULT_HANDSHAKE_TIMEOUT = 10.0
+#: Seconds queued frames get to drain when a client is disconnected or the server closes.
+DEFAULT_CLOSE_TIMEOUT = 2.0
+#: Pending connections the kernel may hold for us.
+DEFAULT_BACKLOG = 4096
+
+_DISCONNECT_FRAME_BODY = Disconnect().to_body()
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _on_home(method: _F) -> _F:
+    """Run the method on the server's home thread, whichever thread calls it."""
+
+    @functools.wraps(method)
+    def wrapper(self: "HiSockServer", *args: Any, **kwargs: Any) -> Any:
+        if kwargs:
+            return self._home.call(functools.partial(method, self, *args, **kwargs))
+        return self._home.call(method, self, *args)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _info_json(info: ClientInfo) -> Dict[str, Any]:
+    """The JSON object $CLTCONN$/$CLTDISCONN$ carry for a client."""
+    return {"ip": [info.ip[0], info.ip[1]], "name": info.name, "group": info.group, "ipstr": info.ipstr}
+
+
+class _ServerPeer:
+    """A joined client as the server sees it: its connection, info and dialect."""
+
+    __slots__ = ("conn", "sock", "info", "connect_name", "connect_group", "msgpack_ok", "last_ack", "gone")
+
+    def __init__(self, conn: Connection, info: ClientInfo, msgpack_ok: bool):
+        self.conn = conn
+        self.sock = conn.sock
+        self.info = info
+        self.connect_name = info.name
+        self.connect_group = info.group
+        self.msgpack_ok = msgpack_ok
+        self.last_ack = time.monotonic()
+        self.gone = False
+
+    def send(self, data: bytes) -> None:
+        self.conn.send(data)
+
+
+class HiSockServer:
+    """The server class for HiSock.
+
+    :param addr: ``(ip, port)`` to serve at; port 0 picks a free port (see :meth:`get_addr`).
+    :param max_connections: connections accepted at once; 0 for no limit.  A client over
+        the limit is sent ``$DISCONN$`` and closed at once; ``join`` does not run.
+    :param header_len: width of every frame header; clients must use the same.
+    :param cache_size: -1 or below for no message cache, 0 for an unlimited one, N for the
+        last N messages (:class:`~hisock_gevent.utils.MessageCacheMember` items in ``cache``).
+    :param keepalive: send ``$KEEPALIVE$`` every ``keepalive_interval`` seconds and drop
+        (running ``leave``) a client that has not answered within ``keepalive_timeout``.
+    :param keepalive_interval: seconds between keepalive rounds (default 60).
+    :param keepalive_timeout: seconds to answer one (default 30).
+    :param handshake_timeout: seconds a new connection has to send its hello (default 10).
+    :param max_message_size: the largest frame body accepted from a client; a header
+        announcing more closes that connection before anything is read.
+    :param max_queue_bytes: outbound bytes a client may leave unread before it is dropped.
+    :param delivery: who-receives-what backend; defaults to this process's clients.
+
+    :ivar addr: the address actually served at.
+    :ivar header_len: the header width.
+    :ivar clients: socket -> ClientInfo of every joined client.
+    :ivar clients_rev: ClientInfo -> socket, always in step with ``clients``.
+    :ivar funcs: the handlers registered with :meth:`on`.
+    :raises TypeError: if the address is not a tuple.
+    """
+
+    def __init__(
+        self,
+        addr: Tuple[str, int],
+        max_connections: int = 0,
+        header_len: int = DEFAULT_HEADER_LEN,
+        cache_size: int = -1,
+        keepalive: bool = False,
+        *,
+        keepalive_interval: float = DEFAULT_KEEPALIVE_INTERVAL,
+        keepalive_timeout: float = DEFAULT_KEEPALIVE_TIMEOUT,
+        handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+        max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+        max_queue_bytes: int = DEFAULT_MAX_QUEUE_BYTES,
+        delivery: Optional[Delivery] = None,
+        backlog: int = DEFAULT_BACKLOG,
+    ):
+        if not isinstance(addr, tuple):
+            raise TypeError(f"addr must be a tuple (ip, port), not {type(addr).__name__}")
+        if len(addr) != 2:
+            raise TypeError(f"addr must be a two-element tuple (ip, port), not {addr!r}")
+        if not isinstance(header_len, int) or header_len < 1:
+            raise ValueError("header_len must be a positive int")
+        if max_connections < 0:
+            raise ValueError("max_connections must be 0 (no limit) or positive")
+        self.max_connections = max_connections
+        self.header_len = header_len
+        self.cache_size = cache_size
+        self.cache: List[MessageCacheMember] = []
+        self.keepalive = keepalive
+        self.keepalive_interval = keepalive_interval
+        self.keepalive_timeout = keepalive_timeout
+        self.handshake_timeout = handshake_timeout
+        self.max_message_size = max_message_size
+        self.max_queue_bytes = max_queue_bytes
+
+        # A plain socket: bound now (so errors and the real port show at once), served
+        # later by whichever thread runs start().
+        listener = _stdlib_socket.socket(_stdlib_socket.AF_INET, _stdlib_socket.SOCK_STREAM)
+        try:
+            listener.setsockopt(_stdlib_socket.SOL_SOCKET, _stdlib_socket.SO_REUSEADDR, 1)
+            listener.bind(addr)
+            listener.listen(backlog)
+            listener.setblocking(False)
+        except BaseException:
+            listener.close()
+            raise
+        self._listener = listener
+        self.addr: Tuple[str, int] = listener.getsockname()[:2]
+
+        self._registry = ClientRegistry()
+        self._delivery = delivery if delivery is not None else LocalDelivery(self._registry)
+        self._handlers = HandlerTable(SERVER_RESERVED, SERVER_UNRESERVED_ARGS)
+        self.funcs = self._handlers.funcs
+        self._home = Home()
+        self._runner = HandlerRunner(self._home, "server")
+        self._callback: Optional[Callable[[], Any]] = None
+
+        self._stream_server: Optional[StreamServer] = None
+        self._pool: Optional[Pool] = None
+        self._connections: Set[Connection] = set()
+        self._closers: Set[gevent.Greenlet] = set()
+        self._keepalive_greenlet: Optional[gevent.Greenlet] = None
+        self._stopped: Optional[Event] = None
+        self._closed = False
+        self._join_frame_cache: Dict[str, bytes] = {}
+        self._dispatch = {
+            Command: self._on_command,
+            UserClose: self._on_user_close,
+            ChangeName: self._on_change_name,
+            ChangeGroup: self._on_change_group,
+            KeepAck: self._on_keep_ack,
+            GetClient: self._on_get_client,
+            Hello: self._on_second_hello,
+        }
+
+    def __repr__(self) -> str:
+        return f"<HiSockServer serving at {self.addr[0]}:{self.addr[1]}>"
+
+    def __enter__(self) -> "HiSockServer":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ state
+
+    @property
+    def clients(self) -> Dict[Any, ClientInfo]:
+        return self._registry.clients
+
+    @property
+    def clients_rev(self) -> Dict[ClientInfo, Any]:
+        return self._registry.clients_rev
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    # ------------------------------------------------------------------ handlers
+
+    def on(self, command: str, threaded: bool = False, override: bool = False) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        """Register the decorated function for ``command`` or a reserved event.
+
+        Reserved events: ``join(client)``, ``leave(client)``, ``message(client, command,
+        content)`` (or ``(client, content)``), ``name_change(client, old, new)``,
+        ``group_change(client, old, new)`` and ``*`` ``(client, command, content)`` for
+        commands without a handler.  Other handlers take (), (client) or (client, content).
+
+        :param threaded: run the handler where blocking does not stall other clients: a
+            greenlet in a monkey-patched program, a worker thread otherwise.
+        :param override: treat a reserved name as an ordinary command.
+        :raises TypeError: the function takes a wrong number of arguments.
+        :raises ValueError: the command has the reserved ``$...$`` form.
+        :returns: the function, unchanged.
+        """
+
+        def decorator(func: Callable[..., Any]) -> Callable[..., Any]:
+            self._handlers.register(command, func, threaded, override)
+            return func
+
+        return decorator
+
+    def _call_reserved(self, event: str, *args: Any) -> None:
+        entry = self._handlers.reserved_handler(event)
+        if entry is not None:
+            self._runner.call(entry, args, f"'{event}' of {args[0] if args else ''}")
+
+    # ------------------------------------------------------------------ running
+
+    def start(self, callback: Optional[Callable[[], Any]] = None, error_handler: Optional[Callable[[BaseException], Any]] = None) -> None:
+        """Serve until :meth:`close` is called (blocks the calling greenlet).
+
+        :param callback: called after every message a client sends is handled.
+        :param error_handler: called with each exception a handler raises; without one the
+            exception is logged.  Either way the server keeps serving.
+        """
+        if self._closed:
+            return
+        self._begin_serving(callback, error_handler)
+        assert self._stopped is not None
+        self._stopped.wait()
+
+    def _begin_serving(self, callback: Optional[Callable[[], Any]], error_handler: Optional[Callable[[BaseException], Any]]) -> None:
+        self._callback = callback
+        self._runner.error_handler = error_handler
+        if self._stream_server is not None:
+            return
+        self._home.adopt_current_thread()
+        self._stopped = Event()
+        self._pool = Pool(self.max_connections or None)
+        self._stream_server = StreamServer(self._listener, self._serve_connection)
+        self._stream_server.start()
+        if self.keepalive:
+            self._keepalive_greenlet = gevent.spawn(self._keepalive_loop)
+        logger.info("serving at %s:%s", *self.addr)
+
+    @_on_home
+    def close(self) -> None:
+        """Close the server: every client is disconnected, then the listening socket closes.
+
+        Blocks until that is done; calling it again does nothing.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        if self._stream_server is not None:
+            self._stream_server.close()
+        self._disconnect_everyone(force=False)
+        for conn in list(self._connections):
+            conn.close()
+        if self._closers:
+            gevent.joinall(list(self._closers), timeout=DEFAULT_CLOSE_TIMEOUT + 1)
+        if self._keepalive_greenlet is not None:
+            self._keepalive_greenlet.kill(block=False)
+        if self._pool is not None:
+            self._pool.kill(block=True, timeout=DEFAULT_CLOSE_TIMEOUT)
+        try:
+            self._listener.close()
+        except OSError:
+            pass
+        self._home.close()
+        logger.info("server at %s:%s closed", *self.addr)
+        if self._stopped is not None:
+            self._stopped.set()
+
+    # ------------------------------------------------------------------ connections
+
+    def _serve_connection(self, sock: Any, address: Tuple[str, int]) -> None:
+        """Greenlet per accepted connection: handshake, then messages until it ends."""
+        if self._closed:
+            sock.close()
+            return
+        assert self._pool is not None
+        if self.max_connections and self._pool.full():
+            logger.warning("refusing %s:%s: max_connections (%d) reached", address[0], address[1], self.max_connections)
+            conn = Connection(sock, address, self.header_len)
+            conn.send_now(frame(_DISCONNECT_FRAME_BODY, self.header_len))
+            conn.close()
+            return
+        self._pool.add(gevent.getcurrent())
+        set_nodelay(sock)
+        address = (address[0], address[1])
+        conn = Connection(sock, address, self.header_len, self.max_message_size, self.max_queue_bytes, self._on_overflow)
+        self._connections.add(conn)
+        peer: Optional[_ServerPeer] = None
+        try:
+            bodies = conn.bodies()
+            hello = self._read_hello(conn, bodies)
+            if hello is None:
+                return
+            peer = self._join(conn, hello)
+            for body in bodies:
+                if peer.gone:
+                    break
+                message = parse_client_body(body)
+                if self._dispatch[type(message)](peer, message):
+                    break
+            else:
+                if conn.parser.mid_frame and not conn.closed:
+                    logger.warning("%s:%s closed the connection in the middle of a frame", *address)
+        except RemoteProtocolError as exc:
+            logger.warning("closing %s:%s: %s", address[0], address[1], exc)
+        finally:
+            self._connections.discard(conn)
+            if peer is not None:
+                self._drop(peer, call_leave=True, notify=True)
+            conn.close()
+
+    def _read_hello(self, conn: Connection, bodies: Any) -> Optional[Hello]:
+        body = None
+        with gevent.Timeout(self.handshake_timeout, False):
+            body = next(bodies, None)
+            if body is None:
+                # Opened and closed without a word: a port probe or health check.
+                logger.debug("%s:%s closed before its hello", *conn.peer)
+                return None
+        if body is None:
+            logger.warning("closing %s:%s: no hello within %.1f s", conn.peer[0], conn.peer[1], self.handshake_timeout)
+            return None
+        message = parse_client_body(body)
+        if not isinstance(message, Hello):
+            raise HandshakeError(f"first message was {type(message).__name__}, not a hello")
+        return message
+
+    def _join(self, conn: Connection, hello: Hello) -> _ServerPeer:
+        info = ClientInfo(conn.peer, hello.name, hello.group)
+        peer = _ServerPeer(conn, info, CAPABILITY_MSGPACK in hello.capabilities)
+        self._registry.add(peer)
+        joined = _info_json(info)
+        everyone_frame = frame(PeerJoined(joined).to_body(), self.header_len)
+        self._delivery.announce(everyone_frame, exclude=peer)
+        if peer.msgpack_ok:
+            # Only a peer that offered capabilities hears ours: a plain HiSock client never does.
+            answer = dict(joined, caps=[CAPABILITY_MSGPACK])
+            peer.send(frame(PeerJoined(answer).to_body(), self.header_len))
+        else:
+            peer.send(everyone_frame)
+        logger.debug("%s joined", info)
+        self._call_reserved("join", info)
+        return peer
+
+    def _drop(self, peer: _ServerPeer, call_leave: bool, notify: bool) -> bool:
+        """Forget a joined client (once); tell the others and run ``leave`` if asked."""
+        if peer.gone:
+            return False
+        peer.gone = True
+        if not self._registry.remove(peer):
+            return False
+        if notify:
+            self._delivery.announce(frame(PeerLeft(_info_json(peer.info)).to_body(), self.header_len), exclude=peer)
+        logger.debug("%s left", peer.info)
+        if call_leave:
+            self._call_reserved("leave", peer.info)
+        return True
+
+    def _close_peer(self, peer: _ServerPeer, send_disconnect: bool) -> None:
+        """Close a client's connection, after ``$DISCONN$`` and its queue drain when asked."""
+        conn = peer.conn
+        if not send_disconnect:
+            conn.close()
+            return
+        conn.send(frame(_DISCONNECT_FRAME_BODY, self.header_len))
+        closer = gevent.spawn(conn.close, DEFAULT_CLOSE_TIMEOUT)
+        self._closers.add(closer)
+        closer.rawlink(self._closers.discard)
+
+    def _on_overflow(self, conn: Connection) -> None:
+        logger.warning(
+            "dropping %s:%s: %d bytes queued and not read (max_queue_bytes=%d)",
+            conn.peer[0], conn.peer[1], conn.queued_bytes, conn.max_queue_bytes,
+        )
+        for peer in self._registry:
+            if peer.conn is conn:
+                self._drop(peer, call_leave=True, notify=True)
+        conn.close()
+
+    # ------------------------------------------------------------------ messages
+
+    def _on_command(self, peer: _ServerPeer, message: Command) -> bool:
+        content = typecast.decode(message.fmt, message.payload)
+        command = message.command
+        info = peer.info
+        entry = self._handlers.command_handler(command)
+        called = entry is not None
+        if entry is not None:
+            self._runner.call(entry, (info, content), f"'{command}' from {info}")
+        else:
+            catch_all = self._handlers.reserved_handler("*")
+            if catch_all is not None:
+                called = True
+                self._runner.call(catch_all, (info, command, content), f"'*' ({command}) from {info}")
+        on_message = self._handlers.reserved_handler("message")
+        if on_message is not None:
+            args = (info, command, content) if on_message["num_args"] == 3 else (info, content)
+            self._runner.call(on_message, args, f"'message' ({command}) from {info}")
+        if self.cache_size >= 0:
+            self._remember(MessageCacheMember(header=len(message.to_body()), content=content, called=called, command=command))
+        if self._callback is not None:
+            self._runner.call({"func": self._callback, "num_args": 0, "threaded": False}, (), "callback")
+        return False
+
+    def _remember(self, member: MessageCacheMember) -> None:
+        self.cache.append(member)
+        if 0 < self.cache_size < len(self.cache):
+            del self.cache[0]
+
+    def _on_user_close(self, peer: _ServerPeer, message: UserClose) -> bool:
+        return True
+
+    def _on_change_name(self, peer: _ServerPeer, message: ChangeName) -> bool:
+        new_name = message.name or peer.connect_name
+        old = self._registry.update(peer, ClientInfo(peer.info.ip, new_name, peer.info.group))
+        self._call_reserved("name_change", peer.info, old.name, new_name)
+        return False
+
+    def _on_change_group(self, peer: _ServerPeer, message: ChangeGroup) -> bool:
+        new_group = message.group or peer.connect_group
+        old = self._registry.update(peer, ClientInfo(peer.info.ip, peer.info.name, new_group))
+        self._call_reserved("group_change", peer.info, old.group, new_group)
+        return False
+
+    def _on_keep_ack(self, peer: _ServerPeer, message: KeepAck) -> bool:
+        peer.last_ack = time.monotonic()
+        return False
+
+    def _on_get_client(self, peer: _ServerPeer, message: GetClient) -> bool:
+        answer: Dict[str, Any]
+        try:
+            info = self._registry.find(message.query).info
+        except (ValueError, ClientNotFound):
+            answer = {"traceback": NO_SUCH_CLIENT}
+        else:
+            answer = {"ip": [info.ip[0], info.ip[1]], "name": info.name, "group": info.group}
+        if not peer.msgpack_ok:
+            # The native letters cannot carry None: a plain peer gets only the keys that are set.
+            answer = {key: value for key, value in answer.items() if value is not None}
+        reply = OutgoingCommand(GETCLT_COMMAND, answer, self.header_len, reserved_ok=True)
+        peer.send(reply.frame_for(peer.msgpack_ok))
+        return False
+
+    def _on_second_hello(self, peer: _ServerPeer, message: Hello) -> bool:
+        raise HandshakeError("a second hello")
+
+    # ------------------------------------------------------------------ keepalive
+
+    def _keepalive_loop(self) -> None:
+        ping = frame(KeepAlive().to_body(), self.header_len)
+        while not self._closed:
+            gevent.sleep(self.keepalive_interval)
+            sent_at = time.monotonic()
+            peers = list(self._registry)
+            for peer in peers:
+                peer.send(ping)
+            gevent.spawn_later(self.keepalive_timeout, self._expire_silent, peers, sent_at)
+
+    def _expire_silent(self, peers: List[_ServerPeer], sent_at: float) -> None:
+        for peer in peers:
+            if not peer.gone and peer.last_ack < sent_at:
+                logger.warning("dropping %s: no keepalive answer within %.1f s", peer.info, self.keepalive_timeout)
+                if self._drop(peer, call_leave=True, notify=True):
+                    self._close_peer(peer, send_disconnect=True)
+
+    # ------------------------------------------------------------------ lookups
+
+    def get_addr(self) -> Tuple[str, int]:
+        """The ``(ip, port)`` the server is serving at."""
+        return self.addr
+
+    @_on_home
+    def get_all_clients(self, key: Union[Callable[[ClientInfo], Any], str, None] = None) -> List[Any]:
+        """Every connected client, as ClientInfo; with a str ``key`` that field of each
+        (``"name"``, ``"group"``, ``"ip"``, ``"ipstr"``); with a callable, the clients it accepts."""
+        clients = self._delivery.all_clients()
+        if key is None:
+            return clients
+        if callable(key):
+            return [client for client in clients if key(client)]
+        return [client[key] for client in clients]
+
+    @_on_home
+    def get_client(self, client: ClientRef) -> ClientInfo:
+        """The ClientInfo of a client named by ``(ip, port)``, ``"ip:port"``, its name or a ClientInfo.
+
+        :raises ValueError: wrong format.  :raises ClientNotFound: no such client.
+        :raises UserWarning: (a warning) several clients have that name.
+        """
+        return self._delivery.find_client(client)
+
+    @_on_home
+    def get_group(self, group: GroupRef) -> List[ClientInfo]:
+        """Every client in a group, named directly or by a ClientInfo in it.
+
+        :raises GroupNotFound: nobody is in that group.
+        """
+        return self._delivery.group_members(group)
+
+    # ------------------------------------------------------------------ sending
+
+    @_on_home
+    def send_client(self, client: ClientRef, command: str, content: Sendable = None) -> None:
+        """Send ``command`` and ``content`` to one client.
+
+        :raises ValueError: wrong client format, or a reserved command.
+        :raises ClientNotFound: no such client.
+        :raises InvalidTypeCast: the content cannot be sent to that client.
+        :raises UserWarning: (a warning) several clients have that name.
+        """
+        self._delivery.to_client(client, OutgoingCommand(command, content, self.header_len))
+
+    @_on_home
+    def send_group(self, group: GroupRef, command: str, content: Sendable = None) -> None:
+        """Send ``command`` and ``content`` to every client of a group.
+
+        :raises GroupNotFound: (a TypeError too) nobody is in the group.
+        """
+        self._delivery.to_group(group, OutgoingCommand(command, content, self.header_len))
+
+    @_on_home
+    def send_all_clients(self, command: str, content: Sendable = None) -> None:
+        """Send ``command`` and ``content`` to every connected client; the frame is built once."""
+        self._delivery.to_all(OutgoingCommand(command, content, self.header_len))
+
+    # ------------------------------------------------------------------ disconnecting
+
+    @_on_home
+    def disconnect_client(self, client: ClientRef, force: bool = False, call_func: bool = False) -> None:
+        """Disconnect one client; the others hear ``$CLTDISCONN$``.
+
+        :param force: close at once, without telling the client ``$DISCONN$``.
+        :param call_func: run the ``leave`` handler for it.
+        :raises ValueError: wrong format.  :raises ClientNotFound: no such client.
+        """
+        peer = self._registry.find(client)
+        assert isinstance(peer, _ServerPeer)
+        self._drop(peer, call_leave=call_func, notify=True)
+        self._close_peer(peer, send_disconnect=not force)
+
+    @_on_home
+    def disconnect_all_clients(self, force: bool = False) -> None:
+        """Disconnect every client (``leave`` does not run)."""
+        self._disconnect_everyone(force)
+
+    def _disconnect_everyone(self, force: bool) -> None:
+        for peer in list(self._registry):
+            assert isinstance(peer, _ServerPeer)
+            self._drop(peer, call_leave=False, notify=False)
+            self._close_peer(peer, send_disconnect=not force)
+
+
+class ThreadedHiSockServer(HiSockServer):
+    """HiSockServer running on its own so it does not block the caller.
+
+    In a plain program (threading not monkey-patched) the server gets its own OS thread
+    with its own gevent hub, so a Tkinter/pygame/threading program keeps running; in a
+    monkey-patched program it runs in a greenlet.  Handlers run on the server's thread (or
+    greenlet); use ``threaded=True`` for blocking ones.  Every method is safe to call from
+    any thread.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._greenlet: Optional[gevent.Greenlet] = None
+
+    def start(self, callback: Optional[Callable[[], Any]] = None, error_handler: Optional[Callable[[BaseException], Any]] = None) -> None:
+        """Start serving in the background and return at once."""
+        if self._closed or self._greenlet is not None or self._home.alive:
+            return
+        if Home.program_is_patched():
+            self._begin_serving(callback, error_handler)
+            assert self._stopped is not None
+            self._greenlet = gevent.spawn(self._stopped.wait)
+        else:
+            self._home.start_thread(lambda: HiSockServer.start(self, callback, error_handler), "hisock-server")
+
+    def close(self) -> None:
+        """Close the server and block until it has really stopped."""
+        super().close()
+        self._home.join_thread(DEFAULT_CLOSE_TIMEOUT * 3)
+
+    def join(self, timeout: Optional[float] = None) -> None:
+        """Block until the server has been closed."""
+        if self._greenlet is not None:
+            self._greenlet.join(timeout)
+        else:
+            self._home.join_thread(timeout)
+
+
+def start_server(addr: Tuple[str, int], max_connections: int = 0, header_len: int = DEFAULT_HEADER_LEN, **kwargs: Any) -> HiSockServer:
+    """Create a :class:`HiSockServer`; see it for the arguments."""
+    return HiSockServer(addr, max_connections, header_len, **kwargs)
+
+
+def start_threaded_server(*args: Any, **kwargs: Any) -> ThreadedHiSockServer:
+    """Create a :class:`ThreadedHiSockServer`; arguments as :func:`start_server`."""
+    return ThreadedHiSockServer(*args, **kwargs)

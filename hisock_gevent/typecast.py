@@ -1,0 +1,713 @@
+"""The content codec: a Sendable value <-> ``(fmt, payload)`` bytes, as PROTOCOL.md section 3 says.
+
+Two codecs share one entry point each way:
+
+* **native letters** -- HiSock's own format, understood by every HiSock 3.x peer.  ``fmt``
+  is a tiny grammar (``l1i2s``, ``d1s2[1i1i]``) telling how to cut the payload, which is
+  the primitives' bytes laid end to end.  It carries str, bytes, int, float and nested
+  lists, tuples and dicts of those.
+* **msgpack** (``fmt == b"m"``, an hisock_gevent extension) -- the payload is one
+  MessagePack document, with ext types for what msgpack lacks (tuple, ClientInfo, ints
+  beyond 64 bits).  It carries every Sendable exactly, and the C codec is much faster
+  than building fmt strings in Python, so it is used for every container once the peer
+  has said it understands ``m``.
+
+:func:`encode` is the sending side and raises :class:`~hisock_gevent.errors.InvalidTypeCast`
+when the caller hands it something it cannot send; :func:`decode` is the receiving side
+and raises only :class:`~hisock_gevent.errors.MalformedPayload`, whatever the bytes are.
+
+Nothing here touches sockets or gevent.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+from itertools import chain, compress
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+
+import msgpack
+
+from .errors import InvalidTypeCast, MalformedPayload
+from .utils import ClientInfo
+
+__all__ = [
+    "MSGPACK_LETTER",
+    "DEFAULT_MAX_DEPTH",
+    "DEFAULT_MAX_ITEMS",
+    "encode",
+    "decode",
+    "is_native",
+]
+
+#: The whole fmt of a payload that is one MessagePack document.
+MSGPACK_LETTER = b"m"
+#: How deeply containers may nest (the outermost container is depth 1), both ways.
+DEFAULT_MAX_DEPTH = 32
+#: How many values (primitives and containers, dict keys included) one payload may hold.
+DEFAULT_MAX_ITEMS = 1_000_000
+
+#: msgpack ext type codes (0..127 are the application's; -1 is msgpack's timestamp).
+EXT_TUPLE = 1
+EXT_CLIENT_INFO = 2
+EXT_BIG_INT = 3
+
+#: Python refuses int <-> decimal conversions longer than this by default (CVE-2020-10735);
+#: we hold peers to the same bound whatever ``sys.set_int_max_str_digits`` says.
+MAX_INT_DIGITS = 4300
+#: Longest LEN accepted in a fmt: 19 digits is more than any payload can be long, and
+#: keeps ``int()`` on attacker-chosen digits trivially cheap.
+MAX_LEN_DIGITS = 19
+#: The range msgpack encodes as a plain integer; beyond it we use EXT_BIG_INT.
+_MSGPACK_INT_MIN = -(2**63)
+_MSGPACK_INT_MAX = 2**64 - 1
+#: A pooled msgpack Packer keeps its largest buffer; one that produced more than this is
+#: dropped instead of pooled so a single big message does not pin memory forever.
+_PACKER_KEEP_BYTES = 1 << 20
+
+_NoneType = type(None)
+_pack_double = struct.Struct(">d").pack
+_unpack_double_from = struct.Struct(">d").unpack_from
+_unpack_single_from = struct.Struct(">f").unpack_from
+
+Fmt = bytes
+Payload = bytes
+
+
+# --------------------------------------------------------------------------- encoding
+
+
+def encode(content: Any, *, msgpack_ok: bool = False) -> Tuple[Fmt, Payload]:
+    """Return ``(fmt, payload)`` for ``content``.
+
+    * ``None`` -> ``(b"", b"")``.
+    * A top-level str, bytes-like, int or float always uses a native letter, so any peer
+      can read it: ``"hi"`` -> ``(b"2s", b"hi")``; floats are 8-byte big-endian doubles.
+    * A list, tuple or dict uses msgpack (``fmt == b"m"``) when ``msgpack_ok`` is true, and
+      the native grammar otherwise: ``[1, "ab"]`` -> ``(b"l1i2s", b"1ab")``.
+    * A bool, a ClientInfo, or a container holding something the native letters cannot
+      carry (None, bool or ClientInfo inside it) needs msgpack.
+
+    Subclasses of the supported types are sent as their base type: an ``IntEnum`` member
+    arrives as an int, a namedtuple as a tuple, an OrderedDict as a dict.
+
+    :param content: the value to send (HiSock's ``Sendable``).
+    :param msgpack_ok: the peer understands the ``m`` letter.
+    :returns: the fmt (ASCII) and the payload.
+    :raises InvalidTypeCast: ``content`` holds a type that is not Sendable; or it needs
+        msgpack and ``msgpack_ok`` is false; or containers nest deeper than
+        :data:`DEFAULT_MAX_DEPTH`; or a str cannot be UTF-8 encoded (lone surrogates); or
+        an int has more than :data:`MAX_INT_DIGITS` digits.
+    """
+    # Exact-type checks first: the common small messages never reach isinstance().
+    kind = type(content)
+    if kind is str:
+        try:
+            data = content.encode()
+        except UnicodeEncodeError as exc:
+            raise InvalidTypeCast(f"str cannot be sent: it is not valid UTF-8 ({exc})") from None
+        return b"%ds" % len(data), data
+    if kind is int:
+        data = _int_to_ascii(content)
+        return b"%di" % len(data), data
+    if kind is bytes:
+        return b"%db" % len(content), content
+    if kind is float:
+        return b"8f", _pack_double(content)
+    if content is None:
+        return b"", b""
+    if kind is list or kind is tuple or kind is dict:
+        if msgpack_ok:
+            return MSGPACK_LETTER, _encode_msgpack(content)
+        return _encode_native_container(content)
+    if kind is bool or isinstance(content, ClientInfo):
+        if msgpack_ok:
+            return MSGPACK_LETTER, _encode_msgpack(content)
+        raise _needs_msgpack(content, inside=None)
+    # bytearray, memoryview and subclasses of the above: send as the base type.
+    return encode(_base_value(content), msgpack_ok=msgpack_ok)
+
+
+def is_native(content: Any) -> bool:
+    """Tell whether the native letters can carry ``content`` exactly.
+
+    True exactly when ``encode(content, msgpack_ok=False)`` succeeds: None, str, bytes,
+    int and float, and lists, tuples and dicts of those nested at most
+    :data:`DEFAULT_MAX_DEPTH` deep.  False for a bool or ClientInfo anywhere, None inside
+    a container, and for anything that is not Sendable at all.  It costs one native encode.
+    """
+    try:
+        encode(content, msgpack_ok=False)
+    except InvalidTypeCast:
+        return False
+    return True
+
+
+def _int_to_ascii(value: int) -> bytes:
+    """ASCII decimal of an exact int; InvalidTypeCast past Python's digit limit."""
+    try:
+        return str(value).encode()
+    except ValueError:
+        raise InvalidTypeCast(
+            f"int cannot be sent: it has more than {MAX_INT_DIGITS} decimal digits"
+        ) from None
+
+
+def _base_value(value: Any) -> Any:
+    """Return ``value`` as its exact Sendable base type, or raise InvalidTypeCast.
+
+    The unbound base-class methods are used on purpose: ``str.__str__(s)`` copies the
+    characters, whereas ``str(s)`` would call an overridden ``__str__`` (an enum's, say).
+    """
+    if isinstance(value, str):
+        return str.__str__(value)
+    if isinstance(value, bool):  # bool cannot be subclassed; listed so int does not catch it
+        return value
+    if isinstance(value, int):
+        return int.__int__(value)
+    if isinstance(value, float):
+        return float.__float__(value)
+    if isinstance(value, bytes):
+        return bytes.__bytes__(value)
+    if isinstance(value, (bytearray, memoryview)):
+        return bytes(value)
+    if isinstance(value, list):
+        return list(value)
+    if isinstance(value, tuple):
+        return tuple(value)
+    if isinstance(value, dict):
+        return dict(value)
+    if isinstance(value, ClientInfo):
+        return ClientInfo(value.ip, value.name, value.group)
+    raise InvalidTypeCast(
+        f"{type(value).__name__} is not Sendable: send bytes, str, int, float, None, bool, "
+        "ClientInfo, or lists, tuples and dicts of them"
+    )
+
+
+def _needs_msgpack(value: Any, inside: Optional[str]) -> InvalidTypeCast:
+    """The error for a value only the msgpack extension can carry."""
+    what = "None" if value is None else type(value).__name__
+    where = f" inside a {inside}" if inside else ""
+    return InvalidTypeCast(
+        f"{what}{where} cannot be sent to a peer without the msgpack extension "
+        "(a plain HiSock peer only understands str, bytes, int, float and containers of them)"
+    )
+
+
+# ----- native grammar
+
+
+_OPENERS = {list: b"[", tuple: b"(", dict: b"{"}
+_CLOSERS = {list: b"]", tuple: b")", dict: b"}"}
+_TOP_LETTERS = {list: b"l", tuple: b"t", dict: b"d"}
+
+
+def _encode_native_container(content: Union[list, tuple, dict]) -> Tuple[Fmt, Payload]:
+    """Native encoding of a top-level list, tuple or dict."""
+    kind = type(content)
+    fmt: List[bytes] = [_TOP_LETTERS[kind]]
+    payload: List[bytes] = []
+    items = _dict_items(content) if kind is dict else content
+    _encode_native_items(items, kind, fmt, payload, 1)
+    return b"".join(fmt), b"".join(payload)
+
+
+def _dict_items(mapping: dict) -> List[Any]:
+    """A dict's keys and values alternating, as the native grammar lays them out."""
+    flat: List[Any] = []
+    for pair in mapping.items():
+        flat += pair
+    return flat
+
+
+def _encode_native_items(
+    items: Any, container: type, fmt: List[bytes], payload: List[bytes], depth: int
+) -> int:
+    """Append the fmt tokens and payload bytes of ``items`` (the children of a container at
+    ``depth``) and return how many payload bytes they cover: a nested container's LEN.
+
+    Recursion is bounded by DEFAULT_MAX_DEPTH, so it cannot exhaust the Python stack; a
+    self-containing list simply trips the depth check.
+    """
+    size = 0
+    for item in items:
+        kind = type(item)
+        if kind is str:
+            try:
+                data = item.encode()
+            except UnicodeEncodeError as exc:
+                raise InvalidTypeCast(f"str cannot be sent: it is not valid UTF-8 ({exc})") from None
+            fmt.append(b"%ds" % len(data))
+        elif kind is int:
+            data = _int_to_ascii(item)
+            fmt.append(b"%di" % len(data))
+        elif kind is bytes:
+            data = item
+            fmt.append(b"%db" % len(data))
+        elif kind is float:
+            data = _pack_double(item)
+            fmt.append(b"8f")
+        elif kind is list or kind is tuple or kind is dict:
+            if depth >= DEFAULT_MAX_DEPTH:
+                raise InvalidTypeCast(f"containers nest deeper than {DEFAULT_MAX_DEPTH} levels")
+            slot = len(fmt)
+            fmt.append(b"")  # the LEN is known only once the children are encoded
+            children = _dict_items(item) if kind is dict else item
+            covered = _encode_native_items(children, kind, fmt, payload, depth + 1)
+            fmt[slot] = b"%d%s" % (covered, _OPENERS[kind])
+            fmt.append(_CLOSERS[kind])
+            size += covered
+            continue
+        elif item is None or kind is bool or isinstance(item, ClientInfo):
+            raise _needs_msgpack(item, inside=container.__name__)
+        else:
+            # A subclass, bytearray or memoryview: encode its base value in this same slot.
+            size += _encode_native_items((_base_value(item),), container, fmt, payload, depth)
+            continue
+        payload.append(data)
+        size += len(data)
+    return size
+
+
+# ----- msgpack
+
+
+_packer_pool: List[msgpack.Packer] = []
+
+
+def _pack(value: Any) -> bytes:
+    """One MessagePack document for ``value``, with our ext types.
+
+    ``packb`` builds a new Packer (and its buffer) per call, about three times the cost of
+    packing a small dict; Packers are therefore pooled.  A Packer is not re-entrant (the
+    default hook packs a tuple's items while the outer pack is still running) nor
+    thread-safe, so each call takes one out of the pool -- ``list.pop``/``append`` are
+    atomic under the GIL -- and gives it back afterwards.
+    """
+    try:
+        packer = _packer_pool.pop()
+    except IndexError:
+        # strict_types: a tuple (or any subclass) must reach the default hook instead of
+        # being packed as an array.  True/False/None, exact int/float/str/bytes/bytearray/
+        # memoryview/list/dict still pack natively.
+        packer = msgpack.Packer(default=_msgpack_default, use_bin_type=True, strict_types=True)
+    data = packer.pack(value)  # on error the Packer resets itself and is simply not pooled
+    if len(data) <= _PACKER_KEEP_BYTES:
+        _packer_pool.append(packer)
+    return data
+
+
+def _msgpack_default(value: Any) -> Any:
+    """msgpack's hook for what it cannot pack itself under strict_types.
+
+    Returns an ExtType for tuples, ClientInfo and out-of-range ints, the exact base value
+    for subclasses of the other Sendable types, and raises InvalidTypeCast for the rest.
+    The packer calls the hook once per object and refuses to call it again on what it
+    returns, so every branch must return something msgpack packs natively.
+    """
+    if isinstance(value, tuple):
+        return msgpack.ExtType(EXT_TUPLE, _pack(list(value)))
+    if isinstance(value, ClientInfo):
+        return msgpack.ExtType(EXT_CLIENT_INFO, _pack(_client_info_fields(value)))
+    if isinstance(value, int):
+        # Reached for ints beyond msgpack's 64-bit range and for int subclasses (IntEnum).
+        number = int.__int__(value)
+        if _MSGPACK_INT_MIN <= number <= _MSGPACK_INT_MAX:
+            return number
+        return msgpack.ExtType(EXT_BIG_INT, _int_to_ascii(number))
+    return _base_value(value)
+
+
+def _client_info_fields(info: ClientInfo) -> List[Any]:
+    """``[host, port, name, group]`` of a ClientInfo, checked so the peer can rebuild it."""
+    ip = info.ip
+    if not (isinstance(ip, tuple) and len(ip) == 2):
+        raise InvalidTypeCast(f"ClientInfo.ip must be a (host, port) tuple, not {ip!r}")
+    host, port = ip
+    name, group = info.name, info.group
+    if not (
+        isinstance(host, str)
+        and isinstance(port, int)
+        and not isinstance(port, bool)
+        and 0 <= port <= 65535
+        and (name is None or isinstance(name, str))
+        and (group is None or isinstance(group, str))
+    ):
+        raise InvalidTypeCast(f"{info!r} cannot be sent: expected str host, port 0-65535, str or None name/group")
+    return [
+        str.__str__(host),
+        int.__int__(port),
+        None if name is None else str.__str__(name),
+        None if group is None else str.__str__(group),
+    ]
+
+
+#: Types msgpack packs without the default hook (or that the hook turns into a leaf).
+_SEND_LEAVES = frozenset((str, bytes, int, float, bool, _NoneType, bytearray, memoryview, ClientInfo))
+_EXACT_CONTAINERS = frozenset((list, tuple, dict))
+_SEQUENCE_TYPES = frozenset((list, tuple))
+_MAPPING_TYPES = frozenset((dict,))
+
+
+def _encode_msgpack(content: Any) -> bytes:
+    """The msgpack payload for ``content``; InvalidTypeCast for anything unsendable."""
+    _check_send_depth(content)
+    try:
+        return _pack(content)
+    except InvalidTypeCast:
+        raise
+    except (TypeError, ValueError, OverflowError) as exc:  # UnicodeEncodeError is a ValueError
+        raise InvalidTypeCast(f"content cannot be sent: {type(exc).__name__}: {exc}") from None
+
+
+def _check_send_depth(root: Any) -> None:
+    """Raise InvalidTypeCast if containers in ``root`` nest deeper than DEFAULT_MAX_DEPTH.
+
+    The peer would refuse such a payload (and drop us); failing here tells the caller why.
+    Like :func:`_check_received_tree` it goes one level at a time with C-level passes; only
+    subclasses of list, tuple and dict (rare) are sorted out by a Python loop.  Types that
+    are not Sendable are left to the packer's default hook, which refuses them.
+    """
+    sequences: List[Any] = []
+    mappings: List[Any] = []
+    _sort_containers([root], {type(root)}, sequences, mappings)
+    depth = 1
+    while sequences or mappings:
+        children = list(
+            chain(
+                chain.from_iterable(sequences),
+                chain.from_iterable(map(dict.keys, mappings)),
+                chain.from_iterable(map(dict.values, mappings)),
+            )
+        )
+        kind_set = set(map(type, children))
+        if kind_set <= _SEND_LEAVES:
+            return
+        depth += 1
+        if depth > DEFAULT_MAX_DEPTH:
+            # Only if this level really holds a container, not just an unsendable leaf.
+            sequences, mappings = [], []
+            _sort_containers(children, kind_set, sequences, mappings)
+            if sequences or mappings:
+                raise InvalidTypeCast(f"containers nest deeper than {DEFAULT_MAX_DEPTH} levels")
+            return
+        sequences, mappings = [], []
+        _sort_containers(children, kind_set, sequences, mappings)
+
+
+def _sort_containers(values: List[Any], kinds: set, sequences: List[Any], mappings: List[Any]) -> None:
+    """Append the lists/tuples among ``values`` to ``sequences`` and the dicts to ``mappings``."""
+    if kinds <= _SEND_LEAVES:
+        return
+    if kinds & _EXACT_CONTAINERS:
+        kind_of = list(map(type, values))
+        sequences += compress(values, map(_SEQUENCE_TYPES.__contains__, kind_of))
+        mappings += compress(values, map(_MAPPING_TYPES.__contains__, kind_of))
+    if not kinds <= _SEND_LEAVES | _EXACT_CONTAINERS:
+        for value in values:
+            kind = type(value)
+            if kind in _SEND_LEAVES or kind in _EXACT_CONTAINERS:
+                continue
+            if isinstance(value, (list, tuple)):
+                sequences.append(value)
+            elif isinstance(value, dict):
+                mappings.append(value)
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+def decode(
+    fmt: bytes,
+    payload: Union[bytes, bytearray, memoryview],
+    *,
+    max_depth: int = DEFAULT_MAX_DEPTH,
+    max_items: int = DEFAULT_MAX_ITEMS,
+) -> Any:
+    """Rebuild the value that ``encode`` turned into ``(fmt, payload)``.
+
+    Accepts both codecs: the native grammar (``b""``, ``b"<n><s|i|b|f>"``, or
+    ``l``/``t``/``d`` followed by items) and ``b"m"`` + one MessagePack document.  A native
+    ``b`` always decodes to ``bytes``; a 4-byte ``f`` is read as a single-precision float
+    (as upstream HiSock sent them), an 8-byte one as a double.
+
+    This is the receiving end of a network protocol: whatever the bytes, it either returns
+    a Sendable value (str, bytes, int, float, None, bool, ClientInfo, and lists, tuples and
+    dicts of them) or raises MalformedPayload.  Time and memory stay proportional to the
+    input size.
+
+    :param fmt: the ASCII type description.
+    :param payload: the bytes it describes.
+    :param max_depth: most levels of container nesting (the outermost container is 1).
+    :param max_items: most values, dict keys and containers included, in the payload.
+    :raises MalformedPayload: the fmt is not valid, the payload does not match it, or a
+        limit is exceeded.
+    """
+    try:
+        data = payload if type(payload) is bytes else bytes(payload)
+        if fmt == MSGPACK_LETTER:
+            return _decode_msgpack(data, max_depth, max_items)
+        return _decode_native(bytes(fmt), data, max_depth, max_items)
+    except MalformedPayload:
+        raise
+    except Exception as exc:
+        # The security promise: bytes from a peer never escape as anything else.  This
+        # includes MemoryError and RecursionError from deep inside a decoder.
+        detail = str(exc)
+        if len(detail) > 200:
+            detail = detail[:200] + "..."
+        raise MalformedPayload(f"payload cannot be decoded: {type(exc).__name__}: {detail}") from exc
+
+
+def _malformed(reason: str) -> MalformedPayload:
+    return MalformedPayload(f"malformed payload: {reason}")
+
+
+# ----- native grammar
+
+# One token: LEN and a letter or an opening bracket, or a lone closing bracket.
+_TOKEN = rb"([0-9]{1,%d})([sibf\[({])|([\])}])" % MAX_LEN_DIGITS
+_TOKEN_RE = re.compile(_TOKEN)
+_ITEMS_RE = re.compile(rb"(?:%s)*" % _TOKEN)
+#: Bytes in a fmt that start a value (each costs one item of max_items).
+_VALUE_MARKS = b"sibf[({"
+_CLOSER_OF = {b"[": b"]", b"(": b")", b"{": b"}", b"l": None, b"t": None, b"d": None}
+
+
+def _decode_native(fmt: bytes, data: bytes, max_depth: int, max_items: int) -> Any:
+    if not fmt:
+        if data:
+            raise _malformed("empty fmt (None) with a non-empty payload")
+        return None
+    top = fmt[:1]
+    if top not in b"ltd":
+        return _decode_single(fmt, data)
+    if max_depth < 1:
+        raise _malformed(f"containers nest deeper than {max_depth} levels")
+    if not fmt.isascii():
+        raise _malformed("fmt is not ASCII")
+    # Count values before tokenising so a huge fmt is refused before findall() builds a
+    # tuple per token.
+    if len(fmt) - len(fmt.translate(None, _VALUE_MARKS)) > max_items:
+        raise _malformed(f"more than {max_items} values")
+    if _ITEMS_RE.fullmatch(fmt, 1) is None:
+        raise _malformed(f"fmt {_clip(fmt)!r} does not follow the grammar")
+
+    end_of_data = len(data)
+    pos = 0  # next unread payload byte
+    limit = end_of_data  # end of the innermost open container's bytes
+    kind = top  # the innermost open container: l/t/d at the top, then [ ( {
+    items: List[Any] = []  # its children so far
+    stack: List[Tuple[List[Any], bytes, int]] = []  # the enclosing containers
+    for digits, letter, closer in _TOKEN_RE.findall(fmt, 1):
+        if closer:
+            if closer != _CLOSER_OF[kind]:
+                raise _malformed(f"unexpected {closer.decode()!r} in fmt")
+            if pos != limit:
+                raise _malformed("a container's LEN does not match its contents")
+            value = _build(kind, items)
+            items, kind, limit = stack.pop()
+            items.append(value)
+            continue
+        end = pos + int(digits)
+        if end > limit:
+            raise _malformed("a LEN runs past its container or the payload")
+        if letter == b"s":
+            items.append(data[pos:end].decode())
+        elif letter == b"i":
+            items.append(_parse_int(data[pos:end]))
+        elif letter == b"b":
+            items.append(data[pos:end])
+        elif letter == b"f":
+            items.append(_parse_float(data, pos, end - pos))
+        else:  # an opening bracket: its bytes end at `end`, its children come next
+            if len(stack) + 2 > max_depth:
+                raise _malformed(f"containers nest deeper than {max_depth} levels")
+            stack.append((items, kind, limit))
+            items, kind, limit = [], letter, end
+            continue
+        pos = end
+    if stack:
+        raise _malformed("a container is not closed")
+    if pos != end_of_data:
+        raise _malformed("the payload is longer than its fmt says")
+    return _build(top, items)
+
+
+def _build(kind: bytes, items: List[Any]) -> Any:
+    """The container of ``kind`` (l/t/d or an opening bracket) holding ``items``."""
+    if kind == b"[" or kind == b"l":
+        return items
+    if kind == b"(" or kind == b"t":
+        return tuple(items)
+    if len(items) % 2:
+        raise _malformed("a dict has a key without a value")
+    pairs = iter(items)
+    try:
+        return dict(zip(pairs, pairs))
+    except TypeError:
+        raise _malformed("a dict key is not hashable") from None
+
+
+def _decode_single(fmt: bytes, data: bytes) -> Any:
+    """A top-level primitive: ``<LEN><letter>`` whose LEN is the whole payload."""
+    digits = fmt[:-1]
+    letter = fmt[-1:]
+    # bytes.isdigit() accepts ASCII digits only, unlike int() which also takes " 1", "1_0"...
+    if not (digits.isdigit() and len(digits) <= MAX_LEN_DIGITS):
+        raise _malformed(f"fmt {_clip(fmt)!r} does not follow the grammar")
+    if int(digits) != len(data):
+        raise _malformed("the fmt's LEN is not the payload's length")
+    if letter == b"s":
+        return data.decode()
+    if letter == b"i":
+        return _parse_int(data)
+    if letter == b"b":
+        return data
+    if letter == b"f":
+        return _parse_float(data, 0, len(data))
+    raise _malformed(f"unknown type letter {_clip(letter)!r}")
+
+
+def _parse_int(text: bytes) -> int:
+    """ASCII decimal with an optional leading ``-``, and nothing else int() would accept."""
+    digits = text[1:] if text[:1] == b"-" else text
+    if not digits.isdigit():
+        raise _malformed(f"{_clip(text)!r} is not a decimal integer")
+    if len(digits) > MAX_INT_DIGITS:
+        raise _malformed(f"an integer has more than {MAX_INT_DIGITS} digits")
+    return int(text)
+
+
+def _parse_float(data: bytes, offset: int, size: int) -> float:
+    if size == 8:
+        return _unpack_double_from(data, offset)[0]
+    if size == 4:
+        return _unpack_single_from(data, offset)[0]
+    raise _malformed(f"a float is 4 or 8 bytes, not {size}")
+
+
+def _clip(raw: bytes, length: int = 40) -> bytes:
+    """Enough of a hostile input to recognise it in a log line, not all of it."""
+    return raw if len(raw) <= length else raw[:length] + b"..."
+
+
+# ----- msgpack
+
+#: Types a decoded msgpack value may be made of.  Anything else (msgpack's Timestamp,
+#: which its unpacker builds itself for ext -1 without calling our hook) is refused.
+_RECEIVE_LEAVES = frozenset((str, bytes, int, float, bool, _NoneType, ClientInfo))
+_RECEIVE_CONTAINERS = frozenset((list, tuple, dict))
+
+
+def _decode_msgpack(data: bytes, max_depth: int, max_items: int) -> Any:
+    ext_depth = 0
+
+    def ext_hook(code: int, body: bytes) -> Any:
+        # Each tuple or ClientInfo is a nested document unpacked by a nested unpackb call;
+        # counting them bounds the Python recursion a hostile payload can cause.
+        nonlocal ext_depth
+        if ext_depth >= max_depth:
+            raise _malformed(f"containers nest deeper than {max_depth} levels")
+        ext_depth += 1
+        try:
+            return _decode_ext(code, body, ext_hook)
+        finally:
+            ext_depth -= 1
+
+    value = _unpack(data, ext_hook)
+    _check_received_tree(value, max_depth, max_items)
+    return value
+
+
+def _unpack(data: bytes, ext_hook: Callable[[int, bytes], Any]) -> Any:
+    """One whole MessagePack document (trailing bytes are an error).
+
+    Every length is bounded by the document's size, so a header claiming 4 GiB cannot make
+    msgpack allocate it; msgpack's C unpacker has its own fixed nesting stack and reports
+    deeper documents as StackError.
+    """
+    size = len(data)
+    return msgpack.unpackb(
+        data,
+        raw=False,
+        use_list=True,
+        strict_map_key=False,
+        ext_hook=ext_hook,
+        max_str_len=size,
+        max_bin_len=size,
+        max_array_len=size,
+        max_map_len=size,
+        max_ext_len=size,
+    )
+
+
+def _decode_ext(code: int, body: bytes, ext_hook: Callable[[int, bytes], Any]) -> Any:
+    if code == EXT_TUPLE:
+        items = _unpack(body, ext_hook)
+        if type(items) is not list:
+            raise _malformed("a tuple ext does not hold an array")
+        return tuple(items)
+    if code == EXT_CLIENT_INFO:
+        fields = _unpack(body, ext_hook)
+        if not (type(fields) is list and len(fields) == 4):
+            raise _malformed("a ClientInfo ext does not hold [host, port, name, group]")
+        host, port, name, group = fields
+        if not (
+            type(host) is str
+            and type(port) is int
+            and 0 <= port <= 65535
+            and (name is None or type(name) is str)
+            and (group is None or type(group) is str)
+        ):
+            raise _malformed("a ClientInfo ext has fields of the wrong types")
+        return ClientInfo((host, port), name, group)
+    if code == EXT_BIG_INT:
+        return _parse_int(body)
+    raise _malformed(f"unknown msgpack ext type {code}")
+
+
+def _check_received_tree(root: Any, max_depth: int, max_items: int) -> None:
+    """Refuse a decoded msgpack value that nests too deeply, holds too many values, or
+    contains a type that is not Sendable.
+
+    The walk goes one nesting level at a time, and each level is handled by a few C-level
+    passes (``chain``, ``map(type, ...)``, ``compress``) instead of a Python loop over its
+    items: checking a value this way costs about as much as unpacking it did.
+    """
+    kind = type(root)
+    if kind is list or kind is tuple:
+        sequences, mappings = [root], []
+    elif kind is dict:
+        sequences, mappings = [], [root]
+    elif kind in _RECEIVE_LEAVES:
+        return
+    else:
+        raise _malformed(f"msgpack value of type {kind.__name__} is not Sendable")
+    depth = 1
+    count = 1
+    while True:
+        children = list(
+            chain(
+                chain.from_iterable(sequences),
+                chain.from_iterable(map(dict.keys, mappings)),
+                chain.from_iterable(map(dict.values, mappings)),
+            )
+        )
+        count += len(children)
+        if count > max_items:
+            raise _malformed(f"more than {max_items} values")
+        kinds = list(map(type, children))
+        kind_set = set(kinds)
+        if kind_set <= _RECEIVE_LEAVES:
+            return
+        strangers = kind_set - _RECEIVE_LEAVES - _RECEIVE_CONTAINERS
+        if strangers:
+            names = ", ".join(sorted(k.__name__ for k in strangers))
+            raise _malformed(f"msgpack value of type {names} is not Sendable")
+        depth += 1
+        if depth > max_depth:
+            raise _malformed(f"containers nest deeper than {max_depth} levels")
+        sequences = list(compress(children, map(_SEQUENCE_TYPES.__contains__, kinds)))
+        mappings = list(compress(children, map(_MAPPING_TYPES.__contains__, kinds)))
