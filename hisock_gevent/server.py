@@ -305,10 +305,11 @@ class HiSockServer:
         if self._stream_server is not None:
             self._stream_server.close()
         self._disconnect_everyone(force=False)
-        for conn in list(self._connections):
-            conn.close()
         if self._closers:
+            # Let each client's queue drain and its $DISCONN$ go out.
             gevent.joinall(list(self._closers), timeout=DEFAULT_CLOSE_TIMEOUT + 1)
+        for conn in list(self._connections):
+            conn.close()  # whatever is left: connections still in their handshake
         if self._keepalive_greenlet is not None:
             self._keepalive_greenlet.kill(block=False)
         if self._pool is not None:

@@ -23,8 +23,7 @@ from __future__ import annotations
 
 import re
 import struct
-from itertools import chain, compress
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, List, Optional, Tuple, Union
 
 import msgpack
 
@@ -105,10 +104,13 @@ def encode(content: Any, *, msgpack_ok: bool = False) -> Tuple[Fmt, Payload]:
         try:
             data = content.encode()
         except UnicodeEncodeError as exc:
-            raise InvalidTypeCast(f"str cannot be sent: it is not valid UTF-8 ({exc})") from None
+            raise _not_utf8(exc) from None
         return b"%ds" % len(data), data
     if kind is int:
-        data = _int_to_ascii(content)
+        try:
+            data = str(content).encode()
+        except ValueError:
+            raise _int_too_long() from None
         return b"%di" % len(data), data
     if kind is bytes:
         return b"%db" % len(content), content
@@ -143,14 +145,13 @@ def is_native(content: Any) -> bool:
     return True
 
 
-def _int_to_ascii(value: int) -> bytes:
-    """ASCII decimal of an exact int; InvalidTypeCast past Python's digit limit."""
-    try:
-        return str(value).encode()
-    except ValueError:
-        raise InvalidTypeCast(
-            f"int cannot be sent: it has more than {MAX_INT_DIGITS} decimal digits"
-        ) from None
+def _not_utf8(exc: UnicodeEncodeError) -> InvalidTypeCast:
+    return InvalidTypeCast(f"str cannot be sent: it is not valid UTF-8 ({exc})")
+
+
+def _int_too_long() -> InvalidTypeCast:
+    # str(int) raises ValueError past sys.get_int_max_str_digits() (4300 by default).
+    return InvalidTypeCast(f"int cannot be sent: it has more than {MAX_INT_DIGITS} decimal digits")
 
 
 def _base_value(value: Any) -> Any:
@@ -201,6 +202,11 @@ def _needs_msgpack(value: Any, inside: Optional[str]) -> InvalidTypeCast:
 _OPENERS = {list: b"[", tuple: b"(", dict: b"{"}
 _CLOSERS = {list: b"]", tuple: b")", dict: b"}"}
 _TOP_LETTERS = {list: b"l", tuple: b"t", dict: b"d"}
+#: Ready-made fmt tokens for short primitives: ``b"%ds" % n`` costs more than the item.
+_CACHED_LENS = 256
+_STR_TOKENS = [b"%ds" % n for n in range(_CACHED_LENS)]
+_INT_TOKENS = [b"%di" % n for n in range(_CACHED_LENS)]
+_BYTES_TOKENS = [b"%db" % n for n in range(_CACHED_LENS)]
 
 
 def _encode_native_container(content: Union[list, tuple, dict]) -> Tuple[Fmt, Payload]:
@@ -231,32 +237,41 @@ def _encode_native_items(
     self-containing list simply trips the depth check.
     """
     size = 0
+    add_token = fmt.append
+    add_bytes = payload.append
     for item in items:
         kind = type(item)
         if kind is str:
             try:
                 data = item.encode()
             except UnicodeEncodeError as exc:
-                raise InvalidTypeCast(f"str cannot be sent: it is not valid UTF-8 ({exc})") from None
-            fmt.append(b"%ds" % len(data))
+                raise _not_utf8(exc) from None
+            n = len(data)
+            add_token(_STR_TOKENS[n] if n < _CACHED_LENS else b"%ds" % n)
         elif kind is int:
-            data = _int_to_ascii(item)
-            fmt.append(b"%di" % len(data))
+            try:
+                data = str(item).encode()
+            except ValueError:
+                raise _int_too_long() from None
+            n = len(data)
+            add_token(_INT_TOKENS[n] if n < _CACHED_LENS else b"%di" % n)
         elif kind is bytes:
             data = item
-            fmt.append(b"%db" % len(data))
+            n = len(data)
+            add_token(_BYTES_TOKENS[n] if n < _CACHED_LENS else b"%db" % n)
         elif kind is float:
             data = _pack_double(item)
-            fmt.append(b"8f")
+            n = 8
+            add_token(b"8f")
         elif kind is list or kind is tuple or kind is dict:
             if depth >= DEFAULT_MAX_DEPTH:
                 raise InvalidTypeCast(f"containers nest deeper than {DEFAULT_MAX_DEPTH} levels")
             slot = len(fmt)
-            fmt.append(b"")  # the LEN is known only once the children are encoded
+            add_token(b"")  # the LEN is known only once the children are encoded
             children = _dict_items(item) if kind is dict else item
             covered = _encode_native_items(children, kind, fmt, payload, depth + 1)
             fmt[slot] = b"%d%s" % (covered, _OPENERS[kind])
-            fmt.append(_CLOSERS[kind])
+            add_token(_CLOSERS[kind])
             size += covered
             continue
         elif item is None or kind is bool or isinstance(item, ClientInfo):
@@ -265,8 +280,8 @@ def _encode_native_items(
             # A subclass, bytearray or memoryview: encode its base value in this same slot.
             size += _encode_native_items((_base_value(item),), container, fmt, payload, depth)
             continue
-        payload.append(data)
-        size += len(data)
+        add_bytes(data)
+        size += n
     return size
 
 
@@ -315,7 +330,11 @@ def _msgpack_default(value: Any) -> Any:
         number = int.__int__(value)
         if _MSGPACK_INT_MIN <= number <= _MSGPACK_INT_MAX:
             return number
-        return msgpack.ExtType(EXT_BIG_INT, _int_to_ascii(number))
+        try:
+            digits = str(number).encode()
+        except ValueError:
+            raise _int_too_long() from None
+        return msgpack.ExtType(EXT_BIG_INT, digits)
     return _base_value(value)
 
 
@@ -343,76 +362,91 @@ def _client_info_fields(info: ClientInfo) -> List[Any]:
     ]
 
 
-#: Types msgpack packs without the default hook (or that the hook turns into a leaf).
-_SEND_LEAVES = frozenset((str, bytes, int, float, bool, _NoneType, bytearray, memoryview, ClientInfo))
-_EXACT_CONTAINERS = frozenset((list, tuple, dict))
-_SEQUENCE_TYPES = frozenset((list, tuple))
-_MAPPING_TYPES = frozenset((dict,))
-
-
 def _encode_msgpack(content: Any) -> bytes:
     """The msgpack payload for ``content``; InvalidTypeCast for anything unsendable."""
-    _check_send_depth(content)
     try:
-        return _pack(content)
+        data = _pack(content)
     except InvalidTypeCast:
         raise
-    except (TypeError, ValueError, OverflowError) as exc:  # UnicodeEncodeError is a ValueError
+    except RecursionError:
+        # Tuples nested hundreds deep: each one's items are packed by a nested call.
+        raise InvalidTypeCast(
+            f"content cannot be sent: containers nest deeper than {DEFAULT_MAX_DEPTH} levels"
+        ) from None
+    except (TypeError, ValueError, OverflowError) as exc:
+        # TypeError/OverflowError: msgpack's own refusals; ValueError: a str that is not
+        # valid UTF-8, or msgpack's nesting limit (a list that contains itself).
         raise InvalidTypeCast(f"content cannot be sent: {type(exc).__name__}: {exc}") from None
+    # The peer would refuse a payload nested too deeply (and drop us); failing here tells
+    # the caller why.  Packing first lets the cheap byte count spare most payloads the walk.
+    if _may_nest_deeper(data, DEFAULT_MAX_DEPTH):
+        problem = _shape_problem(content, DEFAULT_MAX_DEPTH, None)
+        if problem:
+            raise InvalidTypeCast(f"content cannot be sent: {problem}")
+    return data
 
 
-def _check_send_depth(root: Any) -> None:
-    """Raise InvalidTypeCast if containers in ``root`` nest deeper than DEFAULT_MAX_DEPTH.
+# ----- limits shared by both msgpack directions
 
-    The peer would refuse such a payload (and drop us); failing here tells the caller why.
-    Like :func:`_check_received_tree` it goes one level at a time with C-level passes; only
-    subclasses of list, tuple and dict (rare) are sorted out by a Python loop.  Types that
-    are not Sendable are left to the packer's default hook, which refuses them.
+#: Every byte value that can start a msgpack array, map or ext (tuple, ClientInfo).
+_NESTING_BYTES = bytes(range(0x80, 0xA0)) + bytes((0xC7, 0xC8, 0xC9, 0xD4, 0xD5, 0xD6, 0xD7, 0xD8, 0xDC, 0xDD, 0xDE, 0xDF))
+_LEAF_TYPES = frozenset((str, bytes, int, float, bool, _NoneType, bytearray, memoryview, ClientInfo))
+_CONTAINER_TYPES = frozenset((list, tuple, dict))
+
+
+def _may_nest_deeper(document: bytes, max_depth: int) -> bool:
+    """False when the msgpack ``document`` cannot hold containers nested past ``max_depth``.
+
+    Each level of nesting needs its own array/map/ext header byte, so a document with at
+    most ``max_depth`` bytes that *could* be such headers cannot be deeper.  The count is
+    one C-level pass (``bytes.translate``) and clears typical text-and-number payloads;
+    the rest get the exact (slower) :func:`_shape_problem` walk.
     """
-    sequences: List[Any] = []
-    mappings: List[Any] = []
-    _sort_containers([root], {type(root)}, sequences, mappings)
+    if len(document) <= max_depth:
+        return False
+    return len(document) - len(document.translate(None, _NESTING_BYTES)) > max_depth
+
+
+def _shape_problem(root: Any, max_depth: int, max_items: Optional[int]) -> Optional[str]:
+    """Why ``root`` nests deeper than ``max_depth`` or holds more than ``max_items`` values
+    (dict keys and containers included), or None if it does neither.
+
+    The walk goes one nesting level at a time without recursion.  Within a container, a
+    run of leaves is cleared by one C-level ``issuperset`` over the item types; only
+    containers holding containers are looked at item by item.  Subclasses of list, tuple
+    and dict (possible when sending) are found by isinstance.
+    """
+    if not isinstance(root, (list, tuple, dict)):
+        return None
+    level = [root]
     depth = 1
-    while sequences or mappings:
-        children = list(
-            chain(
-                chain.from_iterable(sequences),
-                chain.from_iterable(map(dict.keys, mappings)),
-                chain.from_iterable(map(dict.values, mappings)),
-            )
-        )
-        kind_set = set(map(type, children))
-        if kind_set <= _SEND_LEAVES:
-            return
+    count = 1
+    while True:
+        if depth > max_depth:
+            return f"containers nest deeper than {max_depth} levels"
+        below = []
+        for box in level:
+            if isinstance(box, dict):
+                count += 2 * len(box)
+                parts: Tuple[Any, ...] = (box.keys(), box.values())
+            else:
+                count += len(box)
+                parts = (box,)
+            for part in parts:
+                if _LEAF_TYPES.issuperset(map(type, part)):
+                    continue
+                for item in part:
+                    kind = type(item)
+                    if kind in _CONTAINER_TYPES or (
+                        kind not in _LEAF_TYPES and isinstance(item, (list, tuple, dict))
+                    ):
+                        below.append(item)
+        if max_items is not None and count > max_items:
+            return f"more than {max_items} values"
+        if not below:
+            return None
+        level = below
         depth += 1
-        if depth > DEFAULT_MAX_DEPTH:
-            # Only if this level really holds a container, not just an unsendable leaf.
-            sequences, mappings = [], []
-            _sort_containers(children, kind_set, sequences, mappings)
-            if sequences or mappings:
-                raise InvalidTypeCast(f"containers nest deeper than {DEFAULT_MAX_DEPTH} levels")
-            return
-        sequences, mappings = [], []
-        _sort_containers(children, kind_set, sequences, mappings)
-
-
-def _sort_containers(values: List[Any], kinds: set, sequences: List[Any], mappings: List[Any]) -> None:
-    """Append the lists/tuples among ``values`` to ``sequences`` and the dicts to ``mappings``."""
-    if kinds <= _SEND_LEAVES:
-        return
-    if kinds & _EXACT_CONTAINERS:
-        kind_of = list(map(type, values))
-        sequences += compress(values, map(_SEQUENCE_TYPES.__contains__, kind_of))
-        mappings += compress(values, map(_MAPPING_TYPES.__contains__, kind_of))
-    if not kinds <= _SEND_LEAVES | _EXACT_CONTAINERS:
-        for value in values:
-            kind = type(value)
-            if kind in _SEND_LEAVES or kind in _EXACT_CONTAINERS:
-                continue
-            if isinstance(value, (list, tuple)):
-                sequences.append(value)
-            elif isinstance(value, dict):
-                mappings.append(value)
 
 
 # --------------------------------------------------------------------------- decoding
@@ -466,13 +500,17 @@ def _malformed(reason: str) -> MalformedPayload:
 
 # ----- native grammar
 
-# One token: LEN and a letter or an opening bracket, or a lone closing bracket.
-_TOKEN = rb"([0-9]{1,%d})([sibf\[({])|([\])}])" % MAX_LEN_DIGITS
-_TOKEN_RE = re.compile(_TOKEN)
-_ITEMS_RE = re.compile(rb"(?:%s)*" % _TOKEN)
+#: Splitting a fmt on its letters and brackets leaves each one's LEN just before it:
+#: ``b"1i2[1s]"`` -> ``[b"1", b"i", b"2", b"[", b"1", b"s", b"", b"]", b""]``.  One C-level
+#: split is several times cheaper than matching a token regex, and whatever is not a valid
+#: LEN is caught where the LEN is read.
+_MARK_SPLIT = re.compile(rb"([sibf\[({\])}])").split
 #: Bytes in a fmt that start a value (each costs one item of max_items).
 _VALUE_MARKS = b"sibf[({"
-_CLOSER_OF = {b"[": b"]", b"(": b")", b"{": b"}", b"l": None, b"t": None, b"d": None}
+_CLOSER_OF = {b"[": b"]", b"(": b")", b"{": b"}"}
+#: LEN text -> value for the short LENs nearly every token has; a hit is also proof that
+#: the text is plain decimal digits.
+_LEN_VALUES = {b"%d" % n: n for n in range(_CACHED_LENS)}
 
 
 def _decode_native(fmt: bytes, data: bytes, max_depth: int, max_items: int) -> Any:
@@ -481,52 +519,72 @@ def _decode_native(fmt: bytes, data: bytes, max_depth: int, max_items: int) -> A
             raise _malformed("empty fmt (None) with a non-empty payload")
         return None
     top = fmt[:1]
-    if top not in b"ltd":
+    if top != b"l" and top != b"t" and top != b"d":
         return _decode_single(fmt, data)
     if max_depth < 1:
         raise _malformed(f"containers nest deeper than {max_depth} levels")
     if not fmt.isascii():
         raise _malformed("fmt is not ASCII")
-    # Count values before tokenising so a huge fmt is refused before findall() builds a
-    # tuple per token.
-    if len(fmt) - len(fmt.translate(None, _VALUE_MARKS)) > max_items:
+    # Count values (the top-level container is one) before splitting, so a huge fmt is
+    # refused before a list is built for it.
+    if 1 + len(fmt) - len(fmt.translate(None, _VALUE_MARKS)) > max_items:
         raise _malformed(f"more than {max_items} values")
-    if _ITEMS_RE.fullmatch(fmt, 1) is None:
-        raise _malformed(f"fmt {_clip(fmt)!r} does not follow the grammar")
+    parts = _MARK_SPLIT(fmt[1:])
+    if parts[-1]:
+        raise _malformed(f"fmt {_clip(fmt)!r} ends with a LEN and no letter")
+    del parts[-1]
 
+    lens = _LEN_VALUES
     end_of_data = len(data)
     pos = 0  # next unread payload byte
     limit = end_of_data  # end of the innermost open container's bytes
-    kind = top  # the innermost open container: l/t/d at the top, then [ ( {
-    items: List[Any] = []  # its children so far
-    stack: List[Tuple[List[Any], bytes, int]] = []  # the enclosing containers
-    for digits, letter, closer in _TOKEN_RE.findall(fmt, 1):
-        if closer:
-            if closer != _CLOSER_OF[kind]:
-                raise _malformed(f"unexpected {closer.decode()!r} in fmt")
+    closer = None  # what closes the innermost open container (None at the top level)
+    items: List[Any] = []  # the innermost open container's children so far
+    add = items.append
+    stack: List[Tuple[List[Any], Optional[bytes], int, bytes]] = []  # enclosing containers
+    kind = top
+    tokens = iter(parts)
+    for digits, mark in zip(tokens, tokens):
+        n = lens.get(digits)
+        if n is None:
+            n = _parse_len(digits, mark)
+        end = pos + n
+        if end > limit:
+            raise _malformed("a LEN runs past its container or the payload")
+        if mark == b"s":
+            add(data[pos:end].decode())
+        elif mark == b"i":
+            text = data[pos:end]
+            if n <= MAX_INT_DIGITS and text.isdigit():
+                add(int(text))
+            else:
+                add(_parse_int(text))
+        elif mark == b"b":
+            add(data[pos:end])
+        elif mark == b"f":
+            if n == 8:
+                add(_unpack_double_from(data, pos)[0])
+            else:
+                add(_parse_float(data, pos, n))
+        elif mark == closer:
+            if digits:
+                raise _malformed("a closing bracket has a LEN")
             if pos != limit:
                 raise _malformed("a container's LEN does not match its contents")
             value = _build(kind, items)
-            items, kind, limit = stack.pop()
-            items.append(value)
+            items, closer, limit, kind = stack.pop()
+            add = items.append
+            add(value)
             continue
-        end = pos + int(digits)
-        if end > limit:
-            raise _malformed("a LEN runs past its container or the payload")
-        if letter == b"s":
-            items.append(data[pos:end].decode())
-        elif letter == b"i":
-            items.append(_parse_int(data[pos:end]))
-        elif letter == b"b":
-            items.append(data[pos:end])
-        elif letter == b"f":
-            items.append(_parse_float(data, pos, end - pos))
-        else:  # an opening bracket: its bytes end at `end`, its children come next
+        elif mark in _CLOSER_OF:
             if len(stack) + 2 > max_depth:
                 raise _malformed(f"containers nest deeper than {max_depth} levels")
-            stack.append((items, kind, limit))
-            items, kind, limit = [], letter, end
-            continue
+            stack.append((items, closer, limit, kind))
+            items, closer, limit, kind = [], _CLOSER_OF[mark], end, mark
+            add = items.append
+            continue  # the container's bytes are its children's: pos stays
+        else:
+            raise _malformed(f"unexpected {mark.decode()!r} in fmt")
         pos = end
     if stack:
         raise _malformed("a container is not closed")
@@ -535,8 +593,23 @@ def _decode_native(fmt: bytes, data: bytes, max_depth: int, max_items: int) -> A
     return _build(top, items)
 
 
+def _parse_len(digits: bytes, mark: bytes) -> int:
+    """A LEN not in the cache: a closer's (empty, and valid), a long one, or garbage.
+
+    A closer returns 0 so it passes the bounds check; the closer branch then insists that
+    its LEN really was empty.
+    """
+    if not digits and mark in b"])}":
+        return 0
+    # bytes.isdigit() accepts ASCII digits only, unlike int(), which also takes " 1", "+1",
+    # "1_0" and non-ASCII digits.
+    if not (digits.isdigit() and len(digits) <= MAX_LEN_DIGITS):
+        raise _malformed(f"{_clip(digits + mark)!r} in fmt is not a LEN followed by a letter")
+    return int(digits)
+
+
 def _build(kind: bytes, items: List[Any]) -> Any:
-    """The container of ``kind`` (l/t/d or an opening bracket) holding ``items``."""
+    """The container of ``kind`` (top-level l/t/d or an opening bracket) holding ``items``."""
     if kind == b"[" or kind == b"l":
         return items
     if kind == b"(" or kind == b"t":
@@ -595,29 +668,34 @@ def _clip(raw: bytes, length: int = 40) -> bytes:
 
 # ----- msgpack
 
-#: Types a decoded msgpack value may be made of.  Anything else (msgpack's Timestamp,
-#: which its unpacker builds itself for ext -1 without calling our hook) is refused.
-_RECEIVE_LEAVES = frozenset((str, bytes, int, float, bool, _NoneType, ClientInfo))
-_RECEIVE_CONTAINERS = frozenset((list, tuple, dict))
-
-
 def _decode_msgpack(data: bytes, max_depth: int, max_items: int) -> Any:
     ext_depth = 0
 
     def ext_hook(code: int, body: bytes) -> Any:
-        # Each tuple or ClientInfo is a nested document unpacked by a nested unpackb call;
-        # counting them bounds the Python recursion a hostile payload can cause.
+        if code != EXT_TUPLE:
+            return _decode_ext(code, body)
+        # A tuple's items are a nested document, unpacked by a nested unpackb call: counting
+        # them bounds the Python recursion a hostile payload can cause.  (Within one
+        # document msgpack's C unpacker has its own fixed stack.)
         nonlocal ext_depth
         if ext_depth >= max_depth:
             raise _malformed(f"containers nest deeper than {max_depth} levels")
         ext_depth += 1
         try:
-            return _decode_ext(code, body, ext_hook)
+            items = _unpack(body, ext_hook)
         finally:
             ext_depth -= 1
+        if type(items) is not list:
+            raise _malformed("a tuple ext does not hold an array")
+        return tuple(items)
 
     value = _unpack(data, ext_hook)
-    _check_received_tree(value, max_depth, max_items)
+    # Every value takes at least one byte, so only a document longer than max_items can
+    # hold too many; and only one with enough header-like bytes can nest too deeply.
+    if len(data) > max_items or _may_nest_deeper(data, max_depth):
+        problem = _shape_problem(value, max_depth, max_items)
+        if problem:
+            raise _malformed(problem)
     return value
 
 
@@ -635,6 +713,9 @@ def _unpack(data: bytes, ext_hook: Callable[[int, bytes], Any]) -> Any:
         use_list=True,
         strict_map_key=False,
         ext_hook=ext_hook,
+        # msgpack decodes its own timestamp ext (-1) without calling ext_hook; as a float
+        # (seconds) it is at least a Sendable value.  We never send one.
+        timestamp=1,
         max_str_len=size,
         max_bin_len=size,
         max_array_len=size,
@@ -643,14 +724,11 @@ def _unpack(data: bytes, ext_hook: Callable[[int, bytes], Any]) -> Any:
     )
 
 
-def _decode_ext(code: int, body: bytes, ext_hook: Callable[[int, bytes], Any]) -> Any:
-    if code == EXT_TUPLE:
-        items = _unpack(body, ext_hook)
-        if type(items) is not list:
-            raise _malformed("a tuple ext does not hold an array")
-        return tuple(items)
+def _decode_ext(code: int, body: bytes) -> Any:
+    """A ClientInfo or a big int from its ext body (tuples are the caller's: they nest)."""
     if code == EXT_CLIENT_INFO:
-        fields = _unpack(body, ext_hook)
+        # The fields are plain scalars, so any ext inside is refused rather than recursed into.
+        fields = _unpack(body, _decode_ext)
         if not (type(fields) is list and len(fields) == 4):
             raise _malformed("a ClientInfo ext does not hold [host, port, name, group]")
         host, port, name, group = fields
@@ -666,48 +744,3 @@ def _decode_ext(code: int, body: bytes, ext_hook: Callable[[int, bytes], Any]) -
     if code == EXT_BIG_INT:
         return _parse_int(body)
     raise _malformed(f"unknown msgpack ext type {code}")
-
-
-def _check_received_tree(root: Any, max_depth: int, max_items: int) -> None:
-    """Refuse a decoded msgpack value that nests too deeply, holds too many values, or
-    contains a type that is not Sendable.
-
-    The walk goes one nesting level at a time, and each level is handled by a few C-level
-    passes (``chain``, ``map(type, ...)``, ``compress``) instead of a Python loop over its
-    items: checking a value this way costs about as much as unpacking it did.
-    """
-    kind = type(root)
-    if kind is list or kind is tuple:
-        sequences, mappings = [root], []
-    elif kind is dict:
-        sequences, mappings = [], [root]
-    elif kind in _RECEIVE_LEAVES:
-        return
-    else:
-        raise _malformed(f"msgpack value of type {kind.__name__} is not Sendable")
-    depth = 1
-    count = 1
-    while True:
-        children = list(
-            chain(
-                chain.from_iterable(sequences),
-                chain.from_iterable(map(dict.keys, mappings)),
-                chain.from_iterable(map(dict.values, mappings)),
-            )
-        )
-        count += len(children)
-        if count > max_items:
-            raise _malformed(f"more than {max_items} values")
-        kinds = list(map(type, children))
-        kind_set = set(kinds)
-        if kind_set <= _RECEIVE_LEAVES:
-            return
-        strangers = kind_set - _RECEIVE_LEAVES - _RECEIVE_CONTAINERS
-        if strangers:
-            names = ", ".join(sorted(k.__name__ for k in strangers))
-            raise _malformed(f"msgpack value of type {names} is not Sendable")
-        depth += 1
-        if depth > max_depth:
-            raise _malformed(f"containers nest deeper than {max_depth} levels")
-        sequences = list(compress(children, map(_SEQUENCE_TYPES.__contains__, kinds)))
-        mappings = list(compress(children, map(_MAPPING_TYPES.__contains__, kinds)))
