@@ -1,4 +1,4 @@
-"""Chat client for ``chat_server.py``: type lines to talk, slash commands for the rest.
+r"""Chat client for ``chat_server.py``: type lines to talk, slash commands for the rest.
 
 Shows a ThreadedHiSockClient (``threaded_connect``): the client receives and calls its
 handlers on its own thread, so the main thread is free to block in ``input()``.  Incoming
@@ -21,7 +21,8 @@ Typed lines:
 Non-interactive use, e.g. from scripts and tests::
 
     python examples/chat_client.py --name bot --say "hello" --count 3   # say it 3 times, leave
-    printf 'hi\\n/who\\n' | python examples/chat_client.py --name bot    # run the lines, leave at EOF
+    printf 'hi\n/who\n' | python examples/chat_client.py --name bot    # run the lines, leave at EOF
+    printf '/who\n' | python examples/chat_client.py --name bot --linger 1   # ...and print answers for 1 s
 
 Exit status: 0 after /quit or end of input, 1 when the server closed the connection,
 2 when the server cannot be reached.
@@ -45,9 +46,15 @@ def stamp() -> str:
     return time.strftime("%H:%M:%S")
 
 
+_print_lock = threading.Lock()
+
+
 def show(line: str) -> None:
-    """Print one incoming or status line, timestamped (called from the client's thread)."""
-    print(f"[{stamp()}] {line}", flush=True)
+    """Print one timestamped line; safe from the client's thread and the main thread at once."""
+    with _print_lock:
+        # One write per line, so lines from two threads never interleave.
+        sys.stdout.write(f"[{stamp()}] {line}\n")
+        sys.stdout.flush()
 
 
 def text_of(content: Any, key: str) -> str:
@@ -188,6 +195,20 @@ class ChatClient:
         self.client.close()
 
 
+def read_lines(chat: ChatClient) -> bool:
+    """Send typed (or piped) lines until /quit or the end of input; True at the end of input."""
+    if sys.stdin.isatty():
+        show(HELP)
+    while not chat.server_gone.is_set():
+        try:
+            line = input()
+        except EOFError:
+            return True
+        if not chat.send_line(line):
+            return False
+    return False
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description="hisock_gevent chat client (see chat_server.py)")
     parser.add_argument("--host", default="127.0.0.1", help="server address (default 127.0.0.1)")
@@ -196,6 +217,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--room", default=None, help="room to start in (default: none, the lobby)")
     parser.add_argument("--say", default=None, help="non-interactive: say TEXT --count times, then leave")
     parser.add_argument("--count", type=int, default=1, help="with --say: how many times (default 1)")
+    parser.add_argument(
+        "--linger", type=float, default=0.0,
+        help="after the end of input (or --say), keep printing incoming messages this many seconds before leaving",
+    )
     args = parser.parse_args(argv)
 
     try:
@@ -210,19 +235,16 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     try:
         if args.say is not None:
+            input_ended = True
             for _ in range(args.count):
                 if not chat.send_line(args.say):
+                    input_ended = False
                     break
         else:
-            if sys.stdin.isatty():
-                show(HELP)
-            while not chat.server_gone.is_set():
-                try:
-                    line = input()
-                except EOFError:
-                    break
-                if not chat.send_line(line):
-                    break
+            input_ended = read_lines(chat)
+        if input_ended and args.linger > 0:
+            # Stay a little to print the answers to what was just sent.
+            chat.server_gone.wait(args.linger)
     except (KeyboardInterrupt, ServerGone):
         pass
     finally:

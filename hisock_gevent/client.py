@@ -123,6 +123,8 @@ class HiSockClient:
         self.addr = addr
         self.name = name
         self.group = group
+        self._connect_name = name
+        self._connect_group = group
         self.header_len = header_len
         self.cache_size = cache_size
         self.cache: List[MessageCacheMember] = []
@@ -263,6 +265,10 @@ class HiSockClient:
         if conn is None or conn.closed:
             raise ClientDisconnected("the connection to the server is closed")
         conn.send(data)
+        if conn.queued_bytes and gevent.getcurrent().parent is None and not Home.program_is_patched():
+            # The thread's main greenlet of a plain program may not enter gevent again for
+            # a while: finish the write now, as a blocking socket would.
+            conn.flush()
 
     # ------------------------------------------------------------------ reading
 
@@ -309,8 +315,8 @@ class HiSockClient:
         self.closed = True
         if self._conn is not None:
             self._conn.close()
-        while self._recv_waiters:
-            self._recv_waiters.popleft().result.set_exception(ClientDisconnected("the connection to the server closed"))
+        # recv() waiters are woken by the dispatcher when it reaches the end marker, so
+        # everything that arrived before the end (and force_disconnect) is handled first.
         while self._getclt_waiters:
             self._getclt_waiters.popleft().set_exception(ClientDisconnected("the connection to the server closed"))
         if self._inbox is not None:
@@ -355,6 +361,8 @@ class HiSockClient:
                 entry = self._handlers.reserved_handler("force_disconnect")
                 if entry is not None:
                     self._runner.call(entry, (), "'force_disconnect'")
+            while self._recv_waiters:
+                self._recv_waiters.popleft().result.set_exception(ClientDisconnected("the connection to the server closed"))
             # Leave the marker for any other loop still waiting on the inbox.
             assert self._inbox is not None
             self._inbox.put((_CLOSED,))
@@ -456,7 +464,8 @@ class HiSockClient:
         self._recv_waiters.append(waiter)
         try:
             if self._dispatching:
-                return waiter.result.get(timeout=timeout)
+                with gevent.Timeout(timeout, TimeoutError(f"no message within {timeout} s")):
+                    return waiter.result.get()
             # Nobody dispatches: we do, until our message is in.
             assert self._inbox is not None
             with gevent.Timeout(timeout, TimeoutError(f"no message within {timeout} s")):
@@ -475,12 +484,12 @@ class HiSockClient:
     def change_name(self, new_name: Optional[str]) -> None:
         """Change our name; None (or "") goes back to the name we connected with."""
         self._write(frame(ChangeName(new_name or "").to_body(), self.header_len))
-        self.name = new_name
+        self.name = new_name or self._connect_name
 
     def change_group(self, new_group: Optional[str]) -> None:
         """Change our group; None (or "") goes back to the group we connected with."""
         self._write(frame(ChangeGroup(new_group or "").to_body(), self.header_len))
-        self.group = new_group
+        self.group = new_group or self._connect_group
 
     def get_client(self, client: Union[str, Tuple[str, int], ClientInfo]) -> ClientInfo:
         """Ask the server about a client, named by name, ``(ip, port)``, ``"ip:port"`` or ClientInfo.

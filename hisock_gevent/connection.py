@@ -93,19 +93,21 @@ class Connection:
             iteration, and :attr:`FrameParser.mid_frame` tells the caller it happened.
         """
         recv = self.sock.recv
-        feed = self.parser.feed
+        parser = self.parser
+        feed = parser.feed
         # Bytes that arrived before we took the socket over may already hold whole frames.
-        for body in feed(b""):
-            yield body
+        data = b""
         while True:
+            for body in feed(data):
+                yield body
+            if parser.failed:
+                feed(b"")  # raises the error found behind those bodies
             try:
                 data = recv(RECV_CHUNK)
             except OSError:
                 return
             if not data:
                 return
-            for body in feed(data):
-                yield body
 
     # ------------------------------------------------------------------ writing
 
@@ -115,9 +117,23 @@ class Connection:
         return self._out_bytes
 
     def send(self, data: bytes) -> None:
-        """Queue one or more whole frames; returns at once.  Ignored once closed."""
+        """Write one or more whole frames without blocking: what the kernel does not take
+        at once is queued for the writer greenlet.  Ignored once closed."""
         if self.closed:
             return
+        if self._writer is None:
+            # Nothing queued: hand it straight to the kernel (no greenlet, no wait).
+            try:
+                sent = self._raw_send(data)
+            except BlockingIOError:
+                sent = 0
+            except OSError as exc:
+                logger.debug("write to %s failed: %s", self.peer, exc)
+                self._abort()
+                return
+            if sent == len(data):
+                return
+            data = data[sent:]
         self._out.append(data)
         self._out_bytes += len(data)
         if self._out_bytes > self.max_queue_bytes and not self._overflowed:
@@ -150,11 +166,14 @@ class Connection:
         writer.join(timeout)
         return not self._out
 
+    def _raw_send(self, data: bytes) -> int:
+        # gevent sockets keep a non-blocking stdlib socket in ``_sock``.
+        return getattr(self.sock, "_sock", self.sock).send(data)
+
     def send_now(self, data: bytes) -> None:
         """Best-effort immediate write for a connection we are about to drop (never blocks)."""
         try:
-            raw = getattr(self.sock, "_sock", self.sock)
-            raw.send(data)
+            self._raw_send(data)
         except OSError:
             pass
 

@@ -8,9 +8,9 @@ arrive and hands back complete bodies; it checks a header's length against the l
 
 from __future__ import annotations
 
-from typing import List
+from typing import List, Optional
 
-from .errors import InvalidHeader, MessageTooLarge
+from .errors import InvalidHeader, MessageTooLarge, RemoteProtocolError
 
 __all__ = [
     "DEFAULT_HEADER_LEN",
@@ -68,7 +68,7 @@ class FrameParser:
         :class:`MessageTooLarge` before anything of that body is kept.
     """
 
-    __slots__ = ("header_len", "max_body_len", "_buffer", "_body_len")
+    __slots__ = ("header_len", "max_body_len", "_buffer", "_body_len", "_error")
 
     def __init__(self, header_len: int = DEFAULT_HEADER_LEN, max_body_len: int = DEFAULT_MAX_MESSAGE_SIZE):
         if header_len < 1:
@@ -78,11 +78,18 @@ class FrameParser:
         self._buffer = bytearray()
         # Length of the body whose header was already consumed, or -1 between frames.
         self._body_len = -1
+        # A protocol error found behind complete bodies: raised by the next feed().
+        self._error: Optional[RemoteProtocolError] = None
 
     @property
     def buffered(self) -> int:
         """Bytes received that are not yet part of a complete frame."""
         return len(self._buffer)
+
+    @property
+    def failed(self) -> bool:
+        """True when an error is waiting: the next :meth:`feed` (even of ``b""``) raises it."""
+        return self._error is not None
 
     @property
     def mid_frame(self) -> bool:
@@ -94,8 +101,11 @@ class FrameParser:
 
         :raises InvalidHeader: a header is not a decimal number.
         :raises MessageTooLarge: a header announces more than ``max_body_len``.
-        After either, the parser's state is undefined: close the connection.
+        Bodies completed before the bad header are returned first; the error is then
+        raised by the next call (see :attr:`failed`).  After it, close the connection.
         """
+        if self._error is not None:
+            raise self._error
         buffer = self._buffer
         buffer += data
         bodies: List[bytes] = []
@@ -107,11 +117,14 @@ class FrameParser:
             if body_len < 0:
                 if end - pos < header_len:
                     break
-                body_len = parse_header(buffer[pos : pos + header_len])
-                if body_len > self.max_body_len:
-                    raise MessageTooLarge(
-                        f"frame announces {body_len} bytes, more than the {self.max_body_len}-byte limit"
-                    )
+                try:
+                    body_len = self._read_header(buffer[pos : pos + header_len])
+                except RemoteProtocolError as exc:
+                    if not bodies:
+                        raise
+                    self._error = exc
+                    body_len = -1
+                    break
                 pos += header_len
             if end - pos < body_len:
                 break
@@ -122,3 +135,9 @@ class FrameParser:
             del buffer[:pos]
         self._body_len = body_len
         return bodies
+
+    def _read_header(self, header: bytes) -> int:
+        body_len = parse_header(header)
+        if body_len > self.max_body_len:
+            raise MessageTooLarge(f"frame announces {body_len} bytes, more than the {self.max_body_len}-byte limit")
+        return body_len

@@ -158,7 +158,13 @@ class HandlerRunner:
         elif self.home.program_is_patched():
             gevent.spawn(self._guarded, func, call_args, context)
         else:
-            self.home.threadpool().spawn(self._guarded, func, call_args, context)
+            self.home.threadpool().spawn(self._on_worker, func, call_args, context)
+
+    def _on_worker(self, func: Callable[..., Any], args: Tuple[Any, ...], context: str) -> None:
+        # While a worker runs a handler, close() called from it must not wait for the
+        # home thread (which in turn waits for its workers): see Home.join_thread.
+        with self.home.worker_thread():
+            self._guarded(func, args, context)
 
     def _guarded(self, func: Callable[..., Any], args: Tuple[Any, ...], context: str) -> None:
         try:

@@ -8,8 +8,9 @@ runs such a call in a greenlet on the home hub and hands the result (or exceptio
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from typing import Any, Callable, List, Optional, Tuple
+from typing import Any, Callable, Iterator, List, Optional, Set, Tuple
 
 import gevent
 import gevent.monkey
@@ -43,6 +44,7 @@ class Home:
         self.ident: Optional[int] = None
         self._pool: Optional[ThreadPool] = None
         self._thread: Optional[Any] = None
+        self._worker_idents: Set[int] = set()
         self.alive = False
 
     @staticmethod
@@ -98,6 +100,16 @@ class Home:
             self._pool = ThreadPool(DEFAULT_HANDLER_THREADS, hub=self.hub)
         return self._pool
 
+    @contextlib.contextmanager
+    def worker_thread(self) -> Iterator[None]:
+        """Mark the calling worker thread as running a handler for this home."""
+        ident = _get_ident()
+        self._worker_idents.add(ident)
+        try:
+            yield
+        finally:
+            self._worker_idents.discard(ident)
+
     def start_thread(self, target: Callable[[], Any], name: str) -> None:
         """Run ``target`` on a new real OS thread, which becomes the home.
 
@@ -130,13 +142,22 @@ class Home:
             logger.debug("hub teardown failed", exc_info=True)
 
     def join_thread(self, timeout: Optional[float] = None) -> None:
-        """Wait for the home thread started by :meth:`start_thread` to end."""
+        """Wait for the home thread started by :meth:`start_thread` to end.
+
+        Returns at once on the home thread itself and on a worker running one of its
+        handlers: the home thread cannot end before they return.
+        """
         thread = self._thread
-        if thread is not None and thread.ident != _get_ident():
+        me = _get_ident()
+        if thread is not None and thread.ident != me and me not in self._worker_idents:
             thread.join(timeout)
 
     def close(self) -> None:
-        """Release the handler thread pool (on the home thread)."""
+        """Release the handler thread pool (on the home thread), without waiting for it.
+
+        Stopping the pool waits for its workers, and close() may be running on behalf of
+        one of them: a background greenlet does the waiting.
+        """
         if self._pool is not None:
-            self._pool.kill()
+            gevent.spawn(self._pool.kill)
             self._pool = None

@@ -75,7 +75,7 @@ class Hello:
         return ()
 
     def to_body(self) -> bytes:
-        return b"$CLTHELLO$" + _json({"name": self.name, "group": self.group, **self.extra})
+        return b"$CLTHELLO$" + _json({**self.extra, "name": self.name, "group": self.group})
 
 
 @dataclass(frozen=True)
@@ -185,6 +185,8 @@ ServerMessage = Union[PeerJoined, PeerLeft, Disconnect, KeepAlive, Command]
 def command_body(command: bytes, fmt: bytes, payload: bytes) -> bytes:
     """Build a command message body from an already-encoded command, fmt and payload."""
     fmt_len = b"%d" % len(fmt)
+    if len(fmt_len) > _FMT_LEN_WIDTH:
+        raise ValueError(f"a fmt of {len(fmt)} bytes does not fit the 8-digit fmt length")
     return b"".join(
         (_CMD, command, _MSG, fmt_len, b" " * (_FMT_LEN_WIDTH - len(fmt_len)), fmt, payload)
     )

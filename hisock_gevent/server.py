@@ -313,7 +313,10 @@ class HiSockServer:
         if self._keepalive_greenlet is not None:
             self._keepalive_greenlet.kill(block=False)
         if self._pool is not None:
-            self._pool.kill(block=True, timeout=DEFAULT_CLOSE_TIMEOUT)
+            # close() may run inside a handler, i.e. in one of these greenlets: spare it.
+            me = gevent.getcurrent()
+            others = [greenlet for greenlet in list(self._pool) if greenlet is not me]
+            gevent.killall(others, block=True, timeout=DEFAULT_CLOSE_TIMEOUT)
         try:
             self._listener.close()
         except OSError:
@@ -385,16 +388,20 @@ class HiSockServer:
     def _join(self, conn: Connection, hello: Hello) -> _ServerPeer:
         info = ClientInfo(conn.peer, hello.name, hello.group)
         peer = _ServerPeer(conn, info, CAPABILITY_MSGPACK in hello.capabilities)
-        self._registry.add(peer)
         joined = _info_json(info)
-        everyone_frame = frame(PeerJoined(joined).to_body(), self.header_len)
-        self._delivery.announce(everyone_frame, exclude=peer)
-        if peer.msgpack_ok:
+        try:
+            everyone_frame = frame(PeerJoined(joined).to_body(), self.header_len)
             # Only a peer that offered capabilities hears ours: a plain HiSock client never does.
-            answer = dict(joined, caps=[CAPABILITY_MSGPACK])
-            peer.send(frame(PeerJoined(answer).to_body(), self.header_len))
-        else:
-            peer.send(everyone_frame)
+            answer_frame = (
+                frame(PeerJoined(dict(joined, caps=[CAPABILITY_MSGPACK])).to_body(), self.header_len)
+                if peer.msgpack_ok
+                else everyone_frame
+            )
+        except ValueError as exc:
+            raise HandshakeError(f"the client's announcement does not fit header_len {self.header_len}: {exc}") from exc
+        self._registry.add(peer)
+        self._delivery.announce(everyone_frame, exclude=peer)
+        peer.send(answer_frame)
         logger.debug("%s joined", info)
         self._call_reserved("join", info)
         return peer
@@ -407,7 +414,12 @@ class HiSockServer:
         if not self._registry.remove(peer):
             return False
         if notify:
-            self._delivery.announce(frame(PeerLeft(_info_json(peer.info)).to_body(), self.header_len), exclude=peer)
+            try:
+                left_frame = frame(PeerLeft(_info_json(peer.info)).to_body(), self.header_len)
+            except ValueError as exc:
+                logger.warning("not announcing that %s left: %s", peer.info, exc)
+            else:
+                self._delivery.announce(left_frame, exclude=peer)
         logger.debug("%s left", peer.info)
         if call_leave:
             self._call_reserved("leave", peer.info)
@@ -494,8 +506,12 @@ class HiSockServer:
         if not peer.msgpack_ok:
             # The native letters cannot carry None: a plain peer gets only the keys that are set.
             answer = {key: value for key, value in answer.items() if value is not None}
-        reply = OutgoingCommand(GETCLT_COMMAND, answer, self.header_len, reserved_ok=True)
-        peer.send(reply.frame_for(peer.msgpack_ok))
+        try:
+            reply = OutgoingCommand(GETCLT_COMMAND, answer, self.header_len, reserved_ok=True).frame_for(peer.msgpack_ok)
+        except ValueError as exc:
+            logger.warning("answering $GETCLT$ from %s with $NOEXIST$: %s", peer.info, exc)
+            reply = OutgoingCommand(GETCLT_COMMAND, {"traceback": NO_SUCH_CLIENT}, self.header_len, reserved_ok=True).frame_for(peer.msgpack_ok)
+        peer.send(reply)
         return False
 
     def _on_second_hello(self, peer: _ServerPeer, message: Hello) -> bool:

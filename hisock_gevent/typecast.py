@@ -16,6 +16,11 @@ Two codecs share one entry point each way:
 when the caller hands it something it cannot send; :func:`decode` is the receiving side
 and raises only :class:`~hisock_gevent.errors.MalformedPayload`, whatever the bytes are.
 
+Decoding takes bytes from the network, so it is bounded in every direction: container
+nesting (:data:`DEFAULT_MAX_DEPTH`, never by recursing on the input), the number of values
+(:data:`DEFAULT_MAX_ITEMS`), digits in an int (:data:`MAX_INT_DIGITS`) or a LEN
+(:data:`MAX_LEN_DIGITS`), and dict keys crafted to share a hash (:data:`MAX_HASH_COLLISIONS`).
+
 Nothing here touches sockets or gevent.
 """
 
@@ -23,7 +28,7 @@ from __future__ import annotations
 
 import re
 import struct
-from typing import Any, Callable, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import msgpack
 
@@ -60,6 +65,10 @@ MAX_LEN_DIGITS = 19
 #: The range msgpack encodes as a plain integer; beyond it we use EXT_BIG_INT.
 _MSGPACK_INT_MIN = -(2**63)
 _MSGPACK_INT_MAX = 2**64 - 1
+#: Int, float and tuple hashes are not randomised, so a peer can send dict keys that all
+#: share one hash; each such key costs a walk past all the others (quadratic: 20 000 of
+#: them, half a megabyte, take seconds).  More collisions than this in one dict are refused.
+MAX_HASH_COLLISIONS = 64
 #: A pooled msgpack Packer keeps its largest buffer; one that produced more than this is
 #: dropped instead of pooled so a single big message does not pin memory forever.
 _PACKER_KEEP_BYTES = 1 << 20
@@ -168,10 +177,9 @@ def _base_value(value: Any) -> Any:
         return int.__int__(value)
     if isinstance(value, float):
         return float.__float__(value)
-    if isinstance(value, bytes):
-        return bytes.__bytes__(value)
-    if isinstance(value, (bytearray, memoryview)):
-        return bytes(value)
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        # Through a memoryview: bytes(value) would call a subclass's own __bytes__.
+        return bytes(memoryview(value))
     if isinstance(value, list):
         return list(value)
     if isinstance(value, tuple):
@@ -199,9 +207,9 @@ def _needs_msgpack(value: Any, inside: Optional[str]) -> InvalidTypeCast:
 # ----- native grammar
 
 
-_OPENERS = {list: b"[", tuple: b"(", dict: b"{"}
-_CLOSERS = {list: b"]", tuple: b")", dict: b"}"}
-_TOP_LETTERS = {list: b"l", tuple: b"t", dict: b"d"}
+_OPENERS: Dict[type, bytes] = {list: b"[", tuple: b"(", dict: b"{"}
+_CLOSERS: Dict[type, bytes] = {list: b"]", tuple: b")", dict: b"}"}
+_TOP_LETTERS: Dict[type, bytes] = {list: b"l", tuple: b"t", dict: b"d"}
 #: Ready-made fmt tokens for short primitives: ``b"%ds" % n`` costs more than the item.
 _CACHED_LENS = 256
 _STR_TOKENS = [b"%ds" % n for n in range(_CACHED_LENS)]
@@ -214,7 +222,7 @@ def _encode_native_container(content: Union[list, tuple, dict]) -> Tuple[Fmt, Pa
     kind = type(content)
     fmt: List[bytes] = [_TOP_LETTERS[kind]]
     payload: List[bytes] = []
-    items = _dict_items(content) if kind is dict else content
+    items = _dict_items(content) if isinstance(content, dict) else content
     _encode_native_items(items, kind, fmt, payload, 1)
     return b"".join(fmt), b"".join(payload)
 
@@ -353,7 +361,10 @@ def _client_info_fields(info: ClientInfo) -> List[Any]:
         and (name is None or isinstance(name, str))
         and (group is None or isinstance(group, str))
     ):
-        raise InvalidTypeCast(f"{info!r} cannot be sent: expected str host, port 0-65535, str or None name/group")
+        raise InvalidTypeCast(
+            f"{info!r} cannot be sent: it needs a str host, a port 0-65535 and str or None "
+            "name and group"
+        )
     return [
         str.__str__(host),
         int.__int__(port),
@@ -389,8 +400,14 @@ def _encode_msgpack(content: Any) -> bytes:
 # ----- limits shared by both msgpack directions
 
 #: Every byte value that can start a msgpack array, map or ext (tuple, ClientInfo).
-_NESTING_BYTES = bytes(range(0x80, 0xA0)) + bytes((0xC7, 0xC8, 0xC9, 0xD4, 0xD5, 0xD6, 0xD7, 0xD8, 0xDC, 0xDD, 0xDE, 0xDF))
-_LEAF_TYPES = frozenset((str, bytes, int, float, bool, _NoneType, bytearray, memoryview, ClientInfo))
+_NESTING_BYTES = (
+    bytes(range(0x80, 0xA0))  # fixmap, fixarray
+    + bytes((0xDC, 0xDD, 0xDE, 0xDF))  # array16/32, map16/32
+    + bytes((0xC7, 0xC8, 0xC9, 0xD4, 0xD5, 0xD6, 0xD7, 0xD8))  # ext8/16/32, fixext1..16
+)
+_LEAF_TYPES = frozenset(
+    (str, bytes, int, float, bool, _NoneType, bytearray, memoryview, ClientInfo)
+)
 _CONTAINER_TYPES = frozenset((list, tuple, dict))
 
 
@@ -469,7 +486,7 @@ def decode(
     This is the receiving end of a network protocol: whatever the bytes, it either returns
     a Sendable value (str, bytes, int, float, None, bool, ClientInfo, and lists, tuples and
     dicts of them) or raises MalformedPayload.  Time and memory stay proportional to the
-    input size.
+    input size (see the module's list of limits).
 
     :param fmt: the ASCII type description.
     :param payload: the bytes it describes.
@@ -491,7 +508,9 @@ def decode(
         detail = str(exc)
         if len(detail) > 200:
             detail = detail[:200] + "..."
-        raise MalformedPayload(f"payload cannot be decoded: {type(exc).__name__}: {detail}") from exc
+        raise MalformedPayload(
+            f"payload cannot be decoded: {type(exc).__name__}: {detail}"
+        ) from exc
 
 
 def _malformed(reason: str) -> MalformedPayload:
@@ -616,11 +635,27 @@ def _build(kind: bytes, items: List[Any]) -> Any:
         return tuple(items)
     if len(items) % 2:
         raise _malformed("a dict has a key without a value")
+    if len(items) > 2 * MAX_HASH_COLLISIONS:
+        _check_key_hashes(items[0::2])
     pairs = iter(items)
     try:
         return dict(zip(pairs, pairs))
     except TypeError:
         raise _malformed("a dict key is not hashable") from None
+
+
+def _check_key_hashes(keys: List[Any]) -> None:
+    """Refuse dict keys built to collide (see MAX_HASH_COLLISIONS), before the dict is built.
+
+    Keys that share a hash share a hash *value*, and equal ints dedupe in a set at once, so
+    counting distinct hashes is linear even for hostile keys.
+    """
+    try:
+        distinct = len(set(map(hash, keys)))
+    except TypeError:
+        raise _malformed("a dict key is not hashable") from None
+    if len(keys) - distinct > MAX_HASH_COLLISIONS:
+        raise _malformed(f"more than {MAX_HASH_COLLISIONS} dict keys share hash values")
 
 
 def _decode_single(fmt: bytes, data: bytes) -> Any:
@@ -669,25 +704,28 @@ def _clip(raw: bytes, length: int = 40) -> bytes:
 # ----- msgpack
 
 def _decode_msgpack(data: bytes, max_depth: int, max_items: int) -> Any:
-    ext_depth = 0
+    tuple_depth = 0
 
     def ext_hook(code: int, body: bytes) -> Any:
-        if code != EXT_TUPLE:
-            return _decode_ext(code, body)
-        # A tuple's items are a nested document, unpacked by a nested unpackb call: counting
-        # them bounds the Python recursion a hostile payload can cause.  (Within one
-        # document msgpack's C unpacker has its own fixed stack.)
-        nonlocal ext_depth
-        if ext_depth >= max_depth:
-            raise _malformed(f"containers nest deeper than {max_depth} levels")
-        ext_depth += 1
-        try:
-            items = _unpack(body, ext_hook)
-        finally:
-            ext_depth -= 1
-        if type(items) is not list:
-            raise _malformed("a tuple ext does not hold an array")
-        return tuple(items)
+        nonlocal tuple_depth
+        if code == EXT_TUPLE:
+            # A tuple's items are a nested document, so tuples in tuples recurse through
+            # this hook: counting them bounds that recursion.
+            if tuple_depth >= max_depth:
+                raise _malformed(f"containers nest deeper than {max_depth} levels")
+            tuple_depth += 1
+            try:
+                items = _unpack_nested(body, ext_hook)
+            finally:
+                tuple_depth -= 1
+            if type(items) is not list:
+                raise _malformed("a tuple ext does not hold an array")
+            return tuple(items)
+        if code == EXT_CLIENT_INFO:
+            return _client_info_from(body)
+        if code == EXT_BIG_INT:
+            return _parse_int(body)
+        raise _malformed(f"unknown msgpack ext type {code}")
 
     value = _unpack(data, ext_hook)
     # Every value takes at least one byte, so only a document longer than max_items can
@@ -712,6 +750,7 @@ def _unpack(data: bytes, ext_hook: Callable[[int, bytes], Any]) -> Any:
         raw=False,
         use_list=True,
         strict_map_key=False,
+        object_pairs_hook=_pairs_hook_for(data),
         ext_hook=ext_hook,
         # msgpack decodes its own timestamp ext (-1) without calling ext_hook; as a float
         # (seconds) it is at least a Sendable value.  We never send one.
@@ -724,23 +763,67 @@ def _unpack(data: bytes, ext_hook: Callable[[int, bytes], Any]) -> Any:
     )
 
 
-def _decode_ext(code: int, body: bytes) -> Any:
-    """A ClientInfo or a big int from its ext body (tuples are the caller's: they nest)."""
-    if code == EXT_CLIENT_INFO:
-        # The fields are plain scalars, so any ext inside is refused rather than recursed into.
-        fields = _unpack(body, _decode_ext)
-        if not (type(fields) is list and len(fields) == 4):
-            raise _malformed("a ClientInfo ext does not hold [host, port, name, group]")
-        host, port, name, group = fields
-        if not (
-            type(host) is str
-            and type(port) is int
-            and 0 <= port <= 65535
-            and (name is None or type(name) is str)
-            and (group is None or type(group) is str)
-        ):
-            raise _malformed("a ClientInfo ext has fields of the wrong types")
-        return ClientInfo((host, port), name, group)
-    if code == EXT_BIG_INT:
-        return _parse_int(body)
-    raise _malformed(f"unknown msgpack ext type {code}")
+def _unpack_nested(body: bytes, ext_hook: Callable[[int, bytes], Any]) -> Any:
+    """Like :func:`_unpack`, for a document inside an ext (a tuple's items).
+
+    ``unpackb`` keeps its whole parse stack (about 40 KiB) on the C stack, so unpackb
+    inside unpackb inside unpackb -- tuples nested a few hundred deep -- overflows it and
+    kills the process with SIGSEGV before Python's recursion limit can object.  An
+    Unpacker keeps that stack in the heap object instead; it costs about half a
+    microsecond more per tuple, and deep nesting ends in a RecursionError at worst.
+    """
+    unpacker = msgpack.Unpacker(
+        None,
+        raw=False,
+        use_list=True,
+        strict_map_key=False,
+        object_pairs_hook=_pairs_hook_for(body),
+        ext_hook=ext_hook,
+        timestamp=1,
+        max_buffer_size=max(len(body), 1),  # also bounds every length inside, as above
+    )
+    unpacker.feed(body)
+    value = unpacker.unpack()  # msgpack.OutOfData (an Exception) if the body is cut short
+    if unpacker.tell() != len(body):
+        raise _malformed("an ext holds more than one document")
+    return value
+
+
+def _pairs_hook_for(document: bytes) -> Optional[Callable[[List[Tuple[Any, Any]]], dict]]:
+    """The object_pairs_hook a document needs: none, unless it might hold a big map.
+
+    A map of more than 15 entries needs a map16/map32 header (0xde/0xdf).  Only then can
+    hash flooding pay off, and only then are maps built by our checking hook, which costs
+    about a microsecond per map.
+    """
+    if b"\xde" in document or b"\xdf" in document:
+        return _dict_from_pairs
+    return None
+
+
+def _dict_from_pairs(pairs: List[Tuple[Any, Any]]) -> dict:
+    if len(pairs) > MAX_HASH_COLLISIONS:
+        _check_key_hashes([key for key, _ in pairs])
+    return dict(pairs)
+
+
+def _refuse_ext(code: int, body: bytes) -> Any:
+    raise _malformed(f"unexpected msgpack ext type {code} inside a ClientInfo")
+
+
+def _client_info_from(body: bytes) -> ClientInfo:
+    """A ClientInfo from its ext body: ``[host, port, name, group]``."""
+    # The fields are plain scalars: an ext inside is refused, never recursed into.
+    fields = _unpack(body, _refuse_ext)
+    if not (type(fields) is list and len(fields) == 4):
+        raise _malformed("a ClientInfo ext does not hold [host, port, name, group]")
+    host, port, name, group = fields
+    if not (
+        type(host) is str
+        and type(port) is int
+        and 0 <= port <= 65535
+        and (name is None or type(name) is str)
+        and (group is None or type(group) is str)
+    ):
+        raise _malformed("a ClientInfo ext has fields of the wrong types")
+    return ClientInfo((host, port), name, group)

@@ -10,6 +10,21 @@ import socket
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
+# HiSock kept its exceptions in utils; code importing them from there keeps working.
+from .errors import (  # noqa: F401
+    ClientDisconnected,
+    ClientException,
+    ClientNotFound,
+    FunctionNotFoundException,
+    FunctionNotFoundWarning,
+    GroupNotFound,
+    InvalidTypeCast,
+    NoHeaderWarning,
+    NoMessageException,
+    ServerException,
+    ServerNotRunning,
+)
+
 __all__ = [
     "ClientInfo",
     "MessageCacheMember",

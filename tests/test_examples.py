@@ -546,6 +546,17 @@ def test_chat_client_script_quit_command_exits_zero(
     bob.wait_for_system("leave", "alice")
 
 
+def test_chat_client_script_linger_prints_answers_after_the_end_of_input(
+    chat_server: ExampleServer, run_script: Callable[..., ExampleProcess], probe: Callable[..., ChatProbe]
+) -> None:
+    probe("bob")
+    alice = start_chat_client(run_script, chat_server, "--name", "alice", "--linger", "3")
+    alice.send_line("/who")
+    alice.close_stdin()
+    alice.wait_for_line(rf"^{TIMESTAMP} in the lobby: alice, bob$")
+    assert alice.wait() == 0, alice.output
+
+
 def test_chat_client_script_say_mode_sends_count_lines_then_leaves(
     chat_server: ExampleServer, run_script: Callable[..., ExampleProcess], probe: Callable[..., ChatProbe]
 ) -> None:

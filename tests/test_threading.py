@@ -452,6 +452,133 @@ def test_hisockclient_bound_to_main_thread_refuses_start_from_another_thread(ser
     assert len(outcome) == 1 and isinstance(outcome[0], hisock_gevent.ClientException)
 
 
+def test_hisockclient_bound_to_the_main_thread_sends_without_waiting_for_the_next_recv(server, make_client):
+    arrived = threading.Event()
+
+    @server.on("join")
+    def on_join(client):
+        server.send_client(client, "welcome", 1)
+
+    @server.on("score")
+    def score(client, content):
+        arrived.set()
+
+    client = make_client(server)
+    assert client.recv("welcome", timeout=WAIT) == 1  # binds the client to this thread
+    client.send("score", 10)
+    # The main thread now does something else (a real lock wait, as in a plain program):
+    # the message must be on its way already, as HiSock's send() was.
+    assert arrived.wait(5.0), "send() queued the message until the main thread next entered gevent"
+
+
+# ---------------------------------------------------------------- close() from inside a handler
+
+
+def _port_is_free(port: int) -> bool:
+    probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind((LOOPBACK, port))
+        probe.listen(1)
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
+
+
+@pytest.mark.parametrize("threaded", [False, True], ids=["inline-handler", "threaded-handler"])
+def test_threaded_server_closed_from_its_own_handler_returns_to_the_handler_and_its_thread_ends(make_server, make_client, threaded):
+    server = make_server()
+    errors: List[BaseException] = []
+    hub_idents: List[int] = []
+    after_close = threading.Event()
+
+    @server.on("join")
+    def on_join(client):
+        hub_idents.append(threading.get_ident())
+
+    @server.on("shutdown", threaded=threaded)
+    def shutdown(client):
+        server.close()
+        after_close.set()  # the handler goes on after close() returns
+
+    server.start(error_handler=errors.append)
+    port = server.get_addr()[1]
+    client = make_client(server)  # never bound to a hub: send() writes at once
+    wait_until(lambda: hub_idents, timeout=WAIT)
+    server_thread = _thread_by_ident(hub_idents[0])
+    assert server_thread is not None
+
+    client.send("shutdown")
+    assert after_close.wait(WAIT), "server.close() called from a handler never returned to it"
+    server_thread.join(WAIT)
+    assert not server_thread.is_alive(), "the server's thread did not end"
+    assert errors == []
+    assert _port_is_free(port)
+
+
+def test_hisockserver_start_returns_normally_when_a_handler_closes_the_server(make_client):
+    server = hisock_gevent.HiSockServer((LOOPBACK, 0))
+
+    @server.on("shutdown")
+    def shutdown(client):
+        server.close()
+
+    outcome: List[Any] = []
+
+    def serve() -> None:
+        try:
+            server.start()
+            outcome.append("returned")
+        except BaseException as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        client = make_client(server)
+        client.send("shutdown")
+        thread.join(WAIT)
+        assert not thread.is_alive()
+        assert outcome == ["returned"]
+    finally:
+        if thread.is_alive():
+            server.close()
+
+
+@pytest.mark.parametrize("threaded", [False, True], ids=["inline-handler", "threaded-handler"])
+def test_threaded_client_closed_from_its_own_handler_returns_promptly_and_its_thread_ends(server, make_client, threaded):
+    @server.on("join")
+    def on_join(client):
+        server.send_client(client, "bye")
+
+    client = make_client(server, threaded=True)
+    dispatcher: List[int] = []
+    took: List[float] = []
+    closed = threading.Event()
+
+    @client.on("client_connect")
+    def on_connect(info):
+        dispatcher.append(threading.get_ident())
+
+    @client.on("bye", threaded=threaded)
+    def bye():
+        started = time.monotonic()
+        client.close()
+        took.append(time.monotonic() - started)
+        closed.set()
+
+    client.start()
+    assert closed.wait(WAIT), "client.close() called from a handler never returned to it"
+    assert took[0] < 2.0, f"client.close() from its own handler took {took[0]:.2f} s"
+    client_thread = _thread_by_ident(dispatcher[0]) if dispatcher else None
+    if client_thread is not None:
+        client_thread.join(WAIT)
+        assert not client_thread.is_alive()
+    wait_until(lambda: server.get_all_clients() == [], timeout=WAIT)
+
+
 # ---------------------------------------------------------------- subprocess programs
 
 

@@ -30,6 +30,7 @@ pytestmark = pytest.mark.timeout(60)
 
 PROPERTY = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 FUZZ = settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+DAMAGE = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 # --------------------------------------------------------------------------- helpers
@@ -97,7 +98,7 @@ def nested_list(depth: int) -> list:
 
 # --------------------------------------------------------------------------- strategies
 
-ints = st.integers() | st.integers(min_value=-(10**300), max_value=10**300)
+ints = st.integers() | st.integers(min_value=-(10**100), max_value=10**100)
 client_infos = st.builds(
     ClientInfo,
     st.tuples(st.text(max_size=15), st.integers(0, 65535)),
@@ -118,7 +119,7 @@ native_values = st.recursive(
         | st.lists(inner, max_size=5).map(tuple)
         | st.dictionaries(native_keys, inner, max_size=4)
     ),
-    max_leaves=25,
+    max_leaves=20,
 )
 all_keys = st.recursive(
     st.binary(max_size=6)
@@ -138,7 +139,7 @@ sendables = st.recursive(
         | st.lists(inner, max_size=5).map(tuple)
         | st.dictionaries(all_keys, inner, max_size=4)
     ),
-    max_leaves=25,
+    max_leaves=20,
 )
 
 
@@ -249,7 +250,8 @@ def test_bytes_like_values_arrive_as_bytes():
     for ok in (False, True):
         assert_same(decode(*encode(bytearray(b"ab"), msgpack_ok=ok)), b"ab")
         assert_same(decode(*encode(memoryview(b"ab"), msgpack_ok=ok)), b"ab")
-        assert_same(decode(*encode([bytearray(b"ab"), memoryview(b"c")], msgpack_ok=ok)), [b"ab", b"c"])
+        mixed = [bytearray(b"ab"), memoryview(b"c")]
+        assert_same(decode(*encode(mixed, msgpack_ok=ok)), [b"ab", b"c"])
 
 
 def test_subclasses_arrive_as_their_base_type():
@@ -325,7 +327,8 @@ def test_values_only_msgpack_carries_are_refused_without_it(value, what):
 
 def test_nesting_up_to_the_limit_is_sent_and_beyond_it_refused():
     for ok in (False, True):
-        assert_same(decode(*encode(nested_list(DEFAULT_MAX_DEPTH), msgpack_ok=ok)), nested_list(DEFAULT_MAX_DEPTH))
+        deepest = nested_list(DEFAULT_MAX_DEPTH)
+        assert_same(decode(*encode(deepest, msgpack_ok=ok)), deepest)
         with pytest.raises(InvalidTypeCast, match="nest deeper"):
             encode(nested_list(DEFAULT_MAX_DEPTH + 1), msgpack_ok=ok)
 
@@ -372,6 +375,10 @@ def test_client_info_with_a_bad_address_is_refused():
         (b"3i", b"1_0"),
         (b"2i", "١".encode()),  # an Arabic-Indic digit
         (b"1i", b"-"),
+        (b"l2i", b"+1"),  # the same inside a container
+        (b"l2i", b" 1"),
+        (b"l3i", b"1_0"),
+        (b"l4301i", b"1" * 4301),
         (b"4301i", b"1" * 4301),  # beyond Python's int digit limit
         (b"2x", b"ab"),  # unknown letter
         (b"s", b""),  # prim without LEN
@@ -386,7 +393,8 @@ def test_client_info_with_a_bad_address_is_refused():
         (b"l1[1s)", b"a"),  # wrong closer
         (b"l1[1s1]", b"a"),  # a closer with a LEN
         (b"l2[1s]", b"ab"),  # container LEN larger than its children
-        (b"l1[2s]", b"ab"),  # ... and smaller
+        (b"l1[2s]", b"ab"),
+        (b"l1[0s]1s", b"a"),  # the total fits, but the nested LEN is a lie  # ... and smaller
         (b"d1s", b"a"),  # key without value
         (b"d2[1s1s]1s", b"abc"),  # a list is not hashable
         (b"l1{2[1s1s]1s}", b"abc"),
@@ -405,6 +413,9 @@ def test_client_info_with_a_bad_address_is_refused():
         (b"m", msgpack.packb(msgpack.ExtType(2, msgpack.packb(["h", 70000, None, None])))),
         (b"m", msgpack.packb(msgpack.ExtType(2, msgpack.packb(["h", 1, 5, None])))),
         (b"m", msgpack.packb(msgpack.ExtType(2, msgpack.packb(["h", 1, None])))),
+        (b"m", msgpack.packb(msgpack.ExtType(2, msgpack.packb([["h", 1], 1, None, None])))),
+        (b"m", msgpack.packb(msgpack.ExtType(1, msgpack.packb([1]) + b"\xc0"))),  # extra bytes
+        (b"m", msgpack.packb(msgpack.ExtType(1, b"\x92\x01"))),  # tuple body cut short
         (b"m", msgpack.packb(msgpack.ExtType(3, b"12a"))),
         (b"m", msgpack.packb(msgpack.ExtType(3, b"+12"))),
     ],
@@ -442,7 +453,10 @@ def test_deep_native_nesting_is_refused_quickly():
 
 def test_deep_msgpack_nesting_is_refused_quickly():
     started = time.perf_counter()
-    for payload in (b"\x91" * 100_000 + b"\xc0", b"\x91" * 1000 + b"\xc0", b"\x81\xc0" * 50_000 + b"\xc0"):
+    arrays_in_arrays = b"\x91" * 100_000 + b"\xc0"
+    within_msgpacks_own_stack = b"\x91" * 1000 + b"\xc0"
+    maps_in_maps = b"\x81\xc0" * 50_000 + b"\xc0"
+    for payload in (arrays_in_arrays, within_msgpacks_own_stack, maps_in_maps):
         with pytest.raises(MalformedPayload):
             decode(b"m", payload)
     assert time.perf_counter() - started < 2
@@ -455,6 +469,23 @@ def test_deep_tuple_ext_nesting_is_refused_without_recursion_error():
         body = msgpack.packb(msgpack.ExtType(1, b"\x91" + body))
     with pytest.raises(MalformedPayload, match="nest deeper"):
         decode(b"m", body)
+
+
+def test_tuples_nested_past_the_recursion_limit_fail_cleanly_even_with_a_huge_max_depth():
+    # Nested unpackb calls would overflow the C stack (SIGSEGV) after ~200 levels.
+    body = msgpack.packb([])
+    for _ in range(5000):
+        body = msgpack.packb(msgpack.ExtType(1, b"\x91" + body))
+    with pytest.raises(MalformedPayload):
+        decode(b"m", body, max_depth=10**9)
+
+
+def test_client_info_inside_client_info_is_refused_not_recursed_into():
+    body = msgpack.packb(["h", 1, None, None])
+    for _ in range(5000):
+        body = msgpack.packb(msgpack.ExtType(2, b"\x94" + body + b"\x01\xc0\xc0"))
+    with pytest.raises(MalformedPayload):
+        decode(b"m", body, max_depth=10**9)
 
 
 @pytest.mark.parametrize("ok", [False, True])
@@ -495,6 +526,30 @@ def test_more_than_the_default_item_limit_is_refused_before_parsing():
     assert time.perf_counter() - started < 2
 
 
+def test_dict_keys_built_to_share_a_hash_are_refused_quickly():
+    # Int hashes are not randomised: i * (2**61 - 1) all hash to 0.  Inserting 20 000 such
+    # keys into a dict takes seconds; the decoder must refuse them before building it.
+    keys = [(2**61 - 1) * i for i in range(20_000)]
+    native_fmt = b"d" + b"".join(b"%di1i" % len(str(key)) for key in keys)
+    native_payload = b"".join(str(key).encode() + b"0" for key in keys)
+    packed_map = b"\xdf" + len(keys).to_bytes(4, "big") + b"".join(
+        msgpack.packb(msgpack.ExtType(3, str(key).encode())) + b"\x00" for key in keys
+    )
+    started = time.perf_counter()
+    for fmt, payload in ((native_fmt, native_payload), (b"m", packed_map)):
+        with pytest.raises(MalformedPayload, match="share hash values"):
+            decode(fmt, payload)
+    assert time.perf_counter() - started < 2
+
+
+@pytest.mark.parametrize("ok", [False, True])
+def test_a_few_colliding_dict_keys_are_fine(ok):
+    value = {-1: "a", -2: "b"}  # hash(-1) == hash(-2) in CPython
+    value.update({(2**61 - 1) * i: i for i in range(1, 50)})
+    value.update({i: i for i in range(100)})
+    assert_same(decode(*encode(value, msgpack_ok=ok)), value)
+
+
 def test_int_digit_limit_is_exact():
     assert decode(b"4300i", b"9" * 4300) == int("9" * 4300)
     assert decode(b"4301i", b"-" + b"9" * 4300) == -int("9" * 4300)
@@ -516,7 +571,7 @@ def test_grammar_shaped_fmts_only_ever_raise_malformed_payload(fmt, payload):
     decode_or_malformed(fmt.encode(), payload, max_depth=4, max_items=20)
 
 
-@FUZZ
+@DAMAGE
 @given(sendables, st.booleans(), st.data())
 def test_damaged_encodings_only_ever_raise_malformed_payload(value, msgpack_ok, data):
     try:

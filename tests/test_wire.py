@@ -56,6 +56,17 @@ def split_cmd(body: bytes) -> Tuple[str, bytes, bytes]:
     return command, body[split + 13 : fmt_end], body[fmt_end:]
 
 
+def split_frames(data: bytes, header_len: int = HEADER_LEN) -> List[bytes]:
+    """The bodies of whole frames laid end to end in ``data`` (a partial tail is an error)."""
+    bodies: List[bytes] = []
+    while data:
+        length = int(data[:header_len])
+        assert len(data) >= header_len + length, f"truncated frame in {data!r}"
+        bodies.append(data[header_len : header_len + length])
+        data = data[header_len + length :]
+    return bodies
+
+
 class PeerClosed(Exception):
     """The server closed the connection."""
 
@@ -260,7 +271,7 @@ def test_custom_header_len_is_used_both_ways(make_server, raw):
     srv.start()
     peer = raw(srv, header_len=8)
     assert peer.hello("eight", "g") == info_json(peer, "eight", "g")
-    fmt, content = peer.getclt("eight")
+    _fmt, content = peer.getclt("eight")
     assert content["name"] == "eight"
 
 
@@ -438,12 +449,7 @@ def test_client_not_answering_keepalive_is_dropped(keepalive_server, raw, record
     (info,) = left.wait_for(1, timeout=5)
     assert info.name == "silent" and info.ip == peer.addr
 
-    rest = peer.read_until_eof(timeout=5)
-    frames: List[bytes] = []
-    while rest:
-        length = int(rest[:HEADER_LEN])
-        frames.append(rest[HEADER_LEN : HEADER_LEN + length])
-        rest = rest[HEADER_LEN + length :]
+    frames = split_frames(peer.read_until_eof(timeout=5))
     assert frames, "the dropped client was told nothing"
     assert frames[-1] == b"$DISCONN$"
     assert set(frames[:-1]) == {b"$KEEPALIVE$"}
@@ -511,7 +517,7 @@ def test_getclt_for_an_unknown_client_answers_noexist(server, raw):
 def test_getclt_for_an_unknown_address_answers_noexist(server, raw):
     peer = raw(server)
     peer.hello("raw", "g")
-    fmt, content = peer.getclt("127.0.0.1:1")
+    _fmt, content = peer.getclt("127.0.0.1:1")
     assert content == {"traceback": "$NOEXIST$"}
 
 
@@ -800,7 +806,7 @@ def test_port_probe_without_hello_does_not_disturb_the_server(server, raw, recor
 
     peer = raw(server)
     assert peer.hello("real", "g") == info_json(peer, "real", "g")
-    fmt, content = peer.getclt("real")
+    _fmt, content = peer.getclt("real")
 
     assert content["name"] == "real"
     assert [info.name for info in joined.wait_for(1)] == ["real"]
@@ -837,7 +843,7 @@ def test_bad_input_before_hello_closes_only_that_connection(server, raw, recorde
 
     assert bad.read_until_eof() == b""
     # The good client is still served and never heard of the bad one.
-    fmt, content = good.getclt("good")
+    _fmt, content = good.getclt("good")
     assert content["name"] == "good"
     assert [info.name for info in joined.wait_for(1)] == ["good"]
     assert server.get_all_clients(key="name") == ["good"]
@@ -915,3 +921,188 @@ def test_frame_of_exactly_max_message_size_is_accepted(make_server, raw, recorde
     peer.send_frame(body)
 
     assert got.wait_for(1)[0][1] == payload
+
+
+# ------------------------------------------------------------------ more handshake and connection edges
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 5.0) -> Any:
+    """Poll ``predicate`` (server state) until it is truthy; fail after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        time.sleep(0.005)
+
+
+def test_hello_with_a_space_after_the_tag_is_accepted(server, raw):
+    # Older HiSock clients wrote f"$CLTHELLO$ {json.dumps(hello)}".
+    peer = raw(server)
+    peer.send_frame(b'$CLTHELLO$ {"name": "old", "group": "g"}')
+    body = peer.read_frame()
+    assert json.loads(body[len(b"$CLTCONN$") :]) == info_json(peer, "old", "g")
+
+
+def test_caps_are_never_announced_to_other_clients(server, raw):
+    plain = raw(server)
+    plain.hello("plain", "g")
+    modern = raw(server)
+    assert modern.hello("modern", "g", caps=["msgpack"])["caps"] == ["msgpack"]
+    body = plain.read_frame()
+    assert json.loads(body[len(b"$CLTCONN$") :]) == info_json(modern, "modern", "g")
+
+
+def test_silence_past_the_handshake_timeout_closes_the_connection(make_server, raw, recorder):
+    joined = recorder()
+    srv = make_server(handshake_timeout=0.3)
+    srv.on("join")(joined)
+    srv.start()
+    silent = raw(srv)
+    half = raw(srv)
+    half.send_raw(wire_frame(b'$CLTHELLO${"name": "half"')[:-4])
+
+    assert silent.read_until_eof(timeout=3) == b""
+    assert half.read_until_eof(timeout=3) == b""
+    assert joined.items == []
+    assert srv.get_all_clients() == []
+
+
+def test_client_over_max_connections_gets_framed_disconn_and_no_join(make_server, raw, recorder):
+    joined = recorder()
+    srv = make_server(max_connections=1)
+    srv.on("join")(joined)
+    srv.start()
+    first = raw(srv)
+    first.hello("first", "g")
+
+    second = raw(srv)
+    assert second.read_frame() == b"$DISCONN$"
+    assert second.read_until_eof() == b""
+    assert [info.name for info in joined.wait_for(1)] == ["first"]
+    assert srv.get_all_clients(key="name") == ["first"]
+
+
+def test_force_disconnect_closes_without_disconn(server, raw):
+    peer = raw(server)
+    peer.hello("raw", "g")
+    server.disconnect_client("raw", force=True)
+    assert peer.read_until_eof() == b""
+    assert server.get_all_clients() == []
+
+
+def test_disconnect_client_with_call_func_runs_leave(server, raw, recorder):
+    left = recorder()
+    server.on("leave")(left)
+    peer = raw(server)
+    peer.hello("raw", "g")
+    server.disconnect_client("raw", call_func=True)
+    assert peer.read_frame() == b"$DISCONN$"
+    assert [info.name for info in left.wait_for(1)] == ["raw"]
+
+
+def test_connection_closed_mid_frame_runs_leave(server, raw, recorder):
+    left = recorder()
+    server.on("leave")(left)
+    peer = raw(server)
+    peer.hello("raw", "g")
+    peer.send_raw(b"100             only part of the body")
+    peer.close()
+    assert [info.name for info in left.wait_for(1)] == ["raw"]
+    wait_for(lambda: server.get_all_clients() == [])
+
+
+def test_half_closed_client_has_its_last_command_handled_then_leaves(server, raw, recorder):
+    got = recorder()
+    left = recorder()
+    server.on("x")(got)
+    server.on("leave")(left)
+    peer = raw(server)
+    peer.hello("raw", "g")
+    peer.send_frame(cmd_body("x", b"4s", b"last"))
+    peer.sock.shutdown(socket.SHUT_WR)
+    assert got.wait_for(1)[0][1] == "last"
+    assert [info.name for info in left.wait_for(1)] == ["raw"]
+
+
+# ------------------------------------------------------------------ segmentation independence
+
+
+def test_valid_frames_before_a_bad_header_in_one_write_are_still_handled(server, raw, recorder):
+    """The same bytes must mean the same thing however TCP happens to cut them.
+
+    Sent in separate writes, the hello joins and the command runs before the garbage
+    closes the connection; sent in one write, they must too.
+    """
+    joined = recorder()
+    got = recorder()
+    server.on("join")(joined)
+    server.on("x")(got)
+    peer = raw(server)
+    peer.send_raw(
+        wire_frame(b'$CLTHELLO${"name": "raw", "group": null}')
+        + wire_frame(cmd_body("x", b"2s", b"hi"))
+        + b"garbage!garbage!"
+    )
+    peer.read_until_eof()  # the garbage still closes the connection
+    assert [info.name for info in joined.wait_for(1, timeout=2)] == ["raw"]
+    assert got.wait_for(1, timeout=2)[0][1] == "hi"
+
+
+# ------------------------------------------------------------------ frames the server cannot build
+
+
+def test_hello_whose_announcement_does_not_fit_the_header_leaves_no_ghost_client(make_server, raw):
+    """header_len 3 allows 999-byte bodies: this hello fits, its $CLTCONN$ answer does not."""
+    srv = make_server(header_len=3)
+    srv.start()
+    other = raw(srv, header_len=3)
+    other.hello("other", None)
+    peer = raw(srv, header_len=3)
+    peer.send_frame(b"$CLTHELLO$" + json.dumps({"name": "x" * 960, "group": None}).encode())
+
+    peer.read_until_eof()
+
+    # Whatever the server decides about such a client, once its connection is closed it
+    # must not stay listed as connected.
+    wait_for(lambda: srv.get_all_clients(key="name") == ["other"], timeout=2)
+
+
+def test_leave_runs_for_a_client_whose_info_no_longer_fits_the_header(make_server, raw, recorder):
+    left = recorder()
+    srv = make_server(header_len=3)
+    srv.on("leave")(left)
+    srv.start()
+    stays = raw(srv, header_len=3)
+    stays.hello("stays", None)
+    goes = raw(srv, header_len=3)
+    goes.hello("goes", None)
+
+    goes.send_frame(b"$CHNAME$" + b"y" * 980)  # fits a frame; a $CLTDISCONN$ with it does not
+    goes.send_frame(b"$USRCLOSE$")
+
+    assert [info.ip for info in left.wait_for(1, timeout=2)] == [goes.addr]
+    wait_for(lambda: srv.get_all_clients(key="name") == ["stays"], timeout=2)
+
+
+def test_getclt_answer_too_long_for_the_header_does_not_disconnect_the_asker(make_server, raw, recorder):
+    got = recorder()
+    srv = make_server(header_len=3)
+    srv.on("x")(got)
+    srv.start()
+    asker = raw(srv, header_len=3)
+    asker.hello("asker", None)
+    long = raw(srv, header_len=3)
+    long.hello("long", None)
+    assert asker.read_frame().startswith(b"$CLTCONN$")
+    long.send_raw(wire_frame(b"$CHNAME$" + b"y" * 980, 3))
+    wait_for(lambda: srv.get_client(long.ipstr).name != "long", timeout=3)
+
+    asker.send_frame(b"$GETCLT$" + long.ipstr.encode())  # the answer cannot be framed
+    asker.send_frame(cmd_body("x", b"2s", b"ok"))
+
+    # The asker did nothing wrong: it must stay connected and be served.
+    assert got.wait_for(1, timeout=2)[0][1] == "ok"
+    assert "asker" in srv.get_all_clients(key="name")

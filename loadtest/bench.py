@@ -1,0 +1,752 @@
+"""Benchmark hisock_gevent against a hand-written gevent server, in one command.
+
+    python loadtest/bench.py --quick        # every scenario, a few minutes
+    python loadtest/bench.py --smoke        # a tiny version of every scenario, seconds (CI)
+    python loadtest/bench.py                # the full run (longer windows, more repeats)
+    python loadtest/bench.py --profile      # S1 against hisock_gevent under cProfile
+
+Each server under test runs in its own process, started fresh for every case:
+
+* ``hisock``   -- ``loadtest/hisock_server.py``: hisock_gevent's public API only;
+* ``baseline`` -- ``loadtest/baselines/gevent_server.py``: the same wire work by hand on a
+  bare ``gevent.server.StreamServer`` (the ceiling for Python on gevent).
+
+Load comes from separate ``loadtest/loadgen.py`` processes speaking the wire protocol with
+raw gevent sockets.  Scenarios (each bounded in time):
+
+* S1 ping-pong: C clients each keep W ``ping`` requests in flight; round trips/s, p50/p99.
+* S2 fan-out: N clients; one sends ``broadcast``, the server calls ``send_all_clients``;
+  time until every client has it (median of K repeats) and deliveries/s.
+* S3 connections: open and hand-shake up to 10,000 clients; how many are held, and the
+  server's RSS per connection.
+* S4 bulk: 1 MiB ``bytes`` payloads one way with a small ack; MB/s.
+* S5 codec: ``hisock_gevent.typecast`` encode+decode, native letters vs msgpack.
+
+Prints one table (absolute figures, and the ratio hisock/baseline measured in the same
+run) and writes every figure as JSON (``loadtest/results/bench-<mode>-<time>.json`` unless
+``--json`` says otherwise).  ``--compare OLD.json NEW.json`` prints two runs side by side.
+Exit status 0 when every case ran (whatever the figures), 1 when a case failed to run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import queue
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+RESULTS_DIR = os.path.join(HERE, "results")
+PYTHON = sys.executable
+
+SERVERS = {
+    "hisock": os.path.join(HERE, "hisock_server.py"),
+    "baseline": os.path.join(HERE, "baselines", "gevent_server.py"),
+}
+LOADGEN = os.path.join(HERE, "loadgen.py")
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+NCPU = os.cpu_count() or 1
+
+sys.path.insert(0, HERE)
+import wire  # noqa: E402
+
+# ---------------------------------------------------------------------------- settings
+
+MODES: Dict[str, Dict[str, Any]] = {
+    "smoke": {
+        "s1_cases": [(1, 1), (4, 4)], "s1_warmup": 0.2, "s1_duration": 0.6,
+        "s2_clients": [20], "s2_repeats": 2,
+        "s3_clients": 100, "s3_ramp_timeout": 20.0,
+        "s4_warmup": 0.2, "s4_duration": 0.6,
+        "s5_seconds": 0.02,
+        "case_timeout": 30.0,
+    },
+    "quick": {
+        "s1_cases": [(c, w) for c in (1, 50, 500) for w in (1, 4)], "s1_warmup": 1.0, "s1_duration": 3.0,
+        "s2_clients": [100, 1000, 5000], "s2_repeats": 7,
+        "s3_clients": 10000, "s3_ramp_timeout": 90.0,
+        "s4_warmup": 0.5, "s4_duration": 3.0,
+        "s5_seconds": 0.3,
+        "case_timeout": 150.0,
+    },
+    "full": {
+        "s1_cases": [(c, w) for c in (1, 50, 500) for w in (1, 4)], "s1_warmup": 2.0, "s1_duration": 10.0,
+        "s2_clients": [100, 1000, 5000], "s2_repeats": 21,
+        "s3_clients": 10000, "s3_ramp_timeout": 240.0,
+        "s4_warmup": 1.0, "s4_duration": 10.0,
+        "s5_seconds": 1.0,
+        "case_timeout": 360.0,
+    },
+}
+
+#: The targets the issue set, shown next to the figures (informative only).
+TARGETS = {
+    "S1": "hisock >= 0.75x baseline rt/s",
+    "S2": "fan-out time <= 1.35x baseline at 1,000 clients",
+    "S3": "10,000 held, RSS <= 40 KiB/conn",
+    "S4": "hisock >= 0.8x baseline MB/s",
+    "S5": "msgpack >= 3x faster than native (dict, list)",
+}
+
+# ---------------------------------------------------------------------------- /proc
+
+
+def proc_cpu_seconds(pid: int) -> float:
+    """utime + stime of a live process, in seconds (0.0 once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def proc_status_kib(pid: int, field: str) -> Optional[int]:
+    """A KiB field (``VmRSS:``, ``VmHWM:``) of /proc/<pid>/status."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(field):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def proc_rss_kib(pid: int) -> Optional[int]:
+    """VmRSS of a live process, in KiB."""
+    return proc_status_kib(pid, "VmRSS:")
+
+
+def system_busy_seconds() -> float:
+    """CPU seconds every CPU spent busy since boot (from /proc/stat)."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    return (sum(fields[:8]) - idle) / CLK_TCK
+
+
+class CpuMeter:
+    """CPU used by given pids, and by everything else on the machine, between two marks."""
+
+    def __init__(self, pids: Dict[str, List[int]]):
+        self.pids = pids
+        self.t0 = 0.0
+        self.start: Dict[str, float] = {}
+        self.busy0 = 0.0
+
+    def _sample(self) -> Dict[str, float]:
+        return {group: sum(proc_cpu_seconds(pid) for pid in pids) for group, pids in self.pids.items()}
+
+    def mark(self) -> None:
+        self.t0 = time.monotonic()
+        self.busy0 = system_busy_seconds()
+        self.start = self._sample()
+
+    def read(self) -> Dict[str, float]:
+        """Cores used (1.0 = one core busy all the time) per group, plus ``other``."""
+        elapsed = max(1e-6, time.monotonic() - self.t0)
+        now = self._sample()
+        shares = {group: (now[group] - self.start[group]) / elapsed for group in now}
+        shares["other"] = max(0.0, (system_busy_seconds() - self.busy0) / elapsed - sum(shares.values()))
+        return shares
+
+
+def wait_quiet(pids: Sequence[int], timeout: float, threshold: float = 0.05, window: float = 0.25) -> float:
+    """Wait until the pids together use less than ``threshold`` of a core; return seconds waited."""
+    t0 = time.monotonic()
+    deadline = t0 + timeout
+    last = sum(proc_cpu_seconds(pid) for pid in pids)
+    while time.monotonic() < deadline:
+        time.sleep(window)
+        used = sum(proc_cpu_seconds(pid) for pid in pids)
+        if (used - last) / window < threshold:
+            break
+        last = used
+    return time.monotonic() - t0
+
+
+# ---------------------------------------------------------------------------- processes
+
+
+class CaseFailed(Exception):
+    """A case could not run to the end (its figures are missing, the rest goes on)."""
+
+
+class Proc:
+    """A child process whose stdout lines are read by a thread (JSON events or text)."""
+
+    def __init__(self, argv: List[str], label: str, affinity: Optional[set] = None):
+        self.label = label
+        self.stderr = tempfile.TemporaryFile()
+        self.popen = subprocess.Popen(
+            argv,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.stderr,
+            cwd=ROOT,
+            start_new_session=True,
+        )
+        self.pid = self.popen.pid
+        if affinity:
+            try:
+                os.sched_setaffinity(self.pid, affinity)
+            except OSError:
+                pass
+        self.lines: "queue.Queue[Optional[str]]" = queue.Queue()
+        self.pending: List[Dict[str, Any]] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.popen.stdout is not None
+        for raw in self.popen.stdout:
+            self.lines.put(raw.decode(errors="replace").rstrip("\n"))
+        self.lines.put(None)
+
+    def stderr_tail(self, limit: int = 1500) -> str:
+        try:
+            self.stderr.seek(0)
+            return self.stderr.read().decode(errors="replace")[-limit:]
+        except (OSError, ValueError):
+            return ""
+
+    def line(self, timeout: float) -> str:
+        try:
+            line = self.lines.get(timeout=max(0.0, timeout))
+        except queue.Empty:
+            raise CaseFailed(f"{self.label}: nothing within {timeout:.1f} s") from None
+        if line is None:
+            self.lines.put(None)
+            raise CaseFailed(f"{self.label} exited (status {self.popen.poll()}): {self.stderr_tail()}")
+        return line
+
+    def expect(self, ev: str, timeout: float, **match: Any) -> Dict[str, Any]:
+        """The next JSON event named ``ev`` (events that arrive meanwhile are kept)."""
+        for i, event in enumerate(self.pending):
+            if event.get("ev") == ev and all(event.get(k) == v for k, v in match.items()):
+                return self.pending.pop(i)
+        deadline = time.monotonic() + timeout
+        while True:
+            line = self.line(deadline - time.monotonic())
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            if event.get("ev") == "error":
+                raise CaseFailed(f"{self.label}: {event.get('error')}")
+            if event.get("ev") == ev and all(event.get(k) == v for k, v in match.items()):
+                return event
+            self.pending.append(event)
+
+    def send(self, text: str) -> None:
+        try:
+            assert self.popen.stdin is not None
+            self.popen.stdin.write(text.encode() + b"\n")
+            self.popen.stdin.flush()
+        except (BrokenPipeError, OSError):
+            pass
+
+    def stop(self, grace: float = 3.0) -> None:
+        """End the process we started: SIGTERM, then SIGKILL after ``grace`` seconds."""
+        if self.popen.poll() is None:
+            try:
+                if self.popen.stdin is not None:
+                    self.popen.stdin.close()
+            except OSError:
+                pass
+            try:
+                self.popen.send_signal(signal.SIGTERM)
+                self.popen.wait(grace)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(5)
+            except ProcessLookupError:
+                pass
+        self.stderr.close()
+
+
+class Case:
+    """One server process plus its load generators; stopped whatever happens."""
+
+    def __init__(self, kind: str, pin: bool, server_args: Sequence[str] = ()):
+        self.kind = kind
+        self.pin = pin and NCPU >= 2
+        self.server = Proc([PYTHON, SERVERS[kind], "--port", "0", *server_args], f"{kind} server", {0} if self.pin else None)
+        self.gens: List[Proc] = []
+        line = self.server.line(15.0)
+        if not line.startswith("PORT "):
+            raise CaseFailed(f"{kind} server said {line!r}")
+        self.port = int(line.split()[1])
+
+    def spawn(self, scenario: str, params_list: Sequence[Dict[str, Any]]) -> List[Proc]:
+        gen_cpus = set(range(1, NCPU)) if self.pin else None
+        for i, params in enumerate(params_list):
+            argv = [PYTHON, LOADGEN, "--port", str(self.port), "--scenario", scenario, "--params", json.dumps(params)]
+            self.gens.append(Proc(argv, f"loadgen {scenario}#{i} ({self.kind})", gen_cpus))
+        return self.gens
+
+    def meter(self) -> CpuMeter:
+        return CpuMeter({"server": [self.server.pid], "gen": [g.pid for g in self.gens]})
+
+    def __enter__(self) -> "Case":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        # The server first: a generator closing 10,000 sockets would otherwise make it
+        # announce 10,000 departures to everyone left.
+        self.server.stop()
+        for gen in self.gens:
+            gen.send("quit")
+        for gen in self.gens:
+            gen.stop()
+
+
+def split(total: int, parts: int) -> List[int]:
+    return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
+
+
+# ---------------------------------------------------------------------------- scenarios
+
+
+def run_s1(kind: str, clients: int, window: int, cfg: Dict[str, Any], pin: bool, server_args: Sequence[str] = ()) -> Dict[str, Any]:
+    params = {"clients": clients, "window": window, "warmup": cfg["s1_warmup"], "duration": cfg["s1_duration"], "ramp_timeout": cfg["case_timeout"] / 2}
+    with Case(kind, pin, server_args) as case:
+        (gen,) = case.spawn("s1", [params])
+        ready = gen.expect("ready", cfg["case_timeout"])
+        if ready["connected"] < clients:
+            raise CaseFailed(f"only {ready['connected']} of {clients} clients connected: {ready['errors']}")
+        wait_quiet([case.server.pid, gen.pid], 10.0)
+        meter = case.meter()
+        gen.send("go")
+        gen.expect("start", 30.0)
+        meter.mark()
+        gen.expect("end", cfg["s1_duration"] + 30.0)
+        cpu = meter.read()
+        result = gen.expect("result", 30.0)
+    rate = result["round_trips"] / result["elapsed"]
+    return {
+        "clients": clients, "window": window, "rt_per_s": rate,
+        "p50_ms": result["p50_ms"], "p99_ms": result["p99_ms"],
+        "gen_cpu": result["cpu"], "server_cpu": cpu["server"], "other_cpu": cpu["other"],
+        "errors": result["errors"],
+    }
+
+
+def run_s2(kind: str, clients: int, cfg: Dict[str, Any], pin: bool) -> Dict[str, Any]:
+    procs = 1 if clients <= 200 else 2
+    counts = split(clients, procs)
+    ramp_timeout = cfg["case_timeout"] * 0.6
+    params = [{"clients": n, "sender": i == 0, "ramp_timeout": ramp_timeout} for i, n in enumerate(counts)]
+    with Case(kind, pin) as case:
+        gens = case.spawn("s2", params)
+        readies = [gen.expect("ready", ramp_timeout + 30.0) for gen in gens]
+        connected = sum(r["connected"] for r in readies)
+        if connected < clients:
+            raise CaseFailed(f"only {connected} of {clients} clients connected: {[r['errors'] for r in readies]}")
+        ramp = max(r["ramp_s"] for r in readies)
+        settle = wait_quiet([case.server.pid] + [g.pid for g in gens], 60.0)
+        times: List[float] = []
+        for seq in range(cfg["s2_repeats"]):
+            gens[0].send(f"send {seq}")
+            sent = gens[0].expect("sent", 30.0, seq=seq)
+            lasts = [gen.expect("got", 60.0, seq=seq)["last"] for gen in gens]
+            times.append(max(lasts) - sent["t"])
+            wait_quiet([case.server.pid] + [g.pid for g in gens], 5.0, threshold=0.1, window=0.05)
+    median = statistics.median(times)
+    return {
+        "clients": clients, "repeats": len(times), "median_ms": median * 1000, "min_ms": min(times) * 1000,
+        "max_ms": max(times) * 1000, "deliveries_per_s": clients / median, "ramp_s": ramp, "settle_s": settle,
+        "gen_procs": procs,
+    }
+
+
+def run_s3(kind: str, clients: int, cfg: Dict[str, Any], pin: bool) -> Dict[str, Any]:
+    procs = 1 if clients <= 200 else 2
+    ramp_timeout = cfg["s3_ramp_timeout"]
+    params = [{"clients": n, "ramp_timeout": ramp_timeout} for n in split(clients, procs)]
+    with Case(kind, pin) as case:
+        time.sleep(0.2)
+        rss_idle = proc_rss_kib(case.server.pid) or 0
+        gens = case.spawn("s3", params)
+        meter = case.meter()
+        meter.mark()
+        t0 = time.monotonic()
+        readies = [gen.expect("ready", ramp_timeout + 60.0) for gen in gens]
+        ramp = time.monotonic() - t0
+        ramp_cpu = meter.read()
+        connected = sum(r["connected"] for r in readies)
+        errors: Dict[str, int] = {}
+        for r in readies:
+            for name, count in r["errors"].items():
+                errors[name] = errors.get(name, 0) + count
+        settle = wait_quiet([case.server.pid] + [g.pid for g in gens], 60.0)
+        time.sleep(1.0)  # connections are held for a while, not just opened
+        for gen in gens:
+            gen.send("check")
+        held = sum(gen.expect("held", 30.0)["alive"] for gen in gens)
+        rss_held = proc_rss_kib(case.server.pid) or 0
+        rss_peak = proc_status_kib(case.server.pid, "VmHWM:") or 0
+        if case.server.popen.poll() is not None:
+            raise CaseFailed(f"the {kind} server died: {case.server.stderr_tail()}")
+    per_conn = (rss_held - rss_idle) / held if held else None
+    return {
+        "clients": clients, "connected": connected, "held": held, "errors": errors, "ramp_s": ramp,
+        "settle_s": settle, "rss_idle_kib": rss_idle, "rss_held_kib": rss_held, "rss_peak_kib": rss_peak,
+        "rss_per_conn_kib": per_conn, "ramp_cpu": ramp_cpu,
+    }
+
+
+def run_s4(kind: str, cfg: Dict[str, Any], pin: bool) -> Dict[str, Any]:
+    params = {"size": 1 << 20, "window": 2, "warmup": cfg["s4_warmup"], "duration": cfg["s4_duration"]}
+    with Case(kind, pin) as case:
+        (gen,) = case.spawn("s4", [params])
+        gen.expect("ready", 30.0)
+        meter = case.meter()
+        gen.send("go")
+        gen.expect("start", 30.0)
+        meter.mark()
+        gen.expect("end", cfg["s4_duration"] + 30.0)
+        cpu = meter.read()
+        result = gen.expect("result", 30.0)
+        rss = proc_rss_kib(case.server.pid)
+    return {
+        "payload_bytes": params["size"], "window": params["window"], "mb_per_s": result["bytes"] / result["elapsed"] / 1e6,
+        "messages_per_s": result["acks"] / result["elapsed"], "gen_cpu": result["cpu"], "server_cpu": cpu["server"],
+        "other_cpu": cpu["other"], "server_rss_kib": rss, "errors": result["errors"],
+    }
+
+
+def s5_payloads() -> Dict[str, Any]:
+    chat = {"from": "alice", "room": "lobby", "text": "hello everyone, is the meeting still at three?", "ts": 1700000000}
+    ints = list(range(-50, 50))
+    nested = {
+        "user": {"id": 4242, "name": "bob", "email": "bob@example.com", "roles": ["admin", "dev", "ops"]},
+        "settings": {"theme": "dark", "lang": "en", "notifications": {"email": 1, "push": 0, "digest": "weekly"}},
+        "items": [{"id": i, "name": f"item-{i}", "price": 100 + 7 * i, "tags": ["red", "small"]} for i in range(10)],
+        "history": [{"at": 1700000000 + i * 60, "event": "login", "ok": 1} for i in range(5)],
+    }
+    return {"chat message dict": chat, "list of 100 ints": ints, "nested dict ~1 KB": nested}
+
+
+def time_per_op(func: Callable[[], Any], seconds: float) -> float:
+    """Best of three timings of ``func``, in microseconds per call."""
+    number = 1
+    while True:
+        t0 = time.perf_counter()
+        for _ in range(number):
+            func()
+        elapsed = time.perf_counter() - t0
+        if elapsed >= seconds / 3 or number >= 10_000_000:
+            break
+        number *= 2 if elapsed == 0 else max(2, min(10, int(seconds / 3 / elapsed) + 1))
+    best = elapsed
+    for _ in range(2):
+        t0 = time.perf_counter()
+        for _ in range(number):
+            func()
+        best = min(best, time.perf_counter() - t0)
+    return best / number * 1e6
+
+
+def run_s5(cfg: Dict[str, Any]) -> List[Dict[str, Any]]:
+    from hisock_gevent import typecast
+
+    rows = []
+    for name, value in s5_payloads().items():
+        figures: Dict[str, Any] = {"payload": name}
+        for codec, msgpack_ok in (("native", False), ("msgpack", True)):
+            fmt, payload = typecast.encode(value, msgpack_ok=msgpack_ok)
+            if typecast.decode(fmt, payload) != value:
+                raise CaseFailed(f"S5 {codec}: {name} does not round-trip")
+
+            def op(value: Any = value, msgpack_ok: bool = msgpack_ok) -> None:
+                f, p = typecast.encode(value, msgpack_ok=msgpack_ok)
+                typecast.decode(f, p)
+
+            figures[f"{codec}_us"] = time_per_op(op, cfg["s5_seconds"])
+            figures[f"{codec}_bytes"] = len(fmt) + len(payload)
+        figures["speedup"] = figures["native_us"] / figures["msgpack_us"]
+        rows.append(figures)
+    return rows
+
+
+# ---------------------------------------------------------------------------- running
+
+
+def log(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def attempt(label: str, func: Callable[[], Dict[str, Any]], failures: List[str]) -> Dict[str, Any]:
+    t0 = time.monotonic()
+    try:
+        result = func()
+    except CaseFailed as exc:
+        log(f"  {label}: FAILED: {exc}")
+        failures.append(f"{label}: {exc}")
+        return {"error": str(exc)}
+    result["wall_s"] = round(time.monotonic() - t0, 2)
+    log(f"  {label}: done in {result['wall_s']:.1f} s")
+    return result
+
+
+def run_all(mode: str, kinds: Sequence[str], scenarios: Sequence[str], pin: bool) -> Tuple[Dict[str, Any], List[str]]:
+    cfg = MODES[mode]
+    failures: List[str] = []
+    out: Dict[str, Any] = {}
+    if "S1" in scenarios:
+        log("S1 ping-pong")
+        out["S1"] = []
+        for clients, window in cfg["s1_cases"]:
+            row: Dict[str, Any] = {"clients": clients, "window": window}
+            for kind in kinds:
+                row[kind] = attempt(f"S1 C={clients} W={window} {kind}", lambda: run_s1(kind, clients, window, cfg, pin), failures)
+            out["S1"].append(row)
+    if "S2" in scenarios:
+        log("S2 fan-out")
+        out["S2"] = []
+        for clients in cfg["s2_clients"]:
+            row = {"clients": clients}
+            for kind in kinds:
+                row[kind] = attempt(f"S2 N={clients} {kind}", lambda: run_s2(kind, clients, cfg, pin), failures)
+            out["S2"].append(row)
+    if "S3" in scenarios:
+        log("S3 connections")
+        row = {"clients": cfg["s3_clients"]}
+        for kind in kinds:
+            row[kind] = attempt(f"S3 N={cfg['s3_clients']} {kind}", lambda: run_s3(kind, cfg["s3_clients"], cfg, pin), failures)
+        out["S3"] = [row]
+    if "S4" in scenarios:
+        log("S4 bulk")
+        row = {"payload_bytes": 1 << 20}
+        for kind in kinds:
+            row[kind] = attempt(f"S4 {kind}", lambda: run_s4(kind, cfg, pin), failures)
+        out["S4"] = [row]
+    if "S5" in scenarios:
+        log("S5 codec")
+        try:
+            out["S5"] = run_s5(cfg)
+        except CaseFailed as exc:
+            failures.append(f"S5: {exc}")
+            out["S5"] = [{"error": str(exc)}]
+    return out, failures
+
+
+# ---------------------------------------------------------------------------- the table
+
+
+def fmt_num(value: Optional[float], digits: int = 0) -> str:
+    if value is None:
+        return "-"
+    if digits == 0:
+        return f"{value:,.0f}"
+    return f"{value:,.{digits}f}"
+
+
+def ratio(a: Optional[float], b: Optional[float]) -> str:
+    if a is None or b is None or not b:
+        return "-"
+    return f"{a / b:.2f}x"
+
+
+def get(result: Any, key: str) -> Optional[float]:
+    if not isinstance(result, dict) or "error" in result:
+        return None
+    return result.get(key)
+
+
+def table_rows(results: Dict[str, Any]) -> List[Tuple[str, str, str, str, str, str]]:
+    rows: List[Tuple[str, str, str, str, str, str]] = []
+    for row in results.get("S1", []):
+        case = f"C={row['clients']} W={row['window']}"
+        h, b = row.get("hisock"), row.get("baseline")
+        rows.append(("S1 ping-pong", case, "round trips/s", fmt_num(get(h, "rt_per_s")), fmt_num(get(b, "rt_per_s")), ratio(get(h, "rt_per_s"), get(b, "rt_per_s"))))
+        rows.append(("", "", "p50 / p99 latency ms", _pair(h, "p50_ms", "p99_ms"), _pair(b, "p50_ms", "p99_ms"), ratio(get(h, "p99_ms"), get(b, "p99_ms")) + " (p99)"))
+        rows.append(("", "", "CPU % gen / server / other", _cpu(h), _cpu(b), ""))
+    for row in results.get("S2", []):
+        h, b = row.get("hisock"), row.get("baseline")
+        case = f"N={row['clients']:,}"
+        rows.append(("S2 fan-out", case, "all received, median ms", fmt_num(get(h, "median_ms"), 1), fmt_num(get(b, "median_ms"), 1), ratio(get(h, "median_ms"), get(b, "median_ms"))))
+        rows.append(("", "", "deliveries/s", fmt_num(get(h, "deliveries_per_s")), fmt_num(get(b, "deliveries_per_s")), ratio(get(h, "deliveries_per_s"), get(b, "deliveries_per_s"))))
+        rows.append(("", "", "join storm (ramp) s", fmt_num(get(h, "ramp_s"), 1), fmt_num(get(b, "ramp_s"), 1), ratio(get(h, "ramp_s"), get(b, "ramp_s"))))
+    for row in results.get("S3", []):
+        h, b = row.get("hisock"), row.get("baseline")
+        case = f"N={row['clients']:,}"
+        rows.append(("S3 connections", case, "held", fmt_num(get(h, "held")), fmt_num(get(b, "held")), ratio(get(h, "held"), get(b, "held"))))
+        rows.append(("", "", "server RSS KiB/conn", fmt_num(get(h, "rss_per_conn_kib"), 1), fmt_num(get(b, "rss_per_conn_kib"), 1), ratio(get(h, "rss_per_conn_kib"), get(b, "rss_per_conn_kib"))))
+        rows.append(("", "", "server RSS MiB idle / held", _rss(h), _rss(b), ""))
+        rows.append(("", "", "open + hand-shake all, s", fmt_num(get(h, "ramp_s"), 1), fmt_num(get(b, "ramp_s"), 1), ratio(get(h, "ramp_s"), get(b, "ramp_s"))))
+    for row in results.get("S4", []):
+        h, b = row.get("hisock"), row.get("baseline")
+        rows.append(("S4 bulk", "1 MiB, window 2", "MB/s (10^6 B)", fmt_num(get(h, "mb_per_s"), 1), fmt_num(get(b, "mb_per_s"), 1), ratio(get(h, "mb_per_s"), get(b, "mb_per_s"))))
+        rows.append(("", "", "CPU % gen / server / other", _cpu(h), _cpu(b), ""))
+    for row in results.get("S5", []):
+        if "error" in row:
+            rows.append(("S5 codec", "-", "error", row["error"][:40], "", ""))
+            continue
+        rows.append((
+            "S5 codec" if row is results["S5"][0] else "",
+            row["payload"],
+            "encode+decode us/op",
+            f"{row['msgpack_us']:.1f} msgpack",
+            f"{row['native_us']:.1f} native",
+            f"{row['speedup']:.1f}x faster",
+        ))
+    return rows
+
+
+def _pair(result: Any, a: str, b: str) -> str:
+    x, y = get(result, a), get(result, b)
+    return "-" if x is None or y is None else f"{x:.2f} / {y:.2f}"
+
+
+def _cpu(result: Any) -> str:
+    g, s, o = get(result, "gen_cpu"), get(result, "server_cpu"), get(result, "other_cpu")
+    if g is None or s is None:
+        return "-"
+    return f"{g * 100:.0f} / {s * 100:.0f} / {(o or 0) * 100:.0f}"
+
+
+def _rss(result: Any) -> str:
+    i, h = get(result, "rss_idle_kib"), get(result, "rss_held_kib")
+    return "-" if i is None or h is None else f"{i / 1024:.0f} / {h / 1024:.0f}"
+
+
+def render_table(results: Dict[str, Any]) -> str:
+    header = ("scenario", "case", "metric", "hisock_gevent", "baseline", "ratio h/b")
+    rows = [header] + table_rows(results)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    lines = []
+    for n, r in enumerate(rows):
+        if n > 1 and r[0]:
+            lines.append("-+-".join("-" * w for w in widths))
+        cells = [r[i].ljust(widths[i]) if i < 3 else r[i].rjust(widths[i]) for i in range(len(header))]
+        lines.append(" | ".join(cells))
+        if n == 0:
+            lines.append("=+=".join("=" * w for w in widths))
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------- profiling
+
+
+def run_profile(cfg: Dict[str, Any], pin: bool, clients: int, window: int, top: int, out_path: str) -> None:
+    """S1 against the hisock server under cProfile; print the top functions by tottime."""
+    import pstats
+
+    log(f"profiling hisock_gevent: S1 C={clients} W={window}, {cfg['s1_duration']} s, stats -> {out_path}")
+    if os.path.exists(out_path):
+        os.remove(out_path)
+    figures = run_s1("hisock", clients, window, cfg, pin, server_args=("--profile", out_path))
+    for _ in range(100):  # the server writes its stats while closing
+        if os.path.exists(out_path) and os.path.getsize(out_path) > 0:
+            break
+        time.sleep(0.1)
+    print(f"S1 C={clients} W={window} under cProfile: {figures['rt_per_s']:,.0f} round trips/s (profiling slows it down)")
+    stats = pstats.Stats(out_path)
+    stats.sort_stats("tottime").print_stats(top)
+
+
+# ---------------------------------------------------------------------------- compare
+
+
+def compare(old_path: str, new_path: str) -> None:
+    with open(old_path) as f:
+        old = json.load(f)
+    with open(new_path) as f:
+        new = json.load(f)
+    old_rows = {(r[0] or "", r[1], r[2]): r for r in _keyed(table_rows(old["results"]))}
+    print(f"{'case':<40} {'metric':<28} {'old hisock':>14} {'new hisock':>14} {'old ratio':>12} {'new ratio':>12}")
+    for key, row in ((k, r) for k, r in ((k, r) for k, r in [((r[0], r[1], r[2]), r) for r in _keyed(table_rows(new["results"]))])):
+        before = old_rows.get(key, ("", "", "", "-", "-", "-"))
+        print(f"{(key[0] + ' ' + key[1])[:40]:<40} {key[2][:28]:<28} {before[3]:>14} {row[3]:>14} {before[5]:>12} {row[5]:>12}")
+
+
+def _keyed(rows: List[Tuple[str, ...]]) -> List[Tuple[str, ...]]:
+    """Fill the blank scenario/case cells of continuation rows so each row stands alone."""
+    keyed, scenario, case = [], "", ""
+    for r in rows:
+        scenario = r[0] or scenario
+        case = r[1] or case
+        keyed.append((scenario, case) + tuple(r[2:]))
+    return keyed
+
+
+# ---------------------------------------------------------------------------- main
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description="hisock_gevent vs a hand-written gevent server (see loadtest/README.md)")
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="every scenario with short windows (a few minutes)")
+    size.add_argument("--smoke", action="store_true", help="a tiny version of every scenario (seconds; for CI)")
+    parser.add_argument("--scenarios", default="S1,S2,S3,S4,S5", help="comma-separated subset, e.g. S1,S4")
+    parser.add_argument("--servers", default="hisock,baseline", help="comma-separated subset of hisock,baseline")
+    parser.add_argument("--json", metavar="PATH", help="where to write the results (default loadtest/results/bench-<mode>-<time>.json)")
+    parser.add_argument("--no-pin", action="store_true", help="do not pin the server to CPU 0 and the generators to the others")
+    parser.add_argument("--profile", action="store_true", help="run S1 (C=50, W=4) against hisock_gevent under cProfile and print the top functions")
+    parser.add_argument("--profile-out", default=os.path.join(RESULTS_DIR, "hisock-s1.prof"), metavar="PATH")
+    parser.add_argument("--compare", nargs=2, metavar=("OLD", "NEW"), help="print two result files side by side and exit")
+    args = parser.parse_args(argv)
+
+    if args.compare:
+        compare(*args.compare)
+        return 0
+    mode = "smoke" if args.smoke else "quick" if args.quick else "full"
+    cfg = MODES[mode]
+    pin = not args.no_pin
+    wire.raise_nofile()
+    os.makedirs(RESULTS_DIR, exist_ok=True)
+    if args.profile:
+        run_profile(cfg, pin, 50, 4, 25, args.profile_out)
+        return 0
+
+    kinds = [k for k in args.servers.split(",") if k]
+    scenarios = [s.strip().upper() for s in args.scenarios.split(",") if s.strip()]
+    unknown = [k for k in kinds if k not in SERVERS] + [s for s in scenarios if s not in TARGETS]
+    if unknown:
+        parser.error(f"unknown server or scenario: {', '.join(unknown)}")
+
+    started = time.time()
+    load_before = os.getloadavg()
+    log(f"bench.py --{mode}: servers {', '.join(kinds)}; scenarios {', '.join(scenarios)}; {NCPU} CPUs; pinning {'on' if pin and NCPU >= 2 else 'off'}")
+    results, failures = run_all(mode, kinds, scenarios, pin)
+    wall = time.time() - started
+    document = {
+        "meta": {
+            "mode": mode, "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)), "wall_s": round(wall, 1),
+            "python": platform.python_version(), "platform": platform.platform(), "cpus": NCPU, "pinned": pin and NCPU >= 2,
+            "loadavg_before": load_before, "loadavg_after": os.getloadavg(), "targets": TARGETS,
+            "settings": {k: v for k, v in cfg.items()}, "failures": failures,
+        },
+        "results": results,
+    }
+    path = args.json or os.path.join(RESULTS_DIR, f"bench-{mode}-{time.strftime('%Y%m%d-%H%M%S', time.localtime(started))}.json")
+    with open(path, "w") as f:
+        json.dump(document, f, indent=1)
+    print()
+    print(render_table(results))
+    print()
+    print("Targets (informative): " + "; ".join(f"{k}: {v}" for k, v in TARGETS.items() if k in scenarios))
+    print(f"CPU % is of one core; 'other' is CPU used by processes outside the benchmark (noise). Load average before/after: "
+          f"{load_before[0]:.2f} / {document['meta']['loadavg_after'][0]:.2f}.")
+    print(f"{mode} run took {wall:.0f} s; results in {os.path.relpath(path, ROOT)}")
+    if failures:
+        print(f"{len(failures)} case(s) failed to run:\n  " + "\n  ".join(failures))
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
