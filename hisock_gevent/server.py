@@ -192,7 +192,8 @@ class HiSockServer:
         self.funcs = self._handlers.funcs
         self._home = Home()
         self._runner = HandlerRunner(self._home, "server")
-        self._callback: Optional[Callable[[], Any]] = None
+        # start()'s callback, as a handler entry so it is called and guarded like one.
+        self._callback: Optional[Dict[str, Any]] = None
 
         self._stream_server: Optional[StreamServer] = None
         self._pool: Optional[Pool] = None
@@ -280,7 +281,7 @@ class HiSockServer:
         self._stopped.wait()
 
     def _begin_serving(self, callback: Optional[Callable[[], Any]], error_handler: Optional[Callable[[BaseException], Any]]) -> None:
-        self._callback = callback
+        self._callback = {"func": callback, "num_args": 0, "threaded": False} if callback else None
         self._runner.error_handler = error_handler
         if self._stream_server is not None:
             return
@@ -453,22 +454,21 @@ class HiSockServer:
         command = message.command
         info = peer.info
         entry = self._handlers.command_handler(command)
-        called = entry is not None
+        catch_all = self._handlers.reserved_handler("*") if entry is None else None
+        if self.cache_size >= 0:
+            # Cached before the handlers run, so a reply can never overtake the cache entry.
+            called = entry is not None or catch_all is not None
+            self._remember(MessageCacheMember(header=len(message.to_body()), content=content, called=called, command=command))
         if entry is not None:
             self._runner.call(entry, (info, content), f"'{command}' from {info}")
-        else:
-            catch_all = self._handlers.reserved_handler("*")
-            if catch_all is not None:
-                called = True
-                self._runner.call(catch_all, (info, command, content), f"'*' ({command}) from {info}")
+        elif catch_all is not None:
+            self._runner.call(catch_all, (info, command, content), f"'*' ({command}) from {info}")
         on_message = self._handlers.reserved_handler("message")
         if on_message is not None:
             args = (info, command, content) if on_message["num_args"] == 3 else (info, content)
             self._runner.call(on_message, args, f"'message' ({command}) from {info}")
-        if self.cache_size >= 0:
-            self._remember(MessageCacheMember(header=len(message.to_body()), content=content, called=called, command=command))
         if self._callback is not None:
-            self._runner.call({"func": self._callback, "num_args": 0, "threaded": False}, (), "callback")
+            self._runner.call(self._callback, (), "callback")
         return False
 
     def _remember(self, member: MessageCacheMember) -> None:

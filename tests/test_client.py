@@ -652,7 +652,7 @@ def test_close_of_a_threaded_client_stops_its_loop(server, make_client, recorder
     assert leaves.wait_for(1)[0].name == "bg"
 
 
-def test_close_wakes_a_recv_blocked_in_another_thread(server, make_client):
+def test_recv_on_a_threaded_client_from_another_thread_raises_once_closed(server, make_client):
     """recv on a ThreadedHiSockClient, called from another thread, raises once the client closes."""
     client = make_client(server, threaded=True)
     client.start()

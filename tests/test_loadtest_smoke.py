@@ -1,0 +1,140 @@
+"""The load-test tooling still runs: ``bench.py --smoke`` and the Locust users.
+
+No performance thresholds here -- only that every scenario runs against both servers and
+reports figures, and that the Locust users talk to the example servers without failures.
+Everything runs in subprocesses: bench.py starts its own server and generator processes,
+and importing locust would monkey-patch this (deliberately unpatched) pytest process.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Dict, Iterator, List
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "loadtest" / "bench.py"
+LOCUSTFILE = ROOT / "loadtest" / "locustfile.py"
+SCENARIOS = {"S1", "S2", "S3", "S4", "S5"}
+SERVERS = ("hisock", "baseline")
+
+
+def _output(proc: "subprocess.CompletedProcess[bytes]") -> str:
+    return (proc.stdout.decode(errors="replace") + proc.stderr.decode(errors="replace"))[-4000:]
+
+
+@pytest.mark.timeout(180)
+def test_bench_smoke_runs_every_scenario_against_both_servers(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, str(BENCH), "--smoke", "--json", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, _output(proc)
+    document = json.loads(out.read_text())
+    results = document["results"]
+    assert set(results) == SCENARIOS
+    for scenario in ("S1", "S2", "S3", "S4"):
+        assert results[scenario], scenario
+        for row in results[scenario]:
+            for server in SERVERS:
+                assert "error" not in row[server], (scenario, server, row[server])
+    assert results["S5"] and all("speedup" in row for row in results["S5"])
+    assert document["meta"]["failures"] == []
+    assert "round trips/s" in proc.stdout.decode()  # the table was printed
+
+
+# ---------------------------------------------------------------- Locust
+
+requires_locust = pytest.mark.skipif(
+    # find_spec, not import: importing locust would monkey-patch this process.
+    importlib.util.find_spec("locust") is None,
+    reason="locust is not installed (pip install -e '.[load]')",
+)
+
+
+@pytest.fixture
+def example_server(request: pytest.FixtureRequest) -> Iterator[int]:
+    """Run examples/<name>.py on a free port; yield the port."""
+    script = ROOT / "examples" / request.param
+    proc = subprocess.Popen(
+        [sys.executable, str(script), "--port", "0"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        port = None
+        deadline = time.monotonic() + 15
+        assert proc.stdout is not None
+        while port is None and time.monotonic() < deadline:
+            line = proc.stdout.readline().decode(errors="replace")
+            if not line:
+                break
+            match = re.search(r"serving on [\d.]+:(\d+)", line)
+            if match:
+                port = int(match.group(1))
+        assert port is not None, f"{script.name} did not say where it serves"
+        # Keep reading its log so a full pipe never blocks the server.
+        threading.Thread(target=proc.stdout.read, daemon=True).start()
+        yield port
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+def _stats(prefix: Path) -> Dict[str, Dict[str, str]]:
+    with open(f"{prefix}_stats.csv", newline="") as f:
+        return {row["Name"]: row for row in csv.DictReader(f)}
+
+
+def _run_locust(port: int, scenario: str, prefix: Path) -> "subprocess.CompletedProcess[bytes]":
+    argv: List[str] = [
+        sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless",
+        "-u", "5", "-r", "5", "-t", "4s", "--host", f"127.0.0.1:{port}",
+        "--hisock-scenario", scenario, "--csv", str(prefix), "--only-summary",
+    ]
+    return subprocess.run(argv, cwd=ROOT, capture_output=True, timeout=90, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+@requires_locust
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("example_server", ["chat_server.py"], indirect=True)
+def test_locust_chat_users_report_says_and_broadcasts(example_server: int, tmp_path: Path) -> None:
+    prefix = tmp_path / "locust"
+    proc = _run_locust(example_server, "chat", prefix)
+    assert proc.returncode == 0, _output(proc)
+    stats = _stats(prefix)
+    assert int(stats["connect"]["Request Count"]) == 5
+    assert int(stats["say -> said"]["Request Count"]) > 0
+    assert int(stats["said (broadcast)"]["Request Count"]) > 0
+    assert int(stats["Aggregated"]["Failure Count"]) == 0
+
+
+@requires_locust
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("example_server", ["echo_server.py"], indirect=True)
+def test_locust_echo_users_report_round_trips(example_server: int, tmp_path: Path) -> None:
+    prefix = tmp_path / "locust"
+    proc = _run_locust(example_server, "echo", prefix)
+    assert proc.returncode == 0, _output(proc)
+    stats = _stats(prefix)
+    assert int(stats["ping -> pong"]["Request Count"]) > 0
+    assert int(stats["Aggregated"]["Failure Count"]) == 0
