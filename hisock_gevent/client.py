@@ -13,8 +13,9 @@ from __future__ import annotations
 import collections
 import logging
 import socket as _stdlib_socket
+import ssl
 import time
-from typing import Any, Callable, Deque, List, Optional, Tuple, Union
+from typing import Any, Callable, Deque, Dict, List, Optional, Tuple, Union
 
 import gevent
 from gevent import socket as gsocket
@@ -24,12 +25,14 @@ from gevent.queue import Queue
 from . import typecast
 from .connection import DEFAULT_MAX_QUEUE_BYTES, RECV_CHUNK, Connection, set_nodelay
 from .errors import (
+    AuthenticationFailed,
     ClientDisconnected,
     ClientException,
     ClientNotFound,
     ConnectionRejected,
     RemoteProtocolError,
     ServerNotRunning,
+    TLSError,
 )
 from .frames import DEFAULT_HEADER_LEN, DEFAULT_MAX_MESSAGE_SIZE, FrameParser, frame
 from .handlers import CLIENT_RESERVED, CLIENT_UNRESERVED_ARGS, HandlerRunner, HandlerTable
@@ -53,6 +56,7 @@ from .messages import (
     parse_server_body,
 )
 from .outgoing import OutgoingCommand
+from .tls import TLSLayer, client_context, perform_handshake
 from .utils import ClientInfo, MessageCacheMember, Sendable, iptup_to_str
 
 __all__ = ["HiSockClient", "ThreadedHiSockClient", "connect", "threaded_connect"]
@@ -91,9 +95,19 @@ class HiSockClient:
     :param max_message_size: the largest frame body accepted from the server.
     :param use_msgpack: offer the msgpack extension (needed for bool, None in containers,
         ClientInfo and tuples to round-trip; faster for lists and dicts).
+    :param auth: credentials for the server's authentication check (anything JSON can
+        carry), sent in the hello.
+    :param ssl_context: connect with TLS using this context; or give ``cafile`` (the CA
+        that signed the server's certificate) and optionally ``certfile``/``keyfile``.
+    :param server_hostname: the name the server's certificate must match (default: the
+        address's host).
+    :param max_nesting: deepest container nesting accepted in a received payload.
+    :param max_items: most elements accepted in one received payload.
     :raises TypeError: the address is not a tuple.
     :raises ServerNotRunning: nothing accepts connections at ``addr``.
     :raises ConnectionRejected: the server refused us (full, or its checks said no).
+    :raises AuthenticationFailed: (a ConnectionRejected) the server's check refused ``auth``.
+    :raises TLSError: the TLS handshake failed (e.g. the server does not speak TLS).
 
     :ivar addr: the server's address.  :ivar name: our name.  :ivar group: our group.
     :ivar header_len: the header width.  :ivar funcs: the handlers registered with :meth:`on`.
@@ -114,6 +128,14 @@ class HiSockClient:
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
         max_queue_bytes: int = DEFAULT_MAX_QUEUE_BYTES,
         use_msgpack: bool = True,
+        auth: Any = None,
+        ssl_context: Optional[ssl.SSLContext] = None,
+        cafile: Optional[str] = None,
+        certfile: Optional[str] = None,
+        keyfile: Optional[str] = None,
+        server_hostname: Optional[str] = None,
+        max_nesting: int = typecast.DEFAULT_MAX_DEPTH,
+        max_items: int = typecast.DEFAULT_MAX_ITEMS,
     ):
         if not isinstance(addr, tuple) or len(addr) != 2:
             raise TypeError(f"addr must be a two-element tuple (ip, port), not {addr!r}")
@@ -130,6 +152,8 @@ class HiSockClient:
         self.cache: List[MessageCacheMember] = []
         self.answer_timeout = answer_timeout
         self.max_queue_bytes = max_queue_bytes
+        self.max_nesting = max_nesting
+        self.max_items = max_items
         self._handlers = HandlerTable(CLIENT_RESERVED, CLIENT_UNRESERVED_ARGS)
         self.funcs = self._handlers.funcs
         self._home = Home()
@@ -160,8 +184,20 @@ class HiSockClient:
         self._plain_sock: Optional[_stdlib_socket.socket] = sock
         self._client_addr: Tuple[str, int] = sock.getsockname()[:2]
         self.connect_time = time.time()
+        if ssl_context is None and (cafile is not None or certfile is not None):
+            ssl_context = client_context(cafile, certfile, keyfile)
+        self._tls: Optional[TLSLayer] = None
         try:
-            self._say_hello(use_msgpack)
+            if ssl_context is not None:
+                self._tls = TLSLayer(ssl_context, server_side=False, server_hostname=server_hostname or addr[0])
+                sock.settimeout(answer_timeout)
+                try:
+                    perform_handshake(self._tls, sock.recv, sock.sendall)
+                except _stdlib_socket.timeout as exc:
+                    raise TLSError(f"no TLS handshake answer within {answer_timeout} s") from exc
+                except OSError as exc:
+                    raise TLSError(f"the connection failed during the TLS handshake: {exc}") from exc
+            self._say_hello(use_msgpack, auth)
         except BaseException:
             sock.close()
             self.closed = True
@@ -179,12 +215,22 @@ class HiSockClient:
 
     # ------------------------------------------------------------------ handshake
 
-    def _say_hello(self, use_msgpack: bool) -> None:
+    def _plain_send(self, data: bytes) -> None:
+        """Blocking write on the socket we have before a hub adopts it (through TLS if any)."""
+        assert self._plain_sock is not None
+        self._plain_sock.sendall(self._tls.encrypt(data) if self._tls is not None else data)
+
+    def _say_hello(self, use_msgpack: bool, auth: Any) -> None:
         """Send the hello and read until the server's answer (our own $CLTCONN$)."""
         sock = self._plain_sock
         assert sock is not None
-        extra = {"caps": [CAPABILITY_MSGPACK]} if use_msgpack else {}
-        sock.sendall(frame(Hello(self.name, self.group, extra).to_body(), self.header_len))
+        extra: Dict[str, Any] = {"caps": [CAPABILITY_MSGPACK]} if use_msgpack else {}
+        if auth is not None:
+            extra["auth"] = auth
+        try:
+            self._plain_send(frame(Hello(self.name, self.group, extra).to_body(), self.header_len))
+        except OSError as exc:
+            raise ConnectionRejected(f"the connection failed during the handshake: {exc}") from exc
         deadline = time.monotonic() + self.answer_timeout
         answered = False
         while not answered:
@@ -198,15 +244,23 @@ class HiSockClient:
             if not data:
                 raise ConnectionRejected("the server closed the connection during the handshake")
             try:
+                if self._tls is not None:
+                    data, reply = self._tls.receive(data)
+                    if reply:
+                        sock.sendall(reply)
                 bodies = self._parser.feed(data)
                 messages = [parse_server_body(body) for body in bodies]
             except RemoteProtocolError as exc:
-                raise ConnectionRejected(f"the server's answer broke the protocol: {exc}") from exc
+                hint = "" if self._tls is not None else " (does the server expect TLS?)"
+                raise ConnectionRejected(f"the server's answer broke the protocol: {exc}{hint}") from exc
             for message in messages:
                 if answered:
                     self._early.append(message)
                 elif isinstance(message, Disconnect):
-                    raise ConnectionRejected("the server refused the connection ($DISCONN$)")
+                    if message.reason == "authentication failed":
+                        raise AuthenticationFailed("the server's authentication check refused us")
+                    why = f": {message.reason}" if message.reason else ""
+                    raise ConnectionRejected(f"the server refused the connection ($DISCONN$){why}")
                 elif isinstance(message, PeerJoined):
                     # The first $CLTCONN$ after our hello announces us.
                     caps = message.info.get("caps")
@@ -233,7 +287,10 @@ class HiSockClient:
                 return
             gsock = gsocket.socket(fileno=self._plain_sock.detach())
             self._plain_sock = None
-            self._conn = Connection(gsock, self.addr, self.header_len, self._parser.max_body_len, self.max_queue_bytes, self._on_overflow, self._parser)
+            self._conn = Connection(
+                gsock, self.addr, self.header_len, self._parser.max_body_len, self.max_queue_bytes,
+                self._on_overflow, self._parser, self._tls,
+            )
             early, self._early = self._early, []
             for message in early:
                 self._route(message)
@@ -254,7 +311,7 @@ class HiSockClient:
                 if self._conn is None:
                     assert self._plain_sock is not None
                     try:
-                        self._plain_sock.sendall(data)
+                        self._plain_send(data)
                     except OSError as exc:
                         raise ClientDisconnected(f"sending to the server failed: {exc}") from exc
                     return
@@ -291,7 +348,7 @@ class HiSockClient:
         kind = type(message)
         if kind is Command:
             assert isinstance(message, Command)
-            content = typecast.decode(message.fmt, message.payload)
+            content = typecast.decode(message.fmt, message.payload, max_depth=self.max_nesting, max_items=self.max_items)
             if message.command == GETCLT_COMMAND and self._getclt_waiters:
                 self._getclt_waiters.popleft().set(content)
             else:
@@ -548,12 +605,12 @@ class HiSockClient:
             plain = self._plain_sock
             if plain is not None:
                 self.closed = True
-                self._plain_sock = None
                 if emit_leave:
                     try:
-                        plain.sendall(frame(UserClose().to_body(), self.header_len))
+                        self._plain_send(frame(UserClose().to_body(), self.header_len))
                     except OSError:
                         pass
+                self._plain_sock = None
                 plain.close()
                 return
         self._home.call(self._close_here, emit_leave)

@@ -17,7 +17,9 @@ from typing import Any, Callable, Iterator, List, Optional, Tuple
 import gevent
 from gevent import socket as gsocket
 
+from .errors import IdleTimeout
 from .frames import DEFAULT_HEADER_LEN, DEFAULT_MAX_MESSAGE_SIZE, FrameParser
+from .tls import TLSLayer
 
 __all__ = ["Connection", "DEFAULT_MAX_QUEUE_BYTES", "RECV_CHUNK", "set_nodelay"]
 
@@ -44,6 +46,8 @@ class Connection:
     :param on_overflow: called once, with this connection, when the outbound queue passes
         ``max_queue_bytes``; the owner normally closes the connection.
     :param parser: continue with this parser (and whatever it has buffered).
+    :param tls: a TLS session whose handshake is done: everything read is decrypted and
+        everything sent encrypted through it.
     """
 
     __slots__ = (
@@ -58,6 +62,7 @@ class Connection:
         "_writer",
         "closed",
         "_overflowed",
+        "tls",
     )
 
     def __init__(
@@ -69,6 +74,7 @@ class Connection:
         max_queue_bytes: int = DEFAULT_MAX_QUEUE_BYTES,
         on_overflow: Optional[Callable[["Connection"], Any]] = None,
         parser: Optional[FrameParser] = None,
+        tls: Optional[TLSLayer] = None,
     ):
         self.sock = sock
         self.peer = peer
@@ -82,6 +88,7 @@ class Connection:
         self._writer: Optional[gevent.Greenlet] = None
         self.closed = False
         self._overflowed = False
+        self.tls = tls
 
     # ------------------------------------------------------------------ reading
 
@@ -95,15 +102,24 @@ class Connection:
         recv = self.sock.recv
         parser = self.parser
         feed = parser.feed
+        tls = self.tls
         # Bytes that arrived before we took the socket over may already hold whole frames.
         data = b""
         while True:
+            if tls is not None:
+                data, reply = tls.receive(data)
+                if reply:
+                    self._send_ciphertext(reply)
             for body in feed(data):
                 yield body
             if parser.failed:
                 feed(b"")  # raises the error found behind those bodies
+            if tls is not None and tls.closed_by_peer:
+                return
             try:
                 data = recv(RECV_CHUNK)
+            except _stdlib_socket.timeout:
+                raise IdleTimeout(f"nothing received for {self.sock.gettimeout()} s") from None
             except OSError:
                 return
             if not data:
@@ -121,6 +137,11 @@ class Connection:
         at once is queued for the writer greenlet.  Ignored once closed."""
         if self.closed:
             return
+        if self.tls is not None:
+            data = self.tls.encrypt(data)
+        self._send_ciphertext(data)
+
+    def _send_ciphertext(self, data: bytes) -> None:
         if self._writer is None:
             # Nothing queued: hand it straight to the kernel (no greenlet, no wait).
             try:
@@ -173,7 +194,7 @@ class Connection:
     def send_now(self, data: bytes) -> None:
         """Best-effort immediate write for a connection we are about to drop (never blocks)."""
         try:
-            self._raw_send(data)
+            self._raw_send(self.tls.encrypt(data) if self.tls is not None else data)
         except OSError:
             pass
 

@@ -31,6 +31,9 @@ __all__ = [
     "MalformedMessage",
     "MalformedPayload",
     "HandshakeError",
+    "TLSError",
+    "AuthenticationFailed",
+    "IdleTimeout",
     "NoHeaderWarning",
     "FunctionNotFoundWarning",
 ]
@@ -105,6 +108,18 @@ class MalformedPayload(RemoteProtocolError):
 
 class HandshakeError(RemoteProtocolError):
     """The peer's hello is missing, late, repeated or not what the protocol says."""
+
+
+class TLSError(HandshakeError):
+    """The TLS handshake failed or TLS records were corrupt (e.g. a plain client on a TLS port)."""
+
+
+class AuthenticationFailed(ConnectionRejected):
+    """The server's authentication check refused our hello."""
+
+
+class IdleTimeout(RemoteProtocolError):
+    """The peer sent nothing for longer than the idle timeout."""
 
 
 class NoHeaderWarning(Warning):

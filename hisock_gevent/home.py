@@ -28,6 +28,8 @@ _get_ident: Callable[[], int] = gevent.monkey.get_original("_thread", "get_ident
 _allocate_lock: Callable[[], Any] = gevent.monkey.get_original("_thread", "allocate_lock")
 _RealThread: Any = gevent.monkey.get_original("threading", "Thread")
 
+# How long a home thread waits, as it ends, for handler workers to finish.
+_POOL_STOP_TIMEOUT = 10.0
 # How often a caller on another thread checks that the home is still alive while waiting.
 _LIVENESS_POLL = 0.25
 
@@ -45,6 +47,7 @@ class Home:
         self._pool: Optional[ThreadPool] = None
         self._thread: Optional[Any] = None
         self._worker_idents: Set[int] = set()
+        self._pool_killer: Optional[gevent.Greenlet] = None
         self.alive = False
 
     @staticmethod
@@ -132,9 +135,13 @@ class Home:
         adopted.acquire()
 
     def _shutdown_thread_hub(self) -> None:
+        # Workers hand their results back through this hub: let them finish before it goes.
         if self._pool is not None:
             self._pool.kill()
             self._pool = None
+        if self._pool_killer is not None:
+            self._pool_killer.join(_POOL_STOP_TIMEOUT)
+            self._pool_killer = None
         hub = gevent.get_hub()
         try:
             hub.destroy(destroy_loop=True)
@@ -159,5 +166,5 @@ class Home:
         one of them: a background greenlet does the waiting.
         """
         if self._pool is not None:
-            gevent.spawn(self._pool.kill)
+            self._pool_killer = gevent.spawn(self._pool.kill)
             self._pool = None

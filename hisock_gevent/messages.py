@@ -149,10 +149,21 @@ class PeerLeft:
 
 @dataclass(frozen=True)
 class Disconnect:
-    """``$DISCONN$``: the server is disconnecting this client."""
+    """``$DISCONN$``: the server is disconnecting this client.
+
+    **(ext)** To a hisock_gevent client the server may append a JSON object saying why
+    (``{"reason": ...}``); plain HiSock peers only ever get the bare tag.
+    """
+
+    details: Optional[Dict[str, Any]] = None
+
+    @property
+    def reason(self) -> Optional[str]:
+        reason = (self.details or {}).get("reason")
+        return reason if isinstance(reason, str) else None
 
     def to_body(self) -> bytes:
-        return b"$DISCONN$"
+        return b"$DISCONN$" + (_json(self.details) if self.details else b"")
 
 
 @dataclass(frozen=True)
@@ -236,6 +247,17 @@ def _parse_hello(payload: bytes) -> Hello:
     return Hello(name, group, obj)
 
 
+def _parse_details(payload: bytes) -> Optional[Dict[str, Any]]:
+    """The optional JSON after $DISCONN$; anything unreadable is ignored (it is only advice)."""
+    if not payload:
+        return None
+    try:
+        obj = json.loads(payload)
+    except (ValueError, RecursionError):
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
 def _parse_info(payload: bytes) -> Dict[str, Any]:
     try:
         obj = json.loads(payload)
@@ -261,7 +283,7 @@ _CLIENT_TAGS: Dict[bytes, _ClientParser] = {
 _SERVER_TAGS: Dict[bytes, _ServerParser] = {
     b"$CLTCONN$": lambda p: PeerJoined(_parse_info(p)),
     b"$CLTDISCONN$": lambda p: PeerLeft(_parse_info(p)),
-    b"$DISCONN$": lambda _: Disconnect(),
+    b"$DISCONN$": lambda p: Disconnect(_parse_details(p)),
     b"$KEEPALIVE$": lambda _: KeepAlive(),
 }
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import logging
 import socket as _stdlib_socket
+import ssl
 import time
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple, TypeVar, Union
 
@@ -22,7 +23,7 @@ from gevent.server import StreamServer
 
 from . import typecast
 from .connection import DEFAULT_MAX_QUEUE_BYTES, Connection, set_nodelay
-from .errors import ClientNotFound, HandshakeError, RemoteProtocolError
+from .errors import ClientNotFound, HandshakeError, RemoteProtocolError, TLSError
 from .frames import DEFAULT_HEADER_LEN, DEFAULT_MAX_MESSAGE_SIZE, frame
 from .handlers import SERVER_RESERVED, SERVER_UNRESERVED_ARGS, HandlerRunner, HandlerTable
 from .home import Home
@@ -44,6 +45,7 @@ from .messages import (
     parse_client_body,
 )
 from .outgoing import OutgoingCommand
+from .tls import TLSLayer, perform_handshake, server_context
 from .registry import ClientRef, ClientRegistry, Delivery, GroupRef, LocalDelivery
 from .utils import ClientInfo, MessageCacheMember, Sendable
 
@@ -127,6 +129,14 @@ class HiSockServer:
     :param max_message_size: the largest frame body accepted from a client; a header
         announcing more closes that connection before anything is read.
     :param max_queue_bytes: outbound bytes a client may leave unread before it is dropped.
+    :param idle_timeout: drop (running ``leave``) a client that sends nothing for this many
+        seconds; None (default) for never.  Keepalive answers count as traffic.
+    :param max_nesting: deepest container nesting accepted in a received payload.
+    :param max_items: most elements accepted in one received payload.
+    :param ssl_context: serve TLS with this context (or give ``certfile``/``keyfile``).
+    :param authenticate: ``check(client_info, credentials) -> bool`` run on each hello
+        before ``join``; ``credentials`` is what the client passed as ``auth``.  A refused
+        client is sent ``$DISCONN$`` and closed; nobody else hears of it.
     :param delivery: who-receives-what backend; defaults to this process's clients.
 
     :ivar addr: the address actually served at.
@@ -150,6 +160,13 @@ class HiSockServer:
         handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
         max_queue_bytes: int = DEFAULT_MAX_QUEUE_BYTES,
+        idle_timeout: Optional[float] = None,
+        max_nesting: int = typecast.DEFAULT_MAX_DEPTH,
+        max_items: int = typecast.DEFAULT_MAX_ITEMS,
+        ssl_context: Optional[ssl.SSLContext] = None,
+        certfile: Optional[str] = None,
+        keyfile: Optional[str] = None,
+        authenticate: Optional[Callable[[ClientInfo, Any], bool]] = None,
         delivery: Optional[Delivery] = None,
         backlog: int = DEFAULT_BACKLOG,
     ):
@@ -171,6 +188,13 @@ class HiSockServer:
         self.handshake_timeout = handshake_timeout
         self.max_message_size = max_message_size
         self.max_queue_bytes = max_queue_bytes
+        self.idle_timeout = idle_timeout
+        self.max_nesting = max_nesting
+        self.max_items = max_items
+        if ssl_context is None and certfile is not None:
+            ssl_context = server_context(certfile, keyfile)
+        self.ssl_context = ssl_context
+        self.authenticate = authenticate
 
         # A plain socket: bound now (so errors and the real port show at once), served
         # later by whichever thread runs start().
@@ -348,11 +372,15 @@ class HiSockServer:
         self._connections.add(conn)
         peer: Optional[_ServerPeer] = None
         try:
+            if self.ssl_context is not None:
+                conn.tls = self._tls_handshake(sock)
             bodies = conn.bodies()
             hello = self._read_hello(conn, bodies)
-            if hello is None:
+            if hello is None or not self._admit(conn, hello):
                 return
             peer = self._join(conn, hello)
+            if self.idle_timeout:
+                sock.settimeout(self.idle_timeout)
             for body in bodies:
                 if peer.gone:
                     break
@@ -369,6 +397,32 @@ class HiSockServer:
             if peer is not None:
                 self._drop(peer, call_leave=True, notify=True)
             conn.close()
+
+    def _tls_handshake(self, sock: Any) -> TLSLayer:
+        assert self.ssl_context is not None
+        layer = TLSLayer(self.ssl_context, server_side=True)
+        with gevent.Timeout(self.handshake_timeout, TLSError(f"no TLS handshake within {self.handshake_timeout} s")):
+            perform_handshake(layer, sock.recv, sock.sendall)
+        return layer
+
+    def _admit(self, conn: Connection, hello: Hello) -> bool:
+        """Run the authentication check, if any; a refused client is told ``$DISCONN$``."""
+        if self.authenticate is None:
+            return True
+        candidate = ClientInfo(conn.peer, hello.name, hello.group)
+        try:
+            accepted = bool(self.authenticate(candidate, hello.extra.get("auth")))
+        except Exception:
+            logger.exception("authentication check failed for %s; refusing it", candidate)
+            accepted = False
+        if accepted:
+            return True
+        logger.warning("refusing %s: authentication failed", candidate)
+        # A hisock_gevent client is told why; a plain HiSock client gets the bare $DISCONN$.
+        reason = {"reason": "authentication failed"} if CAPABILITY_MSGPACK in hello.capabilities else None
+        conn.send(frame(Disconnect(reason).to_body(), self.header_len))
+        conn.close(DEFAULT_CLOSE_TIMEOUT)
+        return False
 
     def _read_hello(self, conn: Connection, bodies: Any) -> Optional[Hello]:
         body = None
@@ -450,7 +504,7 @@ class HiSockServer:
     # ------------------------------------------------------------------ messages
 
     def _on_command(self, peer: _ServerPeer, message: Command) -> bool:
-        content = typecast.decode(message.fmt, message.payload)
+        content = typecast.decode(message.fmt, message.payload, max_depth=self.max_nesting, max_items=self.max_items)
         command = message.command
         info = peer.info
         entry = self._handlers.command_handler(command)

@@ -74,7 +74,7 @@ MODES: Dict[str, Dict[str, Any]] = {
     "quick": {
         "s1_cases": [(c, w) for c in (1, 50, 500) for w in (1, 4)], "s1_warmup": 1.0, "s1_duration": 3.0,
         "s2_clients": [100, 1000, 5000], "s2_repeats": 7,
-        "s3_clients": 10000, "s3_ramp_timeout": 90.0,
+        "s3_clients": 10000, "s3_ramp_timeout": 120.0,
         "s4_warmup": 0.5, "s4_duration": 3.0,
         "s5_seconds": 0.3,
         "case_timeout": 150.0,
@@ -102,7 +102,19 @@ TARGETS = {
 
 
 def proc_cpu_seconds(pid: int) -> float:
-    """utime + stime of a live process, in seconds (0.0 once it is gone)."""
+    """CPU time of a live process (all its threads), in seconds (0.0 once it is gone).
+
+    From ``/proc/<pid>/task/*/schedstat`` (nanoseconds) when the kernel has it, else from
+    ``/proc/<pid>/stat`` (clock ticks, usually 10 ms).
+    """
+    try:
+        total = 0
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                total += int(f.read().split()[0])
+        return total / 1e9
+    except (OSError, ValueError, IndexError):
+        pass
     try:
         with open(f"/proc/{pid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
@@ -339,6 +351,7 @@ def run_s1(kind: str, clients: int, window: int, cfg: Dict[str, Any], pin: bool,
         "clients": clients, "window": window, "rt_per_s": rate,
         "p50_ms": result["p50_ms"], "p99_ms": result["p99_ms"],
         "gen_cpu": result["cpu"], "server_cpu": cpu["server"], "other_cpu": cpu["other"],
+        "server_cpu_us_per_rt": cpu["server"] / rate * 1e6 if rate else None,
         "errors": result["errors"],
     }
 
@@ -357,24 +370,29 @@ def run_s2(kind: str, clients: int, cfg: Dict[str, Any], pin: bool) -> Dict[str,
         ramp = max(r["ramp_s"] for r in readies)
         settle = wait_quiet([case.server.pid] + [g.pid for g in gens], 60.0)
         times: List[float] = []
+        server_cpu0 = proc_cpu_seconds(case.server.pid)
+        gen_cpu0 = sum(proc_cpu_seconds(g.pid) for g in gens)
         for seq in range(cfg["s2_repeats"]):
             gens[0].send(f"send {seq}")
             sent = gens[0].expect("sent", 30.0, seq=seq)
             lasts = [gen.expect("got", 60.0, seq=seq)["last"] for gen in gens]
             times.append(max(lasts) - sent["t"])
             wait_quiet([case.server.pid] + [g.pid for g in gens], 5.0, threshold=0.1, window=0.05)
+        # CPU per broadcast (the quiet waits in between cost next to nothing).
+        server_ms = (proc_cpu_seconds(case.server.pid) - server_cpu0) / len(times) * 1000
+        gen_ms = (sum(proc_cpu_seconds(g.pid) for g in gens) - gen_cpu0) / len(times) * 1000
     median = statistics.median(times)
     return {
         "clients": clients, "repeats": len(times), "median_ms": median * 1000, "min_ms": min(times) * 1000,
         "max_ms": max(times) * 1000, "deliveries_per_s": clients / median, "ramp_s": ramp, "settle_s": settle,
-        "gen_procs": procs,
+        "gen_procs": procs, "server_cpu_ms_per_broadcast": server_ms, "gen_cpu_ms_per_broadcast": gen_ms,
     }
 
 
 def run_s3(kind: str, clients: int, cfg: Dict[str, Any], pin: bool) -> Dict[str, Any]:
     procs = 1 if clients <= 200 else 2
     ramp_timeout = cfg["s3_ramp_timeout"]
-    params = [{"clients": n, "ramp_timeout": ramp_timeout} for n in split(clients, procs)]
+    params = [{"clients": n, "ramp_timeout": ramp_timeout, "connect_timeout": 60.0} for n in split(clients, procs)]
     with Case(kind, pin) as case:
         time.sleep(0.2)
         rss_idle = proc_rss_kib(case.server.pid) or 0
@@ -424,6 +442,7 @@ def run_s4(kind: str, cfg: Dict[str, Any], pin: bool) -> Dict[str, Any]:
         "payload_bytes": params["size"], "window": params["window"], "mb_per_s": result["bytes"] / result["elapsed"] / 1e6,
         "messages_per_s": result["acks"] / result["elapsed"], "gen_cpu": result["cpu"], "server_cpu": cpu["server"],
         "other_cpu": cpu["other"], "server_rss_kib": rss, "errors": result["errors"],
+        "server_cpu_ms_per_mb": cpu["server"] / (result["bytes"] / result["elapsed"] / 1e6) * 1000 if result["bytes"] else None,
     }
 
 
@@ -573,23 +592,26 @@ def table_rows(results: Dict[str, Any]) -> List[Tuple[str, str, str, str, str, s
         h, b = row.get("hisock"), row.get("baseline")
         rows.append(("S1 ping-pong", case, "round trips/s", fmt_num(get(h, "rt_per_s")), fmt_num(get(b, "rt_per_s")), ratio(get(h, "rt_per_s"), get(b, "rt_per_s"))))
         rows.append(("", "", "p50 / p99 latency ms", _pair(h, "p50_ms", "p99_ms"), _pair(b, "p50_ms", "p99_ms"), ratio(get(h, "p99_ms"), get(b, "p99_ms")) + " (p99)"))
+        rows.append(("", "", "server CPU us per round trip", fmt_num(get(h, "server_cpu_us_per_rt"), 1), fmt_num(get(b, "server_cpu_us_per_rt"), 1), ratio(get(h, "server_cpu_us_per_rt"), get(b, "server_cpu_us_per_rt"))))
         rows.append(("", "", "CPU % gen / server / other", _cpu(h), _cpu(b), ""))
     for row in results.get("S2", []):
         h, b = row.get("hisock"), row.get("baseline")
         case = f"N={row['clients']:,}"
         rows.append(("S2 fan-out", case, "all received, median ms", fmt_num(get(h, "median_ms"), 1), fmt_num(get(b, "median_ms"), 1), ratio(get(h, "median_ms"), get(b, "median_ms"))))
         rows.append(("", "", "deliveries/s", fmt_num(get(h, "deliveries_per_s")), fmt_num(get(b, "deliveries_per_s")), ratio(get(h, "deliveries_per_s"), get(b, "deliveries_per_s"))))
+        rows.append(("", "", "CPU ms/broadcast server / gen", _pair(h, "server_cpu_ms_per_broadcast", "gen_cpu_ms_per_broadcast", 1), _pair(b, "server_cpu_ms_per_broadcast", "gen_cpu_ms_per_broadcast", 1), ratio(get(h, "server_cpu_ms_per_broadcast"), get(b, "server_cpu_ms_per_broadcast")) + " (srv)"))
         rows.append(("", "", "join storm (ramp) s", fmt_num(get(h, "ramp_s"), 1), fmt_num(get(b, "ramp_s"), 1), ratio(get(h, "ramp_s"), get(b, "ramp_s"))))
     for row in results.get("S3", []):
         h, b = row.get("hisock"), row.get("baseline")
         case = f"N={row['clients']:,}"
         rows.append(("S3 connections", case, "held", fmt_num(get(h, "held")), fmt_num(get(b, "held")), ratio(get(h, "held"), get(b, "held"))))
         rows.append(("", "", "server RSS KiB/conn", fmt_num(get(h, "rss_per_conn_kib"), 1), fmt_num(get(b, "rss_per_conn_kib"), 1), ratio(get(h, "rss_per_conn_kib"), get(b, "rss_per_conn_kib"))))
-        rows.append(("", "", "server RSS MiB idle / held", _rss(h), _rss(b), ""))
+        rows.append(("", "", "server RSS MiB idle/held/peak", _rss(h), _rss(b), ""))
         rows.append(("", "", "open + hand-shake all, s", fmt_num(get(h, "ramp_s"), 1), fmt_num(get(b, "ramp_s"), 1), ratio(get(h, "ramp_s"), get(b, "ramp_s"))))
     for row in results.get("S4", []):
         h, b = row.get("hisock"), row.get("baseline")
         rows.append(("S4 bulk", "1 MiB, window 2", "MB/s (10^6 B)", fmt_num(get(h, "mb_per_s"), 1), fmt_num(get(b, "mb_per_s"), 1), ratio(get(h, "mb_per_s"), get(b, "mb_per_s"))))
+        rows.append(("", "", "server CPU ms per MB", fmt_num(get(h, "server_cpu_ms_per_mb"), 2), fmt_num(get(b, "server_cpu_ms_per_mb"), 2), ratio(get(h, "server_cpu_ms_per_mb"), get(b, "server_cpu_ms_per_mb"))))
         rows.append(("", "", "CPU % gen / server / other", _cpu(h), _cpu(b), ""))
     for row in results.get("S5", []):
         if "error" in row:
@@ -606,9 +628,9 @@ def table_rows(results: Dict[str, Any]) -> List[Tuple[str, str, str, str, str, s
     return rows
 
 
-def _pair(result: Any, a: str, b: str) -> str:
+def _pair(result: Any, a: str, b: str, digits: int = 2) -> str:
     x, y = get(result, a), get(result, b)
-    return "-" if x is None or y is None else f"{x:.2f} / {y:.2f}"
+    return "-" if x is None or y is None else f"{x:.{digits}f} / {y:.{digits}f}"
 
 
 def _cpu(result: Any) -> str:
@@ -619,8 +641,8 @@ def _cpu(result: Any) -> str:
 
 
 def _rss(result: Any) -> str:
-    i, h = get(result, "rss_idle_kib"), get(result, "rss_held_kib")
-    return "-" if i is None or h is None else f"{i / 1024:.0f} / {h / 1024:.0f}"
+    i, h, p = get(result, "rss_idle_kib"), get(result, "rss_held_kib"), get(result, "rss_peak_kib")
+    return "-" if i is None or h is None else f"{i / 1024:.0f} / {h / 1024:.0f} / {(p or 0) / 1024:.0f}"
 
 
 def render_table(results: Dict[str, Any]) -> str:
@@ -662,15 +684,17 @@ def run_profile(cfg: Dict[str, Any], pin: bool, clients: int, window: int, top: 
 
 
 def compare(old_path: str, new_path: str) -> None:
+    """Print the table rows of two result files side by side (hisock figure and ratio)."""
     with open(old_path) as f:
         old = json.load(f)
     with open(new_path) as f:
         new = json.load(f)
-    old_rows = {(r[0] or "", r[1], r[2]): r for r in _keyed(table_rows(old["results"]))}
-    print(f"{'case':<40} {'metric':<28} {'old hisock':>14} {'new hisock':>14} {'old ratio':>12} {'new ratio':>12}")
-    for key, row in ((k, r) for k, r in ((k, r) for k, r in [((r[0], r[1], r[2]), r) for r in _keyed(table_rows(new["results"]))])):
-        before = old_rows.get(key, ("", "", "", "-", "-", "-"))
-        print(f"{(key[0] + ' ' + key[1])[:40]:<40} {key[2][:28]:<28} {before[3]:>14} {row[3]:>14} {before[5]:>12} {row[5]:>12}")
+    before = {r[:3]: r for r in _keyed(table_rows(old["results"]))}
+    print(f"{'scenario / case':<34} {'metric':<32} {'old hisock':>16} {'new hisock':>16} {'old h/b':>14} {'new h/b':>14}")
+    for row in _keyed(table_rows(new["results"])):
+        prev = before.get(row[:3], ("", "", "", "-", "-", "-"))
+        label = f"{row[0]} {row[1]}"
+        print(f"{label[:34]:<34} {row[2][:32]:<32} {prev[3]:>16} {row[3]:>16} {prev[5]:>14} {row[5]:>14}")
 
 
 def _keyed(rows: List[Tuple[str, ...]]) -> List[Tuple[str, ...]]:

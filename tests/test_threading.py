@@ -518,6 +518,28 @@ def test_threaded_server_closed_from_its_own_handler_returns_to_the_handler_and_
     assert _port_is_free(port)
 
 
+def test_threaded_server_closed_from_a_threaded_handler_lets_that_worker_finish_cleanly(make_server, make_client, capfd):
+    server = make_server()
+    worker_idents: List[int] = []
+    after_close = threading.Event()
+
+    @server.on("shutdown", threaded=True)
+    def shutdown(client):
+        worker_idents.append(threading.get_ident())
+        server.close()
+        after_close.set()
+
+    server.start()
+    client = make_client(server)
+    client.send("shutdown")
+    assert after_close.wait(WAIT)
+    server.join(WAIT)
+    # The worker hands its (empty) result back to the server's hub, then exits.
+    wait_until(lambda: worker_idents[0] not in sys._current_frames(), timeout=WAIT)
+    stderr = capfd.readouterr().err
+    assert "destroyed loop" not in stderr and "Failed to run worker thread" not in stderr, stderr
+
+
 def test_hisockserver_start_returns_normally_when_a_handler_closes_the_server(make_client):
     server = hisock_gevent.HiSockServer((LOOPBACK, 0))
 
