@@ -242,7 +242,8 @@ class HiSockClient:
             except OSError as exc:
                 raise ConnectionRejected(f"the connection failed during the handshake: {exc}") from exc
             if not data:
-                raise ConnectionRejected("the server closed the connection during the handshake")
+                hint = "" if self._tls is not None else " (does the server expect TLS?)"
+                raise ConnectionRejected(f"the server closed the connection during the handshake{hint}")
             try:
                 if self._tls is not None:
                     data, reply = self._tls.receive(data)

@@ -27,6 +27,8 @@ DEFAULT_HEADER_LEN = 16
 DEFAULT_MAX_MESSAGE_SIZE = 16 * 1024 * 1024
 
 _SPACE = b" "
+# A TLS handshake record starts with content type 22 and major version 3.
+_TLS_RECORD = b"\x16\x03"
 
 
 def make_header(body_len: int, header_len: int = DEFAULT_HEADER_LEN) -> bytes:
@@ -56,7 +58,8 @@ def parse_header(header: bytes) -> int:
     digits = header.strip(_SPACE)
     # bytes.isdigit() is ASCII-only, unlike int(), which also takes "+", "_" and tabs.
     if not digits.isdigit():
-        raise InvalidHeader(f"frame header {bytes(header)[:32]!r} is not a decimal length")
+        hint = " (it looks like TLS: is the peer using TLS and we are not?)" if header[:2] == _TLS_RECORD else ""
+        raise InvalidHeader(f"frame header {bytes(header)[:32]!r} is not a decimal length{hint}")
     return int(digits)
 
 

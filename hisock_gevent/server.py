@@ -18,7 +18,7 @@ from typing import Any, Callable, Dict, List, Optional, Set, Tuple, TypeVar, Uni
 
 import gevent
 from gevent.event import Event
-from gevent.pool import Pool
+from gevent.pool import Group, Pool
 from gevent.server import StreamServer
 
 from . import typecast
@@ -222,8 +222,10 @@ class HiSockServer:
         self._stream_server: Optional[StreamServer] = None
         self._pool: Optional[Pool] = None
         self._connections: Set[Connection] = set()
-        self._closers: Set[gevent.Greenlet] = set()
-        self._keepalive_greenlet: Optional[gevent.Greenlet] = None
+        # Greenlets draining a disconnected client's queue before closing it.
+        self._closers = Group()
+        # The keepalive loop and its pending expiry checks.
+        self._timers = Group()
         self._stopped: Optional[Event] = None
         self._closed = False
         self._join_frame_cache: Dict[str, bytes] = {}
@@ -315,33 +317,35 @@ class HiSockServer:
         self._stream_server = StreamServer(self._listener, self._serve_connection)
         self._stream_server.start()
         if self.keepalive:
-            self._keepalive_greenlet = gevent.spawn(self._keepalive_loop)
+            self._timers.spawn(self._keepalive_loop)
         logger.info("serving at %s:%s", *self.addr)
 
     @_on_home
-    def close(self) -> None:
-        """Close the server: every client is disconnected, then the listening socket closes.
+    def close(self, timeout: float = DEFAULT_CLOSE_TIMEOUT) -> None:
+        """Close the server gracefully; ALL clients are disconnected, then the socket closes.
 
-        Blocks until that is done; calling it again does nothing.
+        New connections are refused at once; each client's queued frames get up to
+        ``timeout`` seconds to drain, followed by ``$DISCONN$``; then every socket is
+        closed and every greenlet of the server has ended.  Blocks until that is done;
+        calling it again does nothing.
         """
         if self._closed:
             return
         self._closed = True
         if self._stream_server is not None:
             self._stream_server.close()
-        self._disconnect_everyone(force=False)
-        if self._closers:
-            # Let each client's queue drain and its $DISCONN$ go out.
-            gevent.joinall(list(self._closers), timeout=DEFAULT_CLOSE_TIMEOUT + 1)
+        self._timers.kill(block=False)
+        self._disconnect_everyone(force=False, drain_timeout=timeout)
+        # Let each client's queue drain and its $DISCONN$ go out.
+        self._closers.join(timeout=timeout + 0.5)
+        self._closers.kill(block=True, timeout=1)
         for conn in list(self._connections):
             conn.close()  # whatever is left: connections still in their handshake
-        if self._keepalive_greenlet is not None:
-            self._keepalive_greenlet.kill(block=False)
         if self._pool is not None:
             # close() may run inside a handler, i.e. in one of these greenlets: spare it.
             me = gevent.getcurrent()
             others = [greenlet for greenlet in list(self._pool) if greenlet is not me]
-            gevent.killall(others, block=True, timeout=DEFAULT_CLOSE_TIMEOUT)
+            gevent.killall(others, block=True, timeout=max(timeout, 1.0))
         try:
             self._listener.close()
         except OSError:
@@ -480,16 +484,14 @@ class HiSockServer:
             self._call_reserved("leave", peer.info)
         return True
 
-    def _close_peer(self, peer: _ServerPeer, send_disconnect: bool) -> None:
+    def _close_peer(self, peer: _ServerPeer, send_disconnect: bool, drain_timeout: float = DEFAULT_CLOSE_TIMEOUT) -> None:
         """Close a client's connection, after ``$DISCONN$`` and its queue drain when asked."""
         conn = peer.conn
         if not send_disconnect:
             conn.close()
             return
         conn.send(frame(_DISCONNECT_FRAME_BODY, self.header_len))
-        closer = gevent.spawn(conn.close, DEFAULT_CLOSE_TIMEOUT)
-        self._closers.add(closer)
-        closer.rawlink(self._closers.discard)
+        self._closers.spawn(conn.close, drain_timeout)
 
     def _on_overflow(self, conn: Connection) -> None:
         logger.warning(
@@ -581,7 +583,9 @@ class HiSockServer:
             peers = list(self._registry)
             for peer in peers:
                 peer.send(ping)
-            gevent.spawn_later(self.keepalive_timeout, self._expire_silent, peers, sent_at)
+            expiry = gevent.Greenlet(self._expire_silent, peers, sent_at)
+            self._timers.add(expiry)
+            expiry.start_later(self.keepalive_timeout)
 
     def _expire_silent(self, peers: List[_ServerPeer], sent_at: float) -> None:
         for peer in peers:
@@ -670,11 +674,11 @@ class HiSockServer:
         """Disconnect every client (``leave`` does not run)."""
         self._disconnect_everyone(force)
 
-    def _disconnect_everyone(self, force: bool) -> None:
+    def _disconnect_everyone(self, force: bool, drain_timeout: float = DEFAULT_CLOSE_TIMEOUT) -> None:
         for peer in list(self._registry):
             assert isinstance(peer, _ServerPeer)
             self._drop(peer, call_leave=False, notify=False)
-            self._close_peer(peer, send_disconnect=not force)
+            self._close_peer(peer, send_disconnect=not force, drain_timeout=drain_timeout)
 
 
 class ThreadedHiSockServer(HiSockServer):
@@ -702,10 +706,10 @@ class ThreadedHiSockServer(HiSockServer):
         else:
             self._home.start_thread(lambda: HiSockServer.start(self, callback, error_handler), "hisock-server")
 
-    def close(self) -> None:
-        """Close the server and block until it has really stopped."""
-        super().close()
-        self._home.join_thread(DEFAULT_CLOSE_TIMEOUT * 3)
+    def close(self, timeout: float = DEFAULT_CLOSE_TIMEOUT) -> None:
+        """Close the server (see :meth:`HiSockServer.close`) and block until its thread has ended."""
+        super().close(timeout)
+        self._home.join_thread(timeout * 2 + 5)
 
     def join(self, timeout: Optional[float] = None) -> None:
         """Block until the server has been closed."""
