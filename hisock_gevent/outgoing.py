@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from . import typecast
-from .errors import InvalidTypeCast
 from .frames import make_header
 from .messages import command_body, is_reserved_command
 
@@ -59,14 +58,6 @@ class OutgoingCommand:
         if self._native is None:
             self._native = self._build(False)
         return self._native
-
-    def check_native(self) -> None:
-        """Raise :class:`InvalidTypeCast` now if a plain HiSock peer could not receive this."""
-        if not typecast.is_native(self.content):
-            raise InvalidTypeCast(
-                f"{type(self.content).__name__} content needs the msgpack extension, "
-                "which a plain HiSock peer does not have"
-            )
 
     def _build(self, msgpack_ok: bool) -> bytes:
         fmt, payload = typecast.encode(self.content, msgpack_ok=msgpack_ok)

@@ -234,7 +234,8 @@ class LocalDelivery(Delivery):
     def _fan_out(peers: Iterable[Peer], message: OutgoingCommand) -> None:
         peers = list(peers)
         if not all(peer.msgpack_ok for peer in peers):
-            # Refuse before anyone receives it: all or nothing.
-            message.check_native()
+            # Build the plain peers' frame first: if the content cannot be carried to them,
+            # InvalidTypeCast is raised before anyone receives it (all or nothing).
+            message.frame_for(False)
         for peer in peers:
             peer.send(message.frame_for(peer.msgpack_ok))
