@@ -11,6 +11,7 @@ import logging
 from . import client, server, utils
 from .client import HiSockClient, ThreadedHiSockClient, connect, threaded_connect
 from .errors import (
+    AuthenticationFailed,
     ClientDisconnected,
     ClientException,
     ClientNotFound,
@@ -30,6 +31,7 @@ from .errors import (
     RemoteProtocolError,
     ServerException,
     ServerNotRunning,
+    TLSError,
 )
 from .server import HiSockServer, ThreadedHiSockServer, start_server, start_threaded_server
 from .utils import (
@@ -87,6 +89,8 @@ __all__ = [
     "MalformedMessage",
     "MalformedPayload",
     "HandshakeError",
+    "TLSError",
+    "AuthenticationFailed",
     "NoHeaderWarning",
     "FunctionNotFoundWarning",
 ]

@@ -568,7 +568,10 @@ class HiSockClient:
         answer = self._on_home(self._get_client_here, query)
         if not isinstance(answer, dict) or answer.get("traceback") == NO_SUCH_CLIENT or "ip" not in answer:
             raise ClientNotFound(f"the server knows no client {query!r}")
-        return ClientInfo.from_dict(answer)
+        try:
+            return ClientInfo.from_dict(answer)
+        except (KeyError, ValueError, TypeError, IndexError) as exc:
+            raise ClientException(f"the server's answer about {query!r} is not a client info: {answer!r}") from exc
 
     def _get_client_here(self, query: str) -> Any:
         result = AsyncResult()

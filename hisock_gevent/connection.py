@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import logging
 import socket as _stdlib_socket
+import time
 from typing import Any, Callable, Iterator, List, Optional, Tuple
 
 import gevent
 from gevent import socket as gsocket
 
-from .errors import IdleTimeout
 from .frames import DEFAULT_HEADER_LEN, DEFAULT_MAX_MESSAGE_SIZE, FrameParser
 from .tls import TLSLayer
 
@@ -63,6 +63,8 @@ class Connection:
         "closed",
         "_overflowed",
         "tls",
+        "last_received",
+        "error",
     )
 
     def __init__(
@@ -89,6 +91,10 @@ class Connection:
         self.closed = False
         self._overflowed = False
         self.tls = tls
+        #: time.monotonic() of the last bytes received (for idle checks).
+        self.last_received = time.monotonic()
+        #: Why the connection failed, when it did not end cleanly (a reset, a failed write).
+        self.error: Optional[str] = None
 
     # ------------------------------------------------------------------ reading
 
@@ -103,6 +109,7 @@ class Connection:
         parser = self.parser
         feed = parser.feed
         tls = self.tls
+        monotonic = time.monotonic
         # Bytes that arrived before we took the socket over may already hold whole frames.
         data = b""
         while True:
@@ -118,12 +125,13 @@ class Connection:
                 return
             try:
                 data = recv(RECV_CHUNK)
-            except _stdlib_socket.timeout:
-                raise IdleTimeout(f"nothing received for {self.sock.gettimeout()} s") from None
-            except OSError:
+            except OSError as exc:
+                if not self.closed and self.error is None:
+                    self.error = f"connection error: {exc}"
                 return
             if not data:
                 return
+            self.last_received = monotonic()
 
     # ------------------------------------------------------------------ writing
 
@@ -135,7 +143,7 @@ class Connection:
     def send(self, data: bytes) -> None:
         """Write one or more whole frames without blocking: what the kernel does not take
         at once is queued for the writer greenlet.  Ignored once closed."""
-        if self.closed:
+        if self.closed or self.error is not None:
             return
         if self.tls is not None:
             data = self.tls.encrypt(data)
@@ -149,8 +157,7 @@ class Connection:
             except BlockingIOError:
                 sent = 0
             except OSError as exc:
-                logger.debug("write to %s failed: %s", self.peer, exc)
-                self._abort()
+                self._abort(f"write failed: {exc}")
                 return
             if sent == len(data):
                 return
@@ -168,14 +175,13 @@ class Connection:
     def _drain(self) -> None:
         sendall = self.sock.sendall
         try:
-            while self._out and not self.closed:
+            while self._out and not self.closed and self.error is None:
                 chunks, self._out = self._out, []
                 data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
                 sendall(data)
                 self._out_bytes -= len(data)
         except OSError as exc:
-            logger.debug("write to %s failed: %s", self.peer, exc)
-            self._abort()
+            self._abort(f"write failed: {exc}")
         finally:
             self._writer = None
 
@@ -200,10 +206,13 @@ class Connection:
 
     # ------------------------------------------------------------------ closing
 
-    def _abort(self) -> None:
+    def _abort(self, reason: str) -> None:
+        """A write failed: the peer is gone.  Stop writing, but leave the socket to the
+        reader, which still handles what the peer sent before it went and then ends."""
+        if self.error is None:
+            self.error = reason
         self._out = []
         self._out_bytes = 0
-        self.close()
 
     def close(self, flush_timeout: float = 0.0) -> None:
         """Close the socket, first letting queued frames drain for up to ``flush_timeout`` s.

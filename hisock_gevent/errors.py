@@ -33,7 +33,6 @@ __all__ = [
     "HandshakeError",
     "TLSError",
     "AuthenticationFailed",
-    "IdleTimeout",
     "NoHeaderWarning",
     "FunctionNotFoundWarning",
 ]
@@ -116,10 +115,6 @@ class TLSError(HandshakeError):
 
 class AuthenticationFailed(ConnectionRejected):
     """The server's authentication check refused our hello."""
-
-
-class IdleTimeout(RemoteProtocolError):
-    """The peer sent nothing for longer than the idle timeout."""
 
 
 class NoHeaderWarning(Warning):

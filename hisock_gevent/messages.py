@@ -263,8 +263,20 @@ def _parse_info(payload: bytes) -> Dict[str, Any]:
         obj = json.loads(payload)
     except (ValueError, RecursionError) as exc:
         raise MalformedMessage("client info is not JSON") from exc
-    if not isinstance(obj, dict) or "ip" not in obj:
-        raise MalformedMessage("client info is not an object with an ip")
+    if not isinstance(obj, dict):
+        raise MalformedMessage("client info is not a JSON object")
+    ip = obj.get("ip")
+    if not (
+        isinstance(ip, list)
+        and len(ip) == 2
+        and isinstance(ip[0], str)
+        and isinstance(ip[1], int)
+        and not isinstance(ip[1], bool)
+    ):
+        raise MalformedMessage("client info has no [host, port] ip")
+    for key in ("name", "group"):
+        if obj.get(key) is not None and not isinstance(obj[key], str):
+            raise MalformedMessage(f"client info {key} is not a string")
     return obj
 
 

@@ -318,6 +318,8 @@ class HiSockServer:
         self._stream_server.start()
         if self.keepalive:
             self._timers.spawn(self._keepalive_loop)
+        if self.idle_timeout:
+            self._timers.spawn(self._idle_sweep)
         logger.info("serving at %s:%s", *self.addr)
 
     @_on_home
@@ -383,8 +385,6 @@ class HiSockServer:
             if hello is None or not self._admit(conn, hello):
                 return
             peer = self._join(conn, hello)
-            if self.idle_timeout:
-                sock.settimeout(self.idle_timeout)
             for body in bodies:
                 if peer.gone:
                     break
@@ -392,8 +392,7 @@ class HiSockServer:
                 if self._dispatch[type(message)](peer, message):
                     break
             else:
-                if conn.parser.mid_frame and not conn.closed:
-                    logger.warning("%s:%s closed the connection in the middle of a frame", *address)
+                self._log_unclean_end(conn)
         except RemoteProtocolError as exc:
             logger.warning("closing %s:%s: %s", address[0], address[1], exc)
         finally:
@@ -401,6 +400,19 @@ class HiSockServer:
             if peer is not None:
                 self._drop(peer, call_leave=True, notify=True)
             conn.close()
+
+    @staticmethod
+    def _log_unclean_end(conn: Connection) -> bool:
+        """Log why a connection that just ended did not end cleanly; False if it did."""
+        reasons = []
+        if conn.error is not None:
+            reasons.append(conn.error)
+        if conn.parser.mid_frame:
+            reasons.append(f"closed in the middle of a frame ({conn.parser.buffered} bytes of it received)")
+        if not reasons:
+            return False
+        logger.warning("closing %s:%s: %s", conn.peer[0], conn.peer[1], "; ".join(reasons))
+        return True
 
     def _tls_handshake(self, sock: Any) -> TLSLayer:
         assert self.ssl_context is not None
@@ -433,8 +445,9 @@ class HiSockServer:
         with gevent.Timeout(self.handshake_timeout, False):
             body = next(bodies, None)
             if body is None:
-                # Opened and closed without a word: a port probe or health check.
-                logger.debug("%s:%s closed before its hello", *conn.peer)
+                if not self._log_unclean_end(conn):
+                    # Opened and closed without a word: a port probe or health check.
+                    logger.debug("%s:%s closed before its hello", *conn.peer)
                 return None
         if body is None:
             logger.warning("closing %s:%s: no hello within %.1f s", conn.peer[0], conn.peer[1], self.handshake_timeout)
@@ -586,6 +599,19 @@ class HiSockServer:
             expiry = gevent.Greenlet(self._expire_silent, peers, sent_at)
             self._timers.add(expiry)
             expiry.start_later(self.keepalive_timeout)
+
+    def _idle_sweep(self) -> None:
+        """Drop joined clients that have sent nothing for ``idle_timeout`` seconds."""
+        assert self.idle_timeout
+        interval = min(max(self.idle_timeout / 4, 0.05), 5.0)
+        while not self._closed:
+            gevent.sleep(interval)
+            deadline = time.monotonic() - self.idle_timeout
+            for peer in list(self._registry):
+                if not peer.gone and peer.conn.last_received < deadline:
+                    logger.warning("dropping %s: nothing received for %.1f s (idle_timeout)", peer.info, self.idle_timeout)
+                    if self._drop(peer, call_leave=True, notify=True):
+                        self._close_peer(peer, send_disconnect=True)
 
     def _expire_silent(self, peers: List[_ServerPeer], sent_at: float) -> None:
         for peer in peers:

@@ -515,6 +515,10 @@ def attempt(label: str, func: Callable[[], Dict[str, Any]], failures: List[str])
         log(f"  {label}: FAILED: {exc}")
         failures.append(f"{label}: {exc}")
         return {"error": str(exc)}
+    except Exception as exc:  # a bug in the bench itself: record it, run the other cases
+        log(f"  {label}: CRASHED: {type(exc).__name__}: {exc}")
+        failures.append(f"{label}: {type(exc).__name__}: {exc}")
+        return {"error": f"{type(exc).__name__}: {exc}"}
     result["wall_s"] = round(time.monotonic() - t0, 2)
     log(f"  {label}: done in {result['wall_s']:.1f} s")
     return result

@@ -24,7 +24,7 @@ import socket as _stdlib_socket
 import struct
 import sys
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import gevent
 from gevent import socket as gsocket
@@ -132,17 +132,33 @@ def open_client(addr: Tuple[str, int], timeout: float, name: Optional[str] = Non
         raise
 
 
-def open_clients(addr: Tuple[str, int], count: int, timeout: float, deadline: float, concurrency: int) -> Tuple[List[Client], Dict[str, int]]:
-    """Open ``count`` clients, ``concurrency`` at a time, stopping at ``deadline``."""
+def open_clients(
+    addr: Tuple[str, int],
+    count: int,
+    timeout: float,
+    deadline: float,
+    concurrency: int,
+    on_open: Optional[Callable[[Client], Any]] = None,
+) -> Tuple[List[Client], Dict[str, int]]:
+    """Open ``count`` clients, ``concurrency`` at a time, stopping at ``deadline``.
+
+    ``on_open(client)`` runs as soon as each one is connected: a client must start reading
+    at once, or the ``$CLTCONN$`` announcements of those joining after it pile up in the
+    server's buffers (every join is announced to every client).
+    """
     clients: List[Client] = []
     errors: Dict[str, int] = collections.Counter()
     pool = Pool(concurrency)
 
     def one() -> None:
         try:
-            clients.append(open_client(addr, max(0.5, min(timeout, deadline - now()))))
+            client = open_client(addr, max(0.5, min(timeout, deadline - now())))
         except (OSError, ConnectionError, gevent.Timeout) as exc:
             errors[type(exc).__name__] += 1
+            return
+        clients.append(client)
+        if on_open is not None:
+            on_open(client)
 
     for _ in range(count):
         if now() > deadline:
@@ -231,9 +247,16 @@ def s1_loop(client: Client, window: int, ping: bytes, prefix: bytes, state: S1St
 
 
 def run_s1(addr: Tuple[str, int], params: Dict[str, Any], control: Control) -> None:
-    clients, errors = open_clients(addr, params["clients"], params.get("connect_timeout", 20.0), now() + params.get("ramp_timeout", 60.0), DEFAULT_CONNECT_CONCURRENCY)
+    skippers: Dict[int, Any] = {}
+
+    def on_open(client: Client) -> None:
+        skippers[id(client)] = frame_skipper(client)
+
+    clients, errors = open_clients(addr, params["clients"], params.get("connect_timeout", 20.0), now() + params.get("ramp_timeout", 60.0), DEFAULT_CONNECT_CONCURRENCY, on_open)
     emit("ready", connected=len(clients), errors=errors)
     control.go.wait()
+    for watcher in skippers.values():
+        watcher.stop()
     if control.quit.is_set():
         return
     window = params["window"]
@@ -280,39 +303,78 @@ def _ms(seconds: Optional[float]) -> Optional[float]:
 # ---------------------------------------------------------------- S2 fan-out
 
 
-def s2_loop(client: Client, prefix: bytes, on_broadcast: Any) -> None:
-    sock, buffer = client.sock, client.buffer
-    recv = sock.recv
-    data = b""  # the handshake may have left whole frames in the buffer: parse those first
-    try:
-        while True:
-            buffer += data
-            pos, end = 0, len(buffer)
-            while end - pos >= HEADER_LEN:
-                start = pos + HEADER_LEN
-                body_end = start + int(buffer[pos:start])
-                if body_end > end:
-                    break
-                if buffer.startswith(prefix, start):
-                    at = now()
-                    _, _, payload = wire.parse_command(bytes(buffer[start:body_end]))
-                    on_broadcast(int(payload.split(b":", 1)[0]), at)
-                pos = body_end
-            if pos:
-                del buffer[:pos]
+def watch(client: Client, on_data: Any, on_close: Any) -> Any:
+    """Call ``on_data(bytes)`` from the hub whenever the client's socket has data.
+
+    A libev io watcher with a callback instead of a greenlet blocked in ``recv``: one
+    system call per wake-up and no greenlet switch, so thousands of receiving clients cost
+    the generator as little as possible.  Returns the watcher (keep a reference).
+    """
+    raw = client.sock._sock  # the non-blocking socket under gevent's wrapper
+    recv = raw.recv
+    watcher = gevent.get_hub().loop.io(raw.fileno(), 1)
+
+    def readable() -> None:
+        try:
             data = recv(RECV_CHUNK)
-            if not data:
-                return
-    except OSError:
-        return
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if data:
+            on_data(data)
+        else:
+            watcher.stop()
+            on_close()
+
+    watcher.start(readable)
+    return watcher
+
+
+def frame_skipper(client: Client) -> Any:
+    """Read and drop whole frames (keeping the buffer on a frame boundary) until stopped."""
+    buffer = client.buffer
+
+    def on_data(data: bytes) -> None:
+        buffer.extend(data)
+        pos, end = 0, len(buffer)
+        while end - pos >= HEADER_LEN:
+            body_end = pos + HEADER_LEN + int(buffer[pos : pos + HEADER_LEN])
+            if body_end > end:
+                break
+            pos = body_end
+        if pos:
+            del buffer[:pos]
+
+    return watch(client, on_data, lambda: None)
+
+
+def s2_receiver(client: Client, prefix: bytes, on_broadcast: Any) -> Any:
+    buffer = client.buffer
+
+    def on_data(data: bytes) -> None:
+        buffer.extend(data)
+        pos, end = 0, len(buffer)
+        while end - pos >= HEADER_LEN:
+            start = pos + HEADER_LEN
+            body_end = start + int(buffer[pos:start])
+            if body_end > end:
+                break
+            if buffer.startswith(prefix, start):
+                at = now()
+                _, _, payload = wire.parse_command(bytes(buffer[start:body_end]))
+                on_broadcast(int(payload.split(b":", 1)[0]), at)
+            pos = body_end
+        if pos:
+            del buffer[:pos]
+
+    on_data(b"")  # the handshake may have left whole frames in the buffer
+    return watch(client, on_data, lambda: None)
 
 
 def run_s2(addr: Tuple[str, int], params: Dict[str, Any], control: Control) -> None:
-    t_ramp = now()
-    clients, errors = open_clients(addr, params["clients"], params.get("connect_timeout", 30.0), now() + params.get("ramp_timeout", 120.0), DEFAULT_CONNECT_CONCURRENCY)
-    ramp = now() - t_ramp
-    local = len(clients)
     got: Dict[int, List[float]] = {}
+    local = [0]  # clients in this process, known once the ramp is over
 
     def on_broadcast(seq: int, at: float) -> None:
         entry = got.get(seq)
@@ -320,11 +382,18 @@ def run_s2(addr: Tuple[str, int], params: Dict[str, Any], control: Control) -> N
             entry = got[seq] = [0, at, at]
         entry[0] += 1
         entry[2] = at
-        if entry[0] == local:
-            emit("got", seq=seq, first=entry[1], last=entry[2], count=local)
+        if entry[0] == local[0]:
+            emit("got", seq=seq, first=entry[1], last=entry[2], count=local[0])
 
     prefix = wire.command_prefix(wire.BROADCAST)
-    loops = [gevent.spawn(s2_loop, client, prefix, on_broadcast) for client in clients]
+    watchers: List[Any] = []
+    t_ramp = now()
+    clients, errors = open_clients(
+        addr, params["clients"], params.get("connect_timeout", 30.0), now() + params.get("ramp_timeout", 120.0),
+        DEFAULT_CONNECT_CONCURRENCY, lambda client: watchers.append(s2_receiver(client, prefix, on_broadcast)),
+    )
+    ramp = now() - t_ramp
+    local[0] = len(clients)
     padding = params.get("size", 64)
 
     def send(seq: str) -> None:
@@ -336,9 +405,10 @@ def run_s2(addr: Tuple[str, int], params: Dict[str, Any], control: Control) -> N
 
     if params.get("sender") and clients:
         control.handlers["send"] = send
-    emit("ready", connected=local, errors=errors, ramp_s=ramp)
+    emit("ready", connected=local[0], errors=errors, ramp_s=ramp)
     control.quit.wait()
-    gevent.killall(loops, block=True, timeout=1)
+    for watcher in watchers:
+        watcher.stop()
     close_all(clients)
 
 
@@ -347,27 +417,39 @@ def run_s2(addr: Tuple[str, int], params: Dict[str, Any], control: Control) -> N
 
 def run_s3(addr: Tuple[str, int], params: Dict[str, Any], control: Control) -> None:
     alive = [0]
+    sink = bytearray(RECV_CHUNK)  # what arrives is counted by the kernel, not kept
 
-    sink = bytearray(RECV_CHUNK)  # shared: what arrives is counted, not kept
+    def drainer(client: Client) -> Any:
+        raw = client.sock._sock
+        watcher = gevent.get_hub().loop.io(raw.fileno(), 1)
 
-    def drain(client: Client) -> None:
-        recv_into = client.sock.recv_into
-        try:
-            while recv_into(sink):
+        def readable() -> None:
+            try:
+                if raw.recv_into(sink):
+                    return
+            except BlockingIOError:
+                return
+            except OSError:
                 pass
-        except OSError:
-            pass
-        alive[0] -= 1
+            watcher.stop()
+            alive[0] -= 1
 
+        alive[0] += 1
+        watcher.start(readable)
+        return watcher
+
+    watchers: List[Any] = []
     t_ramp = now()
-    clients, errors = open_clients(addr, params["clients"], params.get("connect_timeout", 30.0), now() + params.get("ramp_timeout", 120.0), DEFAULT_CONNECT_CONCURRENCY)
+    clients, errors = open_clients(
+        addr, params["clients"], params.get("connect_timeout", 30.0), now() + params.get("ramp_timeout", 120.0),
+        DEFAULT_CONNECT_CONCURRENCY, lambda client: watchers.append(drainer(client)),
+    )
     ramp = now() - t_ramp
-    alive[0] = len(clients)
-    loops = [gevent.spawn(drain, client) for client in clients]
     control.handlers["check"] = lambda: emit("held", alive=alive[0])
     emit("ready", connected=len(clients), errors=errors, ramp_s=ramp)
     control.quit.wait()
-    gevent.killall(loops, block=True, timeout=1)
+    for watcher in watchers:
+        watcher.stop()
     close_all(clients)
 
 

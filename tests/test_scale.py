@@ -296,7 +296,7 @@ def test_port_probes_interleaved_with_real_clients_cost_them_nothing_and_never_j
                     # Abortive close (RST) as some scanners do.
                     probe.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                 elif index % 3 == 1:
-                    probe.sendall(b"")
+                    probe.sendall(b"12")  # half a header, then gone
                 probe.close()
         except BaseException as exc:
             probe_errors.append(exc)

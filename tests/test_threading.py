@@ -614,3 +614,9 @@ def test_plain_gui_like_main_loop_polls_a_queue_filled_by_handlers_and_finishes(
     result = _run_program("plain_gui_like.py")
     assert result.returncode == 0, f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
     assert result.stdout.startswith("OK"), result.stdout
+
+
+def test_server_and_client_in_one_process_may_call_each_other_from_their_handlers():
+    result = _run_program("cross_calls.py")
+    assert result.returncode == 0, f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    assert result.stdout.startswith("OK"), result.stdout
