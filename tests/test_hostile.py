@@ -36,7 +36,7 @@ import msgpack
 import pytest
 
 import hisock_gevent
-from conftest import LOOPBACK, Recorder, wait_until
+from conftest import Recorder, wait_until
 from hisock_gevent import typecast
 from hisock_gevent.frames import DEFAULT_MAX_MESSAGE_SIZE, FrameParser, frame
 from hisock_gevent.messages import Hello, PeerJoined, command_body, parse_server_body
@@ -552,6 +552,7 @@ class Case:
     payload: bytes
     reason: str  # regex the one WARNING line must match
     close: str = "keep"  # "keep": wait for the server; "shutdown": send FIN after; "abort": RST after
+    pipelined: bool = False  # a joined case that sends its hello and the bad input in one write
 
 
 def _hello_frame(obj: Any) -> bytes:
@@ -636,6 +637,8 @@ CASES: List[Case] = [
     Case("get_client_before_hello", False, frame(b"$GETCLT$good-a"), _BAD_HELLO_FIRST),
     Case("empty_frame_before_hello", False, frame(b""), "neither a reserved nor a command message"),
     # -- connections that end in the middle of a frame
+    Case("hello_and_bad_header_in_one_write", True, b"zz".ljust(16), _HEADER_GARBAGE, pipelined=True),
+    Case("hello_and_1e15_claim_in_one_write", True, b"%d" % _TOO_BIG, r"more than the \d+-byte limit", pipelined=True),
     Case("closes_mid_header", True, b"12", _TRUNCATED, close="shutdown"),
     Case("closes_mid_body", True, b"100".ljust(16) + b"$CMD$note", _TRUNCATED, close="shutdown"),
     Case("resets_mid_body", True, b"100".ljust(16) + b"$CMD$note", _TRUNCATED + "|reset", close="abort"),
@@ -647,9 +650,12 @@ CASES: List[Case] = [
 def run_case(case: Case, addr: Tuple[str, int], make_hostile: Callable[..., Hostile]) -> Hostile:
     """Carry out one hostile case; return the peer once the server has closed it."""
     peer = make_hostile(addr)
-    if case.joined:
-        peer.hello(f"hostile-{case.id}")
-    peer.send(case.payload)
+    if case.pipelined:
+        peer.send(frame(Hello(f"hostile-{case.id}", None).to_body()) + case.payload)
+    else:
+        if case.joined:
+            peer.hello(f"hostile-{case.id}")
+        peer.send(case.payload)
     if case.close == "shutdown":
         peer.shutdown_write()
     elif case.close == "abort":
@@ -775,9 +781,10 @@ def test_joined_client_that_says_nothing_is_dropped_after_the_idle_timeout(make_
     assert 1.2 < elapsed < 5.0, f"an idle client was dropped after {elapsed:.2f} s with idle_timeout=1.5"
     scene.expect_closed_with_reason(peer.port, r"nothing received for 1\.5 s")
     scene.expect_left_once(peer.port)
+    # Checked while the good clients still talk: once they stop, they too become idle.
+    scene.expect_serving()
     sent = traffic.finish()
     scene.check_handlers({peer.port}, sent)
-    scene.expect_serving()
 
 
 def test_client_that_stops_reading_a_broadcast_is_dropped_with_leave(make_scene, hostiles):
@@ -816,7 +823,6 @@ def test_reset_in_the_middle_of_a_frame_is_logged_even_with_output_queued(make_s
     # The server now has megabytes queued for this peer, which it will never read...
     scene.server.send_client("hostile-reset-with-output", "blob", b"x" * (8 << 20))
     assert peer.send(b"100".ljust(16) + b"$CMD$note")  # ...then half a frame,
-    time.sleep(0.05)  # (the hostile's deliberate pause: the server reads the half frame)
     peer.abort()  # ...then a TCP reset instead of the rest.
 
     scene.expect_left_once(peer.port)
@@ -860,6 +866,61 @@ def test_frames_sent_just_before_a_reset_are_handled_even_if_a_write_fails_first
 
     assert leaves.wait_for(1) == ["closer"]
     assert notes.wait_for(1, timeout=2.0) == [("closer", "bye")], "the frames sent before the reset were dropped"
+
+
+def test_commands_named_like_reserved_events_reach_only_the_catch_all(make_server, logwatch, hostiles):
+    # A command message named "leave" is a command, not the leave event: the user's leave
+    # handler must not be called with a peer's content as its arguments.
+    server = make_server()
+    events = Recorder()
+    for event, arity in (("join", 1), ("leave", 1), ("name_change", 3), ("group_change", 3)):
+        server.on(event)(lambda *args, event=event: events((event,) + args))
+    server.on("*")(lambda client, command, content: events(("*", client, command, content)))
+    server.start()
+    peer = hostiles(server.get_addr())
+    peer.hello("pretender")
+    names = ["join", "leave", "name_change", "group_change", "message", "*"]
+    for name in names:
+        fmt, payload = typecast.encode(["not", "a", "client"])
+        assert peer.send(cmd(name.encode(), fmt, payload))
+    assert peer.send(frame(b"$USRCLOSE$"))
+    got = events.wait_for(2 + len(names))
+    assert [item[0] for item in got] == ["join"] + ["*"] * len(names) + ["leave"]
+    assert [item[2] for item in got[1:-1]] == names
+    assert all(item[3] == ["not", "a", "client"] for item in got[1:-1])
+    assert got[-1][1].name == "pretender"
+    assert logwatch.warnings_about(peer.port) == []
+
+
+def test_joined_client_that_ignores_keepalives_is_dropped_with_leave(make_scene, hostiles):
+    scene = make_scene(keepalive=True, keepalive_interval=0.3, keepalive_timeout=0.3)
+    traffic = scene.traffic()
+    peer = hostiles(scene.addr)
+    peer.hello("hostile-deaf")  # reads its join, then never answers $KEEPALIVE$
+    peer.wait_closed(timeout=5.0)
+    scene.expect_left_once(peer.port)
+    scene.expect_closed_with_reason(peer.port, "no keepalive answer")
+    scene.expect_serving()  # the good clients answered theirs
+    sent = traffic.finish()
+    scene.check_handlers({peer.port}, sent)
+
+
+def test_server_close_is_not_held_up_by_a_client_that_does_not_read(make_scene, hostiles):
+    # max_queue_bytes large enough that the non-reader is not dropped before the close.
+    scene = make_scene(max_queue_bytes=64 * 1024 * 1024)
+    peer = hostiles(scene.addr, rcvbuf=4096)
+    peer.hello("hostile-stuck")
+    scene.server.send_client("hostile-stuck", "blob", b"x" * (16 << 20))
+    for good in scene.goods:
+        good.client.close()
+    started = time.monotonic()
+    scene.server.close(timeout=1.0)
+    elapsed = time.monotonic() - started
+    assert elapsed < 5.0, f"close(timeout=1.0) took {elapsed:.2f} s with a client that does not read"
+    assert peer.wait_closed(timeout=WAIT) in ("eof", "reset")
+    peer.close()
+    settle(fd_count, scene.fds_before_server + FD_SLACK, "open file descriptors after the server closed")
+    settle(live_greenlets, scene.greenlets_before_server + GREENLET_SLACK, "live greenlets after the server closed")
 
 
 # ---------------------------------------------------------------- everything at once
