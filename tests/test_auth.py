@@ -438,6 +438,28 @@ def test_many_refused_attempts_leave_the_server_serving(auth_server, make_client
     assert auth_server.joined.items == ["good"]
 
 
+def test_refused_clients_do_not_keep_max_connections_slots(make_server, make_client):
+    srv = make_server(max_connections=1, authenticate=Checker())
+    install_echo(srv)
+    srv.start()
+    for attempt in range(3):
+        with pytest.raises(AuthenticationFailed):
+            make_client(srv, f"mallory{attempt}", auth="guess")
+    # The slot is free again (the refused connections are gone), within a short wait.
+    client = wait_until(lambda: _try_connect(srv, "alice", SECRET, make_client))
+    sync(client)
+    assert srv.get_all_clients("name") == ["alice"]
+
+
+def _try_connect(srv: Any, name: str, auth: Any, make_client: Callable[..., HiSockClient]) -> Optional[HiSockClient]:
+    try:
+        return make_client(srv, name, auth=auth)
+    except AuthenticationFailed:
+        raise
+    except ConnectionRejected:
+        return None
+
+
 def test_plain_hisock_gevent_client_without_msgpack_is_still_refused(auth_server, make_client):
     """Without caps the server answers like to a HiSock 3.x peer: a bare $DISCONN$."""
     with pytest.raises(ConnectionRejected):

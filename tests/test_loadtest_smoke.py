@@ -52,6 +52,7 @@ def test_bench_smoke_runs_every_scenario_against_both_servers(tmp_path: Path) ->
         for row in results[scenario]:
             for server in SERVERS:
                 assert "error" not in row[server], (scenario, server, row[server])
+                assert "limit" not in row[server], (scenario, server, row[server])
     assert results["S5"] and all("speedup" in row for row in results["S5"])
     assert document["meta"]["failures"] == []
     assert "round trips/s" in proc.stdout.decode()  # the table was printed

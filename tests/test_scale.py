@@ -17,9 +17,9 @@ from typing import Any, Dict, List, Optional, Tuple
 import pytest
 
 import hisock_gevent
-from conftest import LOOPBACK, wait_until
+from conftest import wait_until
 from hisock_gevent.frames import FrameParser, frame
-from hisock_gevent.messages import Command, Hello, PeerJoined, parse_server_body
+from hisock_gevent.messages import Command, Hello, parse_server_body
 from hisock_gevent.typecast import decode
 
 pytestmark = pytest.mark.timeout(60)
@@ -343,8 +343,7 @@ def test_client_that_never_reads_does_not_delay_broadcasts_to_the_others(server,
 
         def on_big(content, n=n):
             with lock:
-                received[n].append(int(content[:8]))
-                assert len(content) == size
+                received[n].append(int(content[:8]) if len(content) == size else -1)
                 if len(received[n]) == broadcasts:
                     done[n].set()
 

@@ -599,3 +599,39 @@ def test_keepalive_over_tls_keeps_an_answering_client_and_drops_a_silent_one(
     alive.on("echo")(lambda content: got(content))
     alive.send("echo", "still alive")
     assert got.wait_for(1) == ["still alive"]
+
+
+# ------------------------------------------------------------------ closing
+
+
+def test_closing_a_tls_server_leaves_no_greenlets_even_with_handshakes_in_flight(server_ctx, client_ctx):
+    import gc
+
+    import gevent
+
+    def live() -> set:
+        gc.collect()
+        return {id(g) for g in gc.get_objects() if isinstance(g, gevent.Greenlet) and not g.dead}
+
+    before = live()
+    srv = hisock_gevent.ThreadedHiSockServer((LOOPBACK, 0), ssl_context=server_ctx, handshake_timeout=30)
+    srv.start()
+    silent = [socket.create_connection(srv.get_addr(), timeout=5) for _ in range(3)]  # no ClientHello
+    half = socket.create_connection(srv.get_addr(), timeout=5)
+    half.sendall(b"\x16\x03\x01\x00\xff")  # a TLS record header, then nothing
+    client = ThreadedHiSockClient(srv.get_addr(), "tls", ssl_context=client_ctx)
+    client.start()
+    try:
+        wait_until(lambda: srv.get_all_clients("name") == ["tls"])
+        started = time.monotonic()
+        srv.close(timeout=1)
+        assert time.monotonic() - started < 5
+    finally:
+        client.close()
+        for sock in silent + [half]:
+            sock.close()
+    wait_until(lambda: not [t for t in threading.enumerate() if t.name == "hisock-server" and t.is_alive()])
+    leaked = live() - before
+    assert not leaked, [repr(g) for g in gc.get_objects() if id(g) in leaked]
+    with pytest.raises(hisock_gevent.ServerNotRunning):
+        HiSockClient(srv.get_addr(), "late", ssl_context=client_ctx)
