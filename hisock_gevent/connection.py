@@ -60,6 +60,9 @@ class Connection:
         "_out",
         "_out_bytes",
         "_writer",
+        "_flush_pending",
+        "_loop",
+        "_raw",
         "closed",
         "_overflowed",
         "tls",
@@ -88,6 +91,11 @@ class Connection:
         self._out: List[bytes] = []
         self._out_bytes = 0
         self._writer: Optional[gevent.Greenlet] = None
+        self._flush_pending = False
+        # The hub loop of the thread that owns this connection (it is made there).
+        self._loop = gevent.get_hub().loop
+        # gevent sockets keep a non-blocking stdlib socket in ``_sock``: the no-wait path.
+        self._raw = getattr(sock, "_sock", sock)
         self.closed = False
         self._overflowed = False
         self.tls = tls
@@ -116,7 +124,7 @@ class Connection:
             if tls is not None:
                 data, reply = tls.receive(data)
                 if reply:
-                    self._send_ciphertext(reply)
+                    self._queue(reply)
             for body in feed(data):
                 yield body
             if parser.failed:
@@ -141,36 +149,56 @@ class Connection:
         return self._out_bytes
 
     def send(self, data: bytes) -> None:
-        """Write one or more whole frames without blocking: what the kernel does not take
-        at once is queued for the writer greenlet.  Ignored once closed."""
+        """Queue one or more whole frames; never blocks.  Ignored once closed.
+
+        Everything queued during one pass of the event loop leaves in one ``send`` at the
+        end of that pass (see :meth:`_flush_queued`); what the kernel does not take then
+        is written by a writer greenlet that waits for the socket.
+        """
         if self.closed or self.error is not None:
             return
         if self.tls is not None:
             data = self.tls.encrypt(data)
-        self._send_ciphertext(data)
+        self._queue(data)
 
-    def _send_ciphertext(self, data: bytes) -> None:
-        if self._writer is None:
-            # Nothing queued: hand it straight to the kernel (no greenlet, no wait).
-            try:
-                sent = self._raw_send(data)
-            except BlockingIOError:
-                sent = 0
-            except OSError as exc:
-                self._abort(f"write failed: {exc}")
-                return
-            if sent == len(data):
-                return
-            data = data[sent:]
+    def _queue(self, data: bytes) -> None:
         self._out.append(data)
         self._out_bytes += len(data)
+        if self._writer is not None:
+            # The peer is already behind: this is where an unread backlog grows.
+            self._check_backlog()
+        elif not self._flush_pending:
+            self._flush_pending = True
+            self._loop.run_callback(self._flush_queued)
+
+    def _flush_queued(self) -> None:
+        """Write what is queued with one non-blocking send (runs in the hub, so never waits)."""
+        self._flush_pending = False
+        chunks = self._out
+        if self._writer is not None or not chunks or self.closed or self.error is not None:
+            return
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        self._out = []
+        try:
+            sent = self._raw.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            self._abort(f"write failed: {exc}")
+            return
+        self._out_bytes -= sent
+        if sent < len(data):
+            # The kernel's buffer is full: a greenlet waits for room and writes the rest.
+            self._out.insert(0, data[sent:])
+            self._writer = gevent.spawn(self._drain)
+            self._check_backlog()
+
+    def _check_backlog(self) -> None:
+        """Tell the owner, once, that more than ``max_queue_bytes`` wait unread by the peer."""
         if self._out_bytes > self.max_queue_bytes and not self._overflowed:
             self._overflowed = True
             if self.on_overflow is not None:
                 self.on_overflow(self)
-                return
-        if self._writer is None:
-            self._writer = gevent.spawn(self._drain)
 
     def _drain(self) -> None:
         sendall = self.sock.sendall
@@ -186,21 +214,19 @@ class Connection:
             self._writer = None
 
     def flush(self, timeout: Optional[float] = None) -> bool:
-        """Wait until everything queued was handed to the kernel; False on timeout."""
+        """Write what is queued now and wait until the kernel took it all; False on timeout."""
+        if self._writer is None and self._out:
+            self._flush_queued()
         writer = self._writer
         if writer is None or writer is gevent.getcurrent():
             return not self._out
         writer.join(timeout)
         return not self._out
 
-    def _raw_send(self, data: bytes) -> int:
-        # gevent sockets keep a non-blocking stdlib socket in ``_sock``.
-        return getattr(self.sock, "_sock", self.sock).send(data)
-
     def send_now(self, data: bytes) -> None:
         """Best-effort immediate write for a connection we are about to drop (never blocks)."""
         try:
-            self._raw_send(self.tls.encrypt(data) if self.tls is not None else data)
+            self._raw.send(self.tls.encrypt(data) if self.tls is not None else data)
         except OSError:
             pass
 

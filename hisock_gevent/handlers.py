@@ -58,6 +58,15 @@ CLIENT_RESERVED: Mapping[str, Tuple[int, ...]] = {
 CLIENT_UNRESERVED_ARGS: Tuple[int, ...] = (0, 1)
 
 
+#: What a handler call was about: (event or command, the client concerned or None).
+Context = Tuple[str, Any]
+
+
+def _describe(context: Context) -> str:
+    what, client = context
+    return what if client is None else f"{what} from {client}"
+
+
 def _positional_range(func: Callable[..., Any]) -> Tuple[int, float]:
     """How many positional arguments ``func`` needs at least and takes at most."""
     try:
@@ -149,8 +158,11 @@ class HandlerRunner:
         self.owner = owner
         self.error_handler: Optional[Callable[[BaseException], Any]] = None
 
-    def call(self, entry: Dict[str, Any], args: Tuple[Any, ...], context: str) -> None:
-        """Call a registered handler with the first ``num_args`` of ``args``."""
+    def call(self, entry: Dict[str, Any], args: Tuple[Any, ...], context: Context) -> None:
+        """Call a registered handler with the first ``num_args`` of ``args``.
+
+        ``context`` is ``(what, client)``, put into words only if the handler fails.
+        """
         func = entry["func"]
         call_args = args[: entry["num_args"]]
         if not entry["threaded"]:
@@ -160,13 +172,13 @@ class HandlerRunner:
         else:
             self.home.threadpool().spawn(self._on_worker, func, call_args, context)
 
-    def _on_worker(self, func: Callable[..., Any], args: Tuple[Any, ...], context: str) -> None:
+    def _on_worker(self, func: Callable[..., Any], args: Tuple[Any, ...], context: Context) -> None:
         # While a worker runs a handler, close() called from it must not wait for the
         # home thread (which in turn waits for its workers): see Home.join_thread.
         with self.home.worker_thread():
             self._guarded(func, args, context)
 
-    def _guarded(self, func: Callable[..., Any], args: Tuple[Any, ...], context: str) -> None:
+    def _guarded(self, func: Callable[..., Any], args: Tuple[Any, ...], context: Context) -> None:
         try:
             func(*args)
         except gevent.GreenletExit:
@@ -174,7 +186,7 @@ class HandlerRunner:
         except Exception as exc:  # a user handler failed: report, keep serving
             self.report(exc, context)
 
-    def report(self, exc: BaseException, context: str) -> None:
+    def report(self, exc: BaseException, context: Context) -> None:
         """Hand an exception to the error handler, or log it with its context."""
         handler = self.error_handler
         if handler is not None:
@@ -182,5 +194,5 @@ class HandlerRunner:
                 handler(exc)
                 return
             except Exception:
-                logger.exception("%s: error_handler failed while handling an error in %s", self.owner, context)
-        logger.error("%s: handler error in %s", self.owner, context, exc_info=exc)
+                logger.exception("%s: error_handler failed while handling an error in %s", self.owner, _describe(context))
+        logger.error("%s: handler error in %s", self.owner, _describe(context), exc_info=exc)

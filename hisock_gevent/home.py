@@ -14,6 +14,8 @@ from typing import Any, Callable, Iterator, List, Optional, Set, Tuple
 
 import gevent
 import gevent.monkey
+from gevent._hub_local import get_hub_if_exists
+from gevent.event import Event
 from gevent.threadpool import ThreadPool
 
 __all__ = ["Home", "DEFAULT_HANDLER_THREADS"]
@@ -77,6 +79,17 @@ class Home:
         done.acquire()
         outcome: List[Tuple[bool, Any]] = []
 
+        # A caller on a thread with its own hub (another server's or client's handler) must
+        # keep that hub running while it waits: two homes calling each other from their
+        # handlers would otherwise deadlock.
+        caller_hub = get_hub_if_exists()
+        cooperative = caller_hub is not None and gevent.getcurrent() is not caller_hub
+        wake = woken = None
+        if cooperative:
+            woken = Event()
+            wake = caller_hub.loop.async_()
+            wake.start(woken.set)
+
         def run() -> None:
             try:
                 outcome.append((True, func(*args)))
@@ -84,18 +97,36 @@ class Home:
                 outcome.append((False, exc))
             finally:
                 done.release()
+                if wake is not None:
+                    wake.send()
 
         hub = self.hub
         assert hub is not None
         hub.loop.run_callback_threadsafe(gevent.spawn, run)
-        while not done.acquire(True, _LIVENESS_POLL):
-            if not self.alive:
-                # The home stopped before running us: nothing owns the sockets any more.
-                return func(*args)
+        try:
+            while not self._wait(done, woken):
+                if not self.alive:
+                    # The home stopped before running us: nothing owns the sockets any more.
+                    return func(*args)
+        finally:
+            if wake is not None:
+                wake.stop()
+                wake.close()
         ok, value = outcome[0]
         if ok:
             return value
         raise value
+
+    @staticmethod
+    def _wait(done: Any, woken: Optional[Event]) -> bool:
+        """Wait a little for ``done``; cooperatively (on the caller's hub) when ``woken`` is given."""
+        if woken is None:
+            return bool(done.acquire(True, _LIVENESS_POLL))
+        if done.acquire(False):
+            return True
+        woken.wait(_LIVENESS_POLL)
+        woken.clear()
+        return bool(done.acquire(False))
 
     def threadpool(self) -> ThreadPool:
         """The worker threads for blocking handlers (created on first use, on the home hub)."""

@@ -7,7 +7,7 @@ the same ``bytes`` object to each of them.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Dict, Optional
 
 from . import typecast
 from .frames import make_header
@@ -16,17 +16,28 @@ from .messages import command_body, is_reserved_command
 __all__ = ["OutgoingCommand", "check_command"]
 
 
+# Commands already checked -> their wire bytes (programs use a handful of commands).
+_CHECKED: Dict[str, bytes] = {}
+_CHECKED_MAX = 4096
+
+
 def check_command(command: str) -> bytes:
     """Return the command's wire bytes.
 
     :raises TypeError: the command is not a str.
     :raises ValueError: it has the ``$...$`` form HiSock reserves.
     """
+    encoded = _CHECKED.get(command) if type(command) is str else None
+    if encoded is not None:
+        return encoded
     if not isinstance(command, str):
         raise TypeError(f"command must be a str, not {type(command).__name__}")
     if is_reserved_command(command):
         raise ValueError(f'commands of the form "$command$" are reserved for HiSock: {command!r}')
-    return command.encode()
+    encoded = command.encode()
+    if len(_CHECKED) < _CHECKED_MAX and type(command) is str:
+        _CHECKED[command] = encoded
+    return encoded
 
 
 class OutgoingCommand:

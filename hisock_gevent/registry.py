@@ -136,6 +136,10 @@ class ClientRegistry:
         :raises UserWarning: (as a warning) the name matches several clients; the one that
             joined first is used.
         """
+        if type(client) is ClientInfo:
+            found = self._by_address.get(client.ip)
+            if found is not None:
+                return found
         address = _address_of(client)
         if address is not None:
             peer = self._by_address.get(address)

@@ -26,7 +26,7 @@ from .connection import DEFAULT_MAX_QUEUE_BYTES, Connection, set_nodelay
 from .errors import ClientNotFound, HandshakeError, RemoteProtocolError, TLSError
 from .frames import DEFAULT_HEADER_LEN, DEFAULT_MAX_MESSAGE_SIZE, frame
 from .handlers import SERVER_RESERVED, SERVER_UNRESERVED_ARGS, HandlerRunner, HandlerTable
-from .home import Home
+from .home import Home, _get_ident
 from .messages import (
     CAPABILITY_MSGPACK,
     GETCLT_COMMAND,
@@ -81,6 +81,9 @@ def _on_home(method: _F) -> _F:
 
     @functools.wraps(method)
     def wrapper(self: "HiSockServer", *args: Any, **kwargs: Any) -> Any:
+        home = self._home
+        if home.ident is None or home.ident == _get_ident() or not home.alive:
+            return method(self, *args, **kwargs)
         if kwargs:
             return self._home.call(functools.partial(method, self, *args, **kwargs))
         return self._home.call(method, self, *args)
@@ -289,7 +292,7 @@ class HiSockServer:
     def _call_reserved(self, event: str, *args: Any) -> None:
         entry = self._handlers.reserved_handler(event)
         if entry is not None:
-            self._runner.call(entry, args, f"'{event}' of {args[0] if args else ''}")
+            self._runner.call(entry, args, (repr(event), args[0] if args else None))
 
     # ------------------------------------------------------------------ running
 
@@ -529,15 +532,15 @@ class HiSockServer:
             called = entry is not None or catch_all is not None
             self._remember(MessageCacheMember(header=len(message.to_body()), content=content, called=called, command=command))
         if entry is not None:
-            self._runner.call(entry, (info, content), f"'{command}' from {info}")
+            self._runner.call(entry, (info, content), (repr(command), info))
         elif catch_all is not None:
-            self._runner.call(catch_all, (info, command, content), f"'*' ({command}) from {info}")
+            self._runner.call(catch_all, (info, command, content), (f"'*' ({command!r})", info))
         on_message = self._handlers.reserved_handler("message")
         if on_message is not None:
             args = (info, command, content) if on_message["num_args"] == 3 else (info, content)
-            self._runner.call(on_message, args, f"'message' ({command}) from {info}")
+            self._runner.call(on_message, args, (f"'message' ({command!r})", info))
         if self._callback is not None:
-            self._runner.call(self._callback, (), "callback")
+            self._runner.call(self._callback, (), ("callback", None))
         return False
 
     def _remember(self, member: MessageCacheMember) -> None:

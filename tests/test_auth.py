@@ -13,14 +13,14 @@ import socket
 import ssl
 import threading
 import time
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Iterator, List, Optional, Tuple
 
 import pytest
 import trustme
 
 import hisock_gevent
-from hisock_gevent import ClientInfo, ConnectionRejected, HiSockClient, ThreadedHiSockClient
-from hisock_gevent.errors import AuthenticationFailed, TLSError
+from hisock_gevent import ClientInfo, ConnectionRejected, HiSockClient
+from hisock_gevent.errors import AuthenticationFailed
 
 from conftest import LOOPBACK, wait_until
 

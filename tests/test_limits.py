@@ -506,6 +506,26 @@ def test_broadcast_overflowing_one_client_still_reaches_the_others(make_server, 
     assert sorted(srv.get_all_clients("name")) == ["reader0", "reader1"]
 
 
+def test_burst_bigger_than_max_queue_bytes_reaches_a_client_that_reads(make_server, make_client, recorder):
+    """max_queue_bytes counts what the peer leaves unread, not what one handler sends at once."""
+    srv = started(make_server, recorder, max_queue_bytes=256 * 1024)
+    parts = 8
+
+    @srv.on("burst")
+    def burst(client: ClientInfo) -> None:
+        srv.send_client(client, "part", b"\x11" * 300_000)  # one frame over the limit
+        for _ in range(parts):  # and 512 KiB more in the same pass of the loop
+            srv.send_client(client, "part", b"\x22" * 64 * 1024)
+
+    got = recorder()
+    reader = make_client(srv, "reader", threaded=True)
+    reader.on("part")(lambda content: got(len(content)))
+    reader.start()
+    reader.send("burst")
+    assert got.wait_for(parts + 1, timeout=10) == [300_000] + [64 * 1024] * parts
+    assert srv.left.items == []
+
+
 def test_new_clients_are_served_after_an_overflow(make_server, make_client, recorder, raw):
     srv = started(make_server, recorder, max_queue_bytes=256 * 1024)
     for index in range(3):
