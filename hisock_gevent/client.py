@@ -252,8 +252,7 @@ class HiSockClient:
                 bodies = self._parser.feed(data)
                 messages = [parse_server_body(body) for body in bodies]
             except RemoteProtocolError as exc:
-                hint = "" if self._tls is not None else " (does the server expect TLS?)"
-                raise ConnectionRejected(f"the server's answer broke the protocol: {exc}{hint}") from exc
+                raise ConnectionRejected(f"the server's answer broke the protocol: {exc}") from exc
             for message in messages:
                 if answered:
                     self._early.append(message)

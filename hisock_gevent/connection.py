@@ -159,7 +159,14 @@ class Connection:
             return
         if self.tls is not None:
             data = self.tls.encrypt(data)
-        self._queue(data)
+        # _queue(), inlined for the common case: a broadcast calls this once per client.
+        self._out.append(data)
+        self._out_bytes += len(data)
+        if self._writer is not None:
+            self._check_backlog()
+        elif not self._flush_pending:
+            self._flush_pending = True
+            self._loop.run_callback(self._flush_queued)
 
     def _queue(self, data: bytes) -> None:
         self._out.append(data)

@@ -237,9 +237,12 @@ class LocalDelivery(Delivery):
     @staticmethod
     def _fan_out(peers: Iterable[Peer], message: OutgoingCommand) -> None:
         peers = list(peers)
+        extended = plain = None
         if not all(peer.msgpack_ok for peer in peers):
             # Build the plain peers' frame first: if the content cannot be carried to them,
             # InvalidTypeCast is raised before anyone receives it (all or nothing).
-            message.frame_for(False)
+            plain = message.frame_for(False)
+        if any(peer.msgpack_ok for peer in peers):
+            extended = message.frame_for(True)
         for peer in peers:
-            peer.send(message.frame_for(peer.msgpack_ok))
+            peer.send(extended if peer.msgpack_ok else plain)

@@ -99,7 +99,7 @@ def _info_json(info: ClientInfo) -> Dict[str, Any]:
 class _ServerPeer:
     """A joined client as the server sees it: its connection, info and dialect."""
 
-    __slots__ = ("conn", "sock", "info", "connect_name", "connect_group", "msgpack_ok", "last_ack", "gone")
+    __slots__ = ("conn", "sock", "info", "connect_name", "connect_group", "msgpack_ok", "last_ack", "gone", "send")
 
     def __init__(self, conn: Connection, info: ClientInfo, msgpack_ok: bool):
         self.conn = conn
@@ -110,9 +110,8 @@ class _ServerPeer:
         self.msgpack_ok = msgpack_ok
         self.last_ack = time.monotonic()
         self.gone = False
-
-    def send(self, data: bytes) -> None:
-        self.conn.send(data)
+        #: Queue a frame to this client (the connection's own method: a hot path).
+        self.send = conn.send
 
 
 class HiSockServer:
@@ -139,7 +138,9 @@ class HiSockServer:
     :param ssl_context: serve TLS with this context (or give ``certfile``/``keyfile``).
     :param authenticate: ``check(client_info, credentials) -> bool`` run on each hello
         before ``join``; ``credentials`` is what the client passed as ``auth``.  A refused
-        client is sent ``$DISCONN$`` and closed; nobody else hears of it.
+        client is sent ``$DISCONN$`` and closed; nobody else hears of it.  It runs on the
+        server's hub: in a program that is not monkey-patched, a check that blocks (a
+        database call) stalls the other clients while it runs, so keep it quick.
     :param delivery: who-receives-what backend; defaults to this process's clients.
 
     :ivar addr: the address actually served at.

@@ -783,6 +783,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--json", metavar="PATH", help="where to write the results (default loadtest/results/bench-<mode>-<time>.json)")
     parser.add_argument("--no-pin", action="store_true", help="do not pin the server to CPU 0 and the generators to the others")
     parser.add_argument("--profile", action="store_true", help="run S1 (C=50, W=4) against hisock_gevent under cProfile and print the top functions")
+    parser.add_argument("--profile-clients", type=int, default=50, metavar="C", help="clients for --profile (default 50)")
+    parser.add_argument("--profile-window", type=int, default=4, metavar="W", help="requests in flight per client for --profile (default 4)")
     parser.add_argument("--profile-out", default=os.path.join(RESULTS_DIR, "hisock-s1.prof"), metavar="PATH")
     parser.add_argument("--compare", nargs=2, metavar=("OLD", "NEW"), help="print two result files side by side and exit")
     args = parser.parse_args(argv)
@@ -796,7 +798,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     wire.raise_nofile()
     os.makedirs(RESULTS_DIR, exist_ok=True)
     if args.profile:
-        run_profile(cfg, pin, 50, 4, 25, args.profile_out)
+        run_profile(cfg, pin, args.profile_clients, args.profile_window, 25, args.profile_out)
         return 0
 
     kinds = [k for k in args.servers.split(",") if k]
