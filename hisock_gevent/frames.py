@@ -8,7 +8,8 @@ arrive and hands back complete bodies; it checks a header's length against the l
 
 from __future__ import annotations
 
-from typing import List, Optional
+import collections
+from typing import Deque, List, Optional
 
 from .errors import InvalidHeader, MessageTooLarge, RemoteProtocolError
 
@@ -66,19 +67,27 @@ def parse_header(header: bytes) -> int:
 class FrameParser:
     """Incremental frame parser: :meth:`feed` bytes in, get complete bodies out.
 
+    Received chunks are kept as they arrived (no growing buffer) and read with an offset:
+    a body is copied once, when it is complete, however many reads it took to arrive.  A
+    peer trickling a frame byte by byte therefore costs linear time, and a header
+    announcing too much is refused before any of its body is kept.
+
     :param header_len: the header width both peers agreed on.
     :param max_body_len: the largest body accepted; a header announcing more raises
         :class:`MessageTooLarge` before anything of that body is kept.
     """
 
-    __slots__ = ("header_len", "max_body_len", "_buffer", "_body_len", "_error")
+    __slots__ = ("header_len", "max_body_len", "_chunks", "_offset", "_pending", "_body_len", "_error")
 
     def __init__(self, header_len: int = DEFAULT_HEADER_LEN, max_body_len: int = DEFAULT_MAX_MESSAGE_SIZE):
         if header_len < 1:
             raise ValueError("header_len must be at least 1")
         self.header_len = header_len
         self.max_body_len = max_body_len
-        self._buffer = bytearray()
+        # Received bytes not yet consumed: whole chunks, the first one read from _offset.
+        self._chunks: Deque[bytes] = collections.deque()
+        self._offset = 0
+        self._pending = 0
         # Length of the body whose header was already consumed, or -1 between frames.
         self._body_len = -1
         # A protocol error found behind complete bodies: raised by the next feed().
@@ -87,7 +96,7 @@ class FrameParser:
     @property
     def buffered(self) -> int:
         """Bytes received that are not yet part of a complete frame."""
-        return len(self._buffer)
+        return self._pending
 
     @property
     def failed(self) -> bool:
@@ -97,7 +106,7 @@ class FrameParser:
     @property
     def mid_frame(self) -> bool:
         """True when a frame has started but not finished (a close now truncates it)."""
-        return self._body_len >= 0 or bool(self._buffer)
+        return self._body_len >= 0 or self._pending > 0
 
     def feed(self, data: bytes) -> List[bytes]:
         """Add received bytes; return every body completed by them, in order.
@@ -109,35 +118,62 @@ class FrameParser:
         """
         if self._error is not None:
             raise self._error
-        buffer = self._buffer
-        buffer += data
+        if data:
+            self._chunks.append(bytes(data) if type(data) is not bytes else data)
+            self._pending += len(data)
         bodies: List[bytes] = []
         header_len = self.header_len
-        body_len = self._body_len
-        pos = 0
-        end = len(buffer)
         while True:
-            if body_len < 0:
-                if end - pos < header_len:
-                    break
-                try:
-                    body_len = self._read_header(buffer[pos : pos + header_len])
-                except RemoteProtocolError as exc:
-                    if not bodies:
-                        raise
-                    self._error = exc
-                    body_len = -1
-                    break
-                pos += header_len
-            if end - pos < body_len:
-                break
-            bodies.append(bytes(buffer[pos : pos + body_len]))
-            pos += body_len
-            body_len = -1
-        if pos:
-            del buffer[:pos]
-        self._body_len = body_len
-        return bodies
+            body_len = self._body_len
+            need = header_len if body_len < 0 else body_len
+            if self._pending < need:
+                return bodies
+            piece = self._take(need)
+            if body_len >= 0:
+                bodies.append(piece)
+                self._body_len = -1
+                continue
+            try:
+                self._body_len = self._read_header(piece)
+            except RemoteProtocolError as exc:
+                # Once failed, always failed: every later feed() raises the same error.
+                self._error = exc
+                if not bodies:
+                    raise
+                return bodies
+
+    def _take(self, size: int) -> bytes:
+        """Remove and return the next ``size`` received bytes (the caller checked they are there)."""
+        if size == 0:
+            return b""
+        chunks = self._chunks
+        first = chunks[0]
+        start = self._offset
+        available = len(first) - start
+        self._pending -= size
+        if available >= size:
+            end = start + size
+            if end == len(first):
+                chunks.popleft()
+                self._offset = 0
+                return first if start == 0 else first[start:]
+            self._offset = end
+            return first[start:end]
+        # Spread over several chunks: one join of exactly the bytes needed.
+        parts = [first[start:] if start else first]
+        chunks.popleft()
+        self._offset = 0
+        missing = size - available
+        while missing:
+            chunk = chunks[0]
+            if len(chunk) <= missing:
+                parts.append(chunks.popleft())
+                missing -= len(chunk)
+            else:
+                parts.append(chunk[:missing])
+                self._offset = missing
+                missing = 0
+        return b"".join(parts)
 
     def _read_header(self, header: bytes) -> int:
         body_len = parse_header(header)
