@@ -118,6 +118,8 @@ class FrameParser:
         """
         if self._error is not None:
             raise self._error
+        if not self._pending and self._body_len < 0 and type(data) is bytes:
+            return self._feed_at_boundary(data)
         if data:
             self._chunks.append(bytes(data) if type(data) is not bytes else data)
             self._pending += len(data)
@@ -141,6 +143,40 @@ class FrameParser:
                 if not bodies:
                     raise
                 return bodies
+
+    def _feed_at_boundary(self, data: bytes) -> List[bytes]:
+        """:meth:`feed` when nothing is pending: parse ``data`` in place (the common case).
+
+        Whole frames are sliced straight out of ``data``; only an incomplete last frame
+        is kept for the next call.
+        """
+        bodies: List[bytes] = []
+        header_len = self.header_len
+        max_body_len = self.max_body_len
+        end = len(data)
+        pos = 0
+        while end - pos >= header_len:
+            header = data[pos : pos + header_len]
+            digits = header.strip(_SPACE)
+            body_len = int(digits) if digits.isdigit() else -1
+            if not 0 <= body_len <= max_body_len:
+                try:
+                    self._read_header(header)
+                except RemoteProtocolError as exc:
+                    self._error = exc
+                    if not bodies:
+                        raise
+                    return bodies
+            pos += header_len
+            if end - pos < body_len:
+                self._body_len = body_len
+                break
+            bodies.append(data[pos : pos + body_len])
+            pos += body_len
+        if pos < end:
+            self._chunks.append(data[pos:] if pos else data)
+            self._pending = end - pos
+        return bodies
 
     def _take(self, size: int) -> bytes:
         """Remove and return the next ``size`` received bytes (the caller checked they are there)."""

@@ -98,6 +98,9 @@ class HandlerTable:
         self.unreserved_args = unreserved_args
         #: HiSock's ``funcs``: command -> registration dict.
         self.funcs: Dict[str, Dict[str, Any]] = {}
+        # What a command message named X runs: kept apart from reserved events so the
+        # per-message lookup is a single dict.get.
+        self._commands: Dict[str, Dict[str, Any]] = {}
 
     def register(self, command: str, func: Callable[..., Any], threaded: bool, override: bool) -> None:
         """Register ``func`` for ``command`` (replacing an earlier one).
@@ -120,7 +123,7 @@ class HandlerTable:
                 f"handler {getattr(func, '__name__', func)!r} for {kind} must take {counts} "
                 f"positional argument(s)"
             )
-        self.funcs[command] = {
+        entry = {
             "func": func,
             "name": getattr(func, "__name__", repr(func)),
             "threaded": bool(threaded),
@@ -128,6 +131,11 @@ class HandlerTable:
             # The most arguments that fit: a handler with optional parameters gets them filled.
             "num_args": max(fitting),
         }
+        self.funcs[command] = entry
+        if is_reserved:
+            self._commands.pop(command, None)
+        else:
+            self._commands[command] = entry
 
     def reserved_handler(self, event: str) -> Optional[Dict[str, Any]]:
         """The registration for a reserved event, unless it was overridden or is absent."""
@@ -138,10 +146,7 @@ class HandlerTable:
 
     def command_handler(self, command: str) -> Optional[Dict[str, Any]]:
         """The registration that handles a command message named ``command``, if any."""
-        entry = self.funcs.get(command)
-        if entry is None or (command in self.reserved and not entry["override"]):
-            return None
-        return entry
+        return self._commands.get(command)
 
 
 class HandlerRunner:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Optional, Tuple, Union
+from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple, Union
 
 from .errors import HandshakeError, MalformedMessage
 
@@ -32,6 +32,8 @@ __all__ = [
     "parse_client_body",
     "parse_server_body",
     "command_body",
+    "command_prefix",
+    "fmt_length_field",
     "is_reserved_command",
     "CAPABILITY_MSGPACK",
     "GETCLT_COMMAND",
@@ -49,6 +51,8 @@ _RESERVED_COMMAND = re.compile(r"\$.+\$")
 _CMD = b"$CMD$"
 _MSG = b"$MSG$"
 _FMT_LEN_WIDTH = 8
+# The fmt length fields of short fmts, ready made (most fmts are a few bytes long).
+_FMT_LEN_FIELDS = [(b"%d" % n).ljust(_FMT_LEN_WIDTH, b" ") for n in range(256)]
 
 
 def is_reserved_command(command: str) -> bool:
@@ -177,9 +181,12 @@ class KeepAlive:
 # ---------------------------------------------------------------- both directions
 
 
-@dataclass(frozen=True)
-class Command:
-    """A command message: ``command`` plus its still-encoded ``fmt`` and ``payload``."""
+class Command(NamedTuple):
+    """A command message: ``command`` plus its still-encoded ``fmt`` and ``payload``.
+
+    A NamedTuple rather than a frozen dataclass: one is made per message received, and
+    tuple construction is several times cheaper.
+    """
 
     command: str
     fmt: bytes
@@ -193,30 +200,48 @@ ClientMessage = Union[Hello, UserClose, ChangeName, ChangeGroup, KeepAck, GetCli
 ServerMessage = Union[PeerJoined, PeerLeft, Disconnect, KeepAlive, Command]
 
 
+def command_prefix(command: bytes) -> bytes:
+    """``$CMD$<command>$MSG$``: the part of a command message that depends on the command only."""
+    return _CMD + command + _MSG
+
+
+def fmt_length_field(fmt_len: int) -> bytes:
+    """The 8-byte, space-padded fmt length of a command message.
+
+    :raises ValueError: the fmt is too long for 8 digits.
+    """
+    if fmt_len < len(_FMT_LEN_FIELDS):
+        return _FMT_LEN_FIELDS[fmt_len]
+    digits = b"%d" % fmt_len
+    if len(digits) > _FMT_LEN_WIDTH:
+        raise ValueError(f"a fmt of {fmt_len} bytes does not fit the 8-digit fmt length")
+    return digits.ljust(_FMT_LEN_WIDTH, b" ")
+
+
 def command_body(command: bytes, fmt: bytes, payload: bytes) -> bytes:
     """Build a command message body from an already-encoded command, fmt and payload."""
-    fmt_len = b"%d" % len(fmt)
-    if len(fmt_len) > _FMT_LEN_WIDTH:
-        raise ValueError(f"a fmt of {len(fmt)} bytes does not fit the 8-digit fmt length")
-    return b"".join(
-        (_CMD, command, _MSG, fmt_len, b" " * (_FMT_LEN_WIDTH - len(fmt_len)), fmt, payload)
-    )
+    return b"".join((_CMD, command, _MSG, fmt_length_field(len(fmt)), fmt, payload))
 
 
 def _json(obj: Dict[str, Any]) -> bytes:
     return json.dumps(obj, separators=(",", ":")).encode()
 
 
+_COMMAND_START = len(_CMD)
+_MSG_LEN = len(_MSG)
+
+
 def _parse_command(body: bytes) -> Command:
-    split = body.find(_MSG, len(_CMD))
+    split = body.find(_MSG, _COMMAND_START)
     if split < 0:
         raise MalformedMessage("command message without $MSG$")
     try:
-        command = body[len(_CMD) : split].decode("utf-8")
+        command = body[_COMMAND_START:split].decode("utf-8")
     except UnicodeDecodeError as exc:
         raise MalformedMessage("command is not utf-8") from exc
-    fmt_start = split + len(_MSG) + _FMT_LEN_WIDTH
-    fmt_len_field = body[split + len(_MSG) : fmt_start].strip(b" ")
+    fmt_len_start = split + _MSG_LEN
+    fmt_start = fmt_len_start + _FMT_LEN_WIDTH
+    fmt_len_field = body[fmt_len_start:fmt_start].strip(b" ")
     if len(body) < fmt_start or not fmt_len_field.isdigit():
         raise MalformedMessage("command message has no valid fmt length")
     fmt_end = fmt_start + int(fmt_len_field)

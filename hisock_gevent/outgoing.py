@@ -11,18 +11,18 @@ from typing import Any, Dict, Optional
 
 from . import typecast
 from .frames import make_header
-from .messages import command_body, is_reserved_command
+from .messages import command_prefix, fmt_length_field, is_reserved_command
 
 __all__ = ["OutgoingCommand", "check_command"]
 
 
-# Commands already checked -> their wire bytes (programs use a handful of commands).
+# Commands already checked -> their "$CMD$<command>$MSG$" prefix (programs use a handful).
 _CHECKED: Dict[str, bytes] = {}
 _CHECKED_MAX = 4096
 
 
 def check_command(command: str) -> bytes:
-    """Return the command's wire bytes.
+    """Return the command's ``$CMD$<command>$MSG$`` prefix.
 
     :raises TypeError: the command is not a str.
     :raises ValueError: it has the ``$...$`` form HiSock reserves.
@@ -34,7 +34,7 @@ def check_command(command: str) -> bytes:
         raise TypeError(f"command must be a str, not {type(command).__name__}")
     if is_reserved_command(command):
         raise ValueError(f'commands of the form "$command$" are reserved for HiSock: {command!r}')
-    encoded = command.encode()
+    encoded = command_prefix(command.encode())
     if len(_CHECKED) < _CHECKED_MAX and type(command) is str:
         _CHECKED[command] = encoded
     return encoded
@@ -47,10 +47,10 @@ class OutgoingCommand:
     :raises InvalidTypeCast: the content is not Sendable at all.
     """
 
-    __slots__ = ("command", "content", "header_len", "_command_bytes", "_native", "_extended")
+    __slots__ = ("command", "content", "header_len", "_prefix", "_native", "_extended")
 
     def __init__(self, command: str, content: Any, header_len: int, reserved_ok: bool = False):
-        self._command_bytes = command.encode() if reserved_ok else check_command(command)
+        self._prefix = command_prefix(command.encode()) if reserved_ok else check_command(command)
         self.command = command
         self.content = content
         self.header_len = header_len
@@ -72,5 +72,8 @@ class OutgoingCommand:
 
     def _build(self, msgpack_ok: bool) -> bytes:
         fmt, payload = typecast.encode(self.content, msgpack_ok=msgpack_ok)
-        body = command_body(self._command_bytes, fmt, payload)
-        return make_header(len(body), self.header_len) + body
+        prefix = self._prefix
+        fmt_field = fmt_length_field(len(fmt))
+        body_len = len(prefix) + len(fmt_field) + len(fmt) + len(payload)
+        # Header and body in one join: a large payload is copied once, not twice.
+        return b"".join((make_header(body_len, self.header_len), prefix, fmt_field, fmt, payload))

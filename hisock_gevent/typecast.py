@@ -515,6 +515,9 @@ def decode(
                 if problem:
                     raise _malformed(problem)
             return value
+        letter = fmt[-1:]
+        if letter == b"s" and len(fmt) <= MAX_LEN_DIGITS and fmt[:-1].isdigit() and int(fmt[:-1]) == len(data):
+            return data.decode()  # a top-level str, the most common payload: no parser
         return _decode_native(bytes(fmt), data, max_depth, max_items)
     except MalformedPayload:
         raise
