@@ -399,11 +399,11 @@ class HiSockClient:
             entry = self._handlers.command_handler(command)
             called = True
             if entry is not None:
-                self._runner.call(entry, (content,), (repr(command), None))
+                self._runner.call(entry, (content,), ("", command, None))
             else:
                 catch_all = self._handlers.reserved_handler("*")
                 if catch_all is not None:
-                    self._runner.call(catch_all, (command, content), (f"'*' ({command!r})", None))
+                    self._runner.call(catch_all, (command, content), ("*", command, None))
                 else:
                     called = False
                     logger.debug("no handler for command %r", command)
@@ -412,12 +412,12 @@ class HiSockClient:
             event = "client_connect" if kind is _CONNECT else "client_disconnect"
             entry = self._handlers.reserved_handler(event)
             if entry is not None:
-                self._runner.call(entry, (item[1],), (repr(event), None))
+                self._runner.call(entry, (item[1],), (event, None, None))
         else:
             if kind is _FORCED:
                 entry = self._handlers.reserved_handler("force_disconnect")
                 if entry is not None:
-                    self._runner.call(entry, (), ("'force_disconnect'", None))
+                    self._runner.call(entry, (), ("force_disconnect", None, None))
             while self._recv_waiters:
                 self._recv_waiters.popleft().result.set_exception(ClientDisconnected("the connection to the server closed"))
             # Leave the marker for any other loop still waiting on the inbox.
@@ -428,7 +428,7 @@ class HiSockClient:
             try:
                 self._callback()
             except Exception as exc:
-                self._runner.report(exc, ("callback", None))
+                self._runner.report(exc, ("callback", None, None))
         return True
 
     def _remember(self, command: str, content: Any, message: Command, called: bool) -> None:

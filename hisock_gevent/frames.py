@@ -28,6 +28,9 @@ DEFAULT_HEADER_LEN = 16
 DEFAULT_MAX_MESSAGE_SIZE = 16 * 1024 * 1024
 
 _SPACE = b" "
+# Headers of the default width for the common small bodies, made once.
+_CACHED_HEADERS = 4096
+_DEFAULT_HEADERS = [(b"%d" % n).ljust(DEFAULT_HEADER_LEN, b" ") for n in range(_CACHED_HEADERS)]
 # A TLS handshake record starts with content type 22 and major version 3.
 _TLS_RECORD = b"\x16\x03"
 
@@ -37,6 +40,8 @@ def make_header(body_len: int, header_len: int = DEFAULT_HEADER_LEN) -> bytes:
 
     :raises ValueError: if the length does not fit in ``header_len`` digits.
     """
+    if header_len == DEFAULT_HEADER_LEN and body_len < _CACHED_HEADERS:
+        return _DEFAULT_HEADERS[body_len]
     digits = b"%d" % body_len
     if len(digits) > header_len:
         raise ValueError(f"a body of {body_len} bytes does not fit a {header_len}-byte header")

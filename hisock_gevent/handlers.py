@@ -58,12 +58,19 @@ CLIENT_RESERVED: Mapping[str, Tuple[int, ...]] = {
 CLIENT_UNRESERVED_ARGS: Tuple[int, ...] = (0, 1)
 
 
-#: What a handler call was about: (event or command, the client concerned or None).
-Context = Tuple[str, Any]
+#: What a handler call was about: (reserved event or "" for a command handler, the
+#: command or None, the client concerned or None).  Put into words only on failure.
+Context = Tuple[str, Optional[str], Any]
 
 
 def _describe(context: Context) -> str:
-    what, client = context
+    event, command, client = context
+    if not event:
+        what = repr(command)
+    elif command is not None:
+        what = f"'{event}' ({command!r})"
+    else:
+        what = repr(event)
     return what if client is None else f"{what} from {client}"
 
 
@@ -101,6 +108,8 @@ class HandlerTable:
         # What a command message named X runs: kept apart from reserved events so the
         # per-message lookup is a single dict.get.
         self._commands: Dict[str, Dict[str, Any]] = {}
+        # Reserved event -> its (not overridden) registration.
+        self._events: Dict[str, Dict[str, Any]] = {}
 
     def register(self, command: str, func: Callable[..., Any], threaded: bool, override: bool) -> None:
         """Register ``func`` for ``command`` (replacing an earlier one).
@@ -134,15 +143,14 @@ class HandlerTable:
         self.funcs[command] = entry
         if is_reserved:
             self._commands.pop(command, None)
+            self._events[command] = entry
         else:
             self._commands[command] = entry
+            self._events.pop(command, None)
 
     def reserved_handler(self, event: str) -> Optional[Dict[str, Any]]:
         """The registration for a reserved event, unless it was overridden or is absent."""
-        entry = self.funcs.get(event)
-        if entry is None or entry["override"]:
-            return None
-        return entry
+        return self._events.get(event)
 
     def command_handler(self, command: str) -> Optional[Dict[str, Any]]:
         """The registration that handles a command message named ``command``, if any."""
@@ -171,7 +179,13 @@ class HandlerRunner:
         func = entry["func"]
         call_args = args[: entry["num_args"]]
         if not entry["threaded"]:
-            self._guarded(func, call_args, context)
+            # _guarded(), inlined: this runs for every message.
+            try:
+                func(*call_args)
+            except gevent.GreenletExit:
+                raise
+            except Exception as exc:  # a user handler failed: report, keep serving
+                self.report(exc, context)
         elif self.home.program_is_patched():
             gevent.spawn(self._guarded, func, call_args, context)
         else:

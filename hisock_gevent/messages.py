@@ -53,6 +53,7 @@ _MSG = b"$MSG$"
 _FMT_LEN_WIDTH = 8
 # The fmt length fields of short fmts, ready made (most fmts are a few bytes long).
 _FMT_LEN_FIELDS = [(b"%d" % n).ljust(_FMT_LEN_WIDTH, b" ") for n in range(256)]
+_FMT_LEN_OF = {field: n for n, field in enumerate(_FMT_LEN_FIELDS)}
 
 
 def is_reserved_command(command: str) -> bool:
@@ -241,10 +242,14 @@ def _parse_command(body: bytes) -> Command:
         raise MalformedMessage("command is not utf-8") from exc
     fmt_len_start = split + _MSG_LEN
     fmt_start = fmt_len_start + _FMT_LEN_WIDTH
-    fmt_len_field = body[fmt_len_start:fmt_start].strip(b" ")
-    if len(body) < fmt_start or not fmt_len_field.isdigit():
-        raise MalformedMessage("command message has no valid fmt length")
-    fmt_end = fmt_start + int(fmt_len_field)
+    field = body[fmt_len_start:fmt_start]
+    fmt_len = _FMT_LEN_OF.get(field)
+    if fmt_len is None:
+        digits = field.strip(b" ")
+        if len(body) < fmt_start or not digits.isdigit():
+            raise MalformedMessage("command message has no valid fmt length")
+        fmt_len = int(digits)
+    fmt_end = fmt_start + fmt_len
     if fmt_end > len(body):
         raise MalformedMessage("fmt length runs past the end of the message")
     return Command(command, body[fmt_start:fmt_end], body[fmt_end:])

@@ -293,7 +293,7 @@ class HiSockServer:
     def _call_reserved(self, event: str, *args: Any) -> None:
         entry = self._handlers.reserved_handler(event)
         if entry is not None:
-            self._runner.call(entry, args, (repr(event), args[0] if args else None))
+            self._runner.call(entry, args, (event, None, args[0] if args else None))
 
     # ------------------------------------------------------------------ running
 
@@ -533,15 +533,15 @@ class HiSockServer:
             called = entry is not None or catch_all is not None
             self._remember(MessageCacheMember(header=len(message.to_body()), content=content, called=called, command=command))
         if entry is not None:
-            self._runner.call(entry, (info, content), (repr(command), info))
+            self._runner.call(entry, (info, content), ("", command, info))
         elif catch_all is not None:
-            self._runner.call(catch_all, (info, command, content), (f"'*' ({command!r})", info))
+            self._runner.call(catch_all, (info, command, content), ("*", command, info))
         on_message = self._handlers.reserved_handler("message")
         if on_message is not None:
             args = (info, command, content) if on_message["num_args"] == 3 else (info, content)
-            self._runner.call(on_message, args, (f"'message' ({command!r})", info))
+            self._runner.call(on_message, args, ("message", command, info))
         if self._callback is not None:
-            self._runner.call(self._callback, (), ("callback", None))
+            self._runner.call(self._callback, (), ("callback", None, None))
         return False
 
     def _remember(self, member: MessageCacheMember) -> None:
