@@ -16,6 +16,7 @@ import time
 from typing import Any, Callable, Iterator, List, Optional, Tuple
 
 import gevent
+import gevent.monkey
 from gevent import socket as gsocket
 
 from .frames import DEFAULT_HEADER_LEN, DEFAULT_MAX_MESSAGE_SIZE, FrameParser
@@ -29,6 +30,45 @@ logger = logging.getLogger("hisock_gevent")
 DEFAULT_MAX_QUEUE_BYTES = 64 * 1024 * 1024
 #: Bytes asked of the kernel per read.
 RECV_CHUNK = 256 * 1024
+
+
+class _WriteBatch:
+    """The connections of one hub that have frames queued in this pass of its loop.
+
+    One callback per loop pass flushes them all, instead of one callback per connection:
+    with hundreds of clients answering at once, that is most of the scheduling cost.
+    """
+
+    __slots__ = ("_loop", "_dirty", "_scheduled")
+
+    def __init__(self, loop: Any):
+        self._loop = loop
+        self._dirty: List["Connection"] = []
+        self._scheduled = False
+
+    def add(self, conn: "Connection") -> None:
+        self._dirty.append(conn)
+        if not self._scheduled:
+            self._scheduled = True
+            self._loop.run_callback(self._flush)
+
+    def _flush(self) -> None:
+        self._scheduled = False
+        dirty, self._dirty = self._dirty, []
+        for conn in dirty:
+            conn._flush_queued()
+
+
+# One batch per OS thread (i.e. per hub), whether or not threading is monkey-patched.
+_batches = gevent.monkey.get_original("threading", "local")()
+
+
+def _write_batch() -> _WriteBatch:
+    batch = getattr(_batches, "batch", None)
+    hub = gevent.get_hub()
+    if batch is None or batch._loop is not hub.loop:
+        batch = _batches.batch = _WriteBatch(hub.loop)
+    return batch
 
 
 def set_nodelay(sock: Any) -> None:
@@ -61,7 +101,7 @@ class Connection:
         "_out_bytes",
         "_writer",
         "_flush_pending",
-        "_loop",
+        "_batch",
         "_raw",
         "closed",
         "_overflowed",
@@ -92,8 +132,8 @@ class Connection:
         self._out_bytes = 0
         self._writer: Optional[gevent.Greenlet] = None
         self._flush_pending = False
-        # The hub loop of the thread that owns this connection (it is made there).
-        self._loop = gevent.get_hub().loop
+        # The write batch of the thread (hub) that owns this connection: it is made there.
+        self._batch = _write_batch()
         # gevent sockets keep a non-blocking stdlib socket in ``_sock``: the no-wait path.
         self._raw = getattr(sock, "_sock", sock)
         self.closed = False
@@ -166,7 +206,7 @@ class Connection:
             self._check_backlog()
         elif not self._flush_pending:
             self._flush_pending = True
-            self._loop.run_callback(self._flush_queued)
+            self._batch.add(self)
 
     def _queue(self, data: bytes) -> None:
         self._out.append(data)
@@ -176,7 +216,7 @@ class Connection:
             self._check_backlog()
         elif not self._flush_pending:
             self._flush_pending = True
-            self._loop.run_callback(self._flush_queued)
+            self._batch.add(self)
 
     def _flush_queued(self) -> None:
         """Write what is queued with one non-blocking send (runs in the hub, so never waits)."""
