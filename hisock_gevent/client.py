@@ -520,23 +520,17 @@ class HiSockClient:
         waiter = _RecvWaiter(recv_on)
         self._recv_waiters.append(waiter)
         try:
-            if self._dispatching:
-                with gevent.Timeout(timeout, TimeoutError(f"no message within {timeout} s")):
-                    return waiter.result.get()
-            # Nobody dispatches: we do, until our message is in.
-            assert self._inbox is not None
             with gevent.Timeout(timeout, TimeoutError(f"no message within {timeout} s")):
-                while not waiter.result.ready():
-                    if not self._handle(self._inbox.get()):
-                        break
-            return waiter.result.get(block=False) if waiter.result.ready() else self._raise_closed()
+                if not self._dispatching:
+                    # Nobody dispatches: we do, until our message is in.  If the connection
+                    # ends first, the dispatcher fails every waiter with ClientDisconnected.
+                    assert self._inbox is not None
+                    while not waiter.result.ready() and self._handle(self._inbox.get()):
+                        pass
+                return waiter.result.get()
         finally:
             if waiter in self._recv_waiters:
                 self._recv_waiters.remove(waiter)
-
-    @staticmethod
-    def _raise_closed() -> Any:
-        raise ClientDisconnected("the connection to the server closed")
 
     def change_name(self, new_name: Optional[str]) -> None:
         """Change our name; None (or "") goes back to the name we connected with."""
