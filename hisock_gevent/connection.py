@@ -2,10 +2,12 @@
 
 The reading side is a generator, :meth:`Connection.bodies`, run by whichever greenlet owns
 the peer (the server's per-client greenlet, the client's reader).  The writing side never
-blocks its caller: :meth:`Connection.send` appends to a queue and a writer greenlet, started
-only while there is something to write, joins everything queued into one ``sendall``.  A
-peer that stops reading therefore holds up nobody but itself, and when its queue passes
-``max_queue_bytes`` the owner is told through ``on_overflow``.
+blocks its caller: :meth:`Connection.send` appends to the peer's queue, and once per pass
+of the event loop one callback per hub (:class:`_WriteBatch`) hands each dirty queue to
+the kernel with a single non-blocking ``send``.  Only when the kernel's buffer is full
+does a writer greenlet take over that peer and wait for room.  A peer that stops reading
+therefore holds up nobody but itself, and when more than ``max_queue_bytes`` wait for it
+the owner is told through ``on_overflow``.
 """
 
 from __future__ import annotations
