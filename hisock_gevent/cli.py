@@ -1,0 +1,619 @@
+"""The ``hisock-gevent`` command: serve an app, run the chat example, talk to a server.
+
+Subcommands (``hisock-gevent SUBCOMMAND --help`` for each one's options)::
+
+    hisock-gevent serve MODULE:ATTR [--host H] [--port P] ...   serve your server, like ``gunicorn app:app``
+    hisock-gevent chat [--host H] [--port P]                      run examples/chat_server.py
+    hisock-gevent client HOST:PORT [--name N] [--group G]         interactive terminal client, like wscat
+    hisock-gevent send HOST:PORT COMMAND [PAYLOAD] [--wait R]     one message, for scripts and health checks
+
+``python -m hisock_gevent`` is the same command.
+
+How ``serve`` applies its options
+---------------------------------
+
+A :class:`~hisock_gevent.HiSockServer` binds its socket in its constructor, so options
+cannot simply be set on one that exists.  ``ATTR`` names either
+
+* a **factory**: a callable returning an unstarted HiSockServer.  Every option the
+  factory has a keyword parameter for (``host``, ``port``, ``max_connections``,
+  ``header_len``, ``keepalive``, ``certfile``, ``keyfile``; or any of them when it takes
+  ``**kwargs``) is passed to it.  This is the recommended form: the factory builds the
+  server exactly as it wants, and handlers that keep a reference to the server (e.g.
+  ``self.server``) keep the right one.
+* an **instance** (or a factory that did not accept some of the given options): when no
+  option is given it is served as it is.  Otherwise a new HiSockServer is built with the
+  instance's settings overridden by the options, every handler in ``server.funcs`` is
+  registered on it (same ``threaded``/``override``), the old server is closed, and
+  ``MODULE.ATTR`` is replaced by the new server, so module-level handlers that look up
+  the global (``server.send_client(...)``) use the new one.  Handlers holding a
+  reference of their own still point at the closed server: use a factory for those.
+
+Exit status: 0 after a clean stop (SIGINT/SIGTERM close the server gracefully, ``send``
+succeeded, the client reached the end of its input); 1 when ``send --wait`` timed out
+or the server closed the connection; 2 for wrong input (bad ``HOST:PORT``, unknown
+module or attribute, not a server, cannot bind) or an unreachable server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import inspect
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Callable, Dict, NoReturn, Optional, Sequence, Tuple
+
+from .client import HiSockClient, ThreadedHiSockClient
+from .errors import ClientDisconnected, ConnectionRejected, InvalidTypeCast, ServerNotRunning, TLSError
+from .server import HiSockServer, ThreadedHiSockServer
+from .utils import ClientInfo
+
+__all__ = ["main", "parse_hostport", "parse_payload"]
+
+log = logging.getLogger("hisock_gevent.cli")
+
+PROG = "hisock-gevent"
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_CHAT_PORT = 6969
+#: Seconds ``send`` waits for the connection and for ``--wait``'s reply by default.
+DEFAULT_SEND_TIMEOUT = 10.0
+#: Exit statuses.
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+#: How often a threaded server is checked for having closed itself, in seconds.
+_THREADED_POLL_INTERVAL = 0.2
+
+#: ``serve`` options a factory may accept as keyword arguments (option dest = parameter name).
+SERVER_OPTIONS = ("host", "port", "max_connections", "header_len", "keepalive", "certfile", "keyfile")
+#: HiSockServer settings carried over when an instance is rebuilt with new options.
+_CARRIED_SETTINGS = (
+    "max_connections",
+    "header_len",
+    "cache_size",
+    "keepalive",
+    "keepalive_interval",
+    "keepalive_timeout",
+    "handshake_timeout",
+    "max_message_size",
+    "max_queue_bytes",
+    "idle_timeout",
+    "max_nesting",
+    "max_items",
+    "ssl_context",
+    "authenticate",
+)
+
+
+class UsageError(Exception):
+    """Wrong input from the command line's user: reported in one line, exit status 2."""
+
+
+# ---------------------------------------------------------------------- parsing helpers
+
+
+def parse_hostport(text: str) -> Tuple[str, int]:
+    """``"HOST:PORT"`` -> ``(host, port)``.
+
+    :raises argparse.ArgumentTypeError: not of that form, or the port is not 0-65535.
+    """
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT (e.g. 127.0.0.1:6969), not {text!r}")
+    return host, int(port_text)
+
+
+def _port(text: str) -> int:
+    if not text.isdigit() or not 0 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is a number from 0 to 65535, not {text!r}")
+    return int(text)
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, not {text!r}")
+    return int(text)
+
+
+def _non_negative_int(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, not {text!r}")
+    return int(text)
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, not {text!r}")
+    return value
+
+
+def parse_payload(text: Optional[str]) -> Any:
+    """A payload typed on the command line: its JSON value when it parses, else the text."""
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def format_content(content: Any) -> str:
+    """Content as JSON when JSON can carry it, else its repr."""
+    try:
+        return json.dumps(content, ensure_ascii=False)
+    except (TypeError, ValueError):
+        return repr(content)
+
+
+def _stamp() -> str:
+    return time.strftime("%H:%M:%S")
+
+
+_print_lock = threading.Lock()
+
+
+def _show(line: str) -> None:
+    """One timestamped line on stdout; safe from the client's thread and the main thread."""
+    with _print_lock:
+        sys.stdout.write(f"[{_stamp()}] {line}\n")
+        sys.stdout.flush()
+
+
+def _describe_client(info: ClientInfo) -> str:
+    label = info.name if info.name else info.ipstr
+    extra = f" ({info.ipstr})" if info.name else ""
+    group = f" in group {info.group!r}" if info.group else ""
+    return f"{label}{extra}{group}"
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line on stderr (exit status 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
+
+
+# ---------------------------------------------------------------------- serve
+
+
+def _import_target(spec: str) -> Tuple[ModuleType, str, Any]:
+    """Import ``MODULE:ATTR`` (ATTR may be dotted) with the current directory importable.
+
+    :returns: the module holding the last attribute, its name, and the object.
+    :raises UsageError: malformed spec, module not importable, attribute missing.
+    """
+    module_name, sep, attr_path = spec.partition(":")
+    if not sep or not module_name or not attr_path:
+        raise UsageError(f"expected MODULE:ATTR (e.g. app:server), not {spec!r}")
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name and (module_name == exc.name or module_name.startswith(exc.name + ".")):
+            raise UsageError(f"no module named {module_name!r} (looked in {cwd} and sys.path)") from exc
+        log.debug("importing %s failed", module_name, exc_info=True)
+        raise UsageError(f"importing {module_name!r} failed: {type(exc).__name__}: {exc}") from exc
+    except Exception as exc:
+        log.debug("importing %s failed", module_name, exc_info=True)
+        raise UsageError(f"importing {module_name!r} failed: {type(exc).__name__}: {exc}") from exc
+    owner: Any = module
+    parts = attr_path.split(".")
+    for i, part in enumerate(parts):
+        if not hasattr(owner, part):
+            where = ".".join([module_name] + parts[:i])
+            raise UsageError(f"{where!r} has no attribute {part!r}")
+        if i < len(parts) - 1:
+            owner = getattr(owner, part)
+    return owner, parts[-1], getattr(owner, parts[-1])
+
+
+def _accepted_keywords(factory: Callable[..., Any]) -> Optional[set]:
+    """Names ``factory`` accepts as keywords; None when it takes ``**kwargs``."""
+    try:
+        parameters = inspect.signature(factory).parameters.values()
+    except (TypeError, ValueError):
+        return set()
+    names = set()
+    for parameter in parameters:
+        if parameter.kind is inspect.Parameter.VAR_KEYWORD:
+            return None
+        if parameter.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY):
+            names.add(parameter.name)
+    return names
+
+
+def _rebuild(old: HiSockServer, options: Dict[str, Any]) -> HiSockServer:
+    """A new HiSockServer with ``old``'s settings and handlers, overridden by ``options``.
+
+    ``old`` is closed first, so the new one may bind the same port.
+    """
+    settings = {name: getattr(old, name) for name in _CARRIED_SETTINGS if hasattr(old, name)}
+    host = options.pop("host", None) or old.addr[0]
+    port = options.pop("port", None)
+    if port is None:
+        port = old.addr[1]
+    certfile = options.pop("certfile", None)
+    keyfile = options.pop("keyfile", None)
+    if certfile is not None:
+        settings["ssl_context"] = None
+        settings["certfile"] = certfile
+        settings["keyfile"] = keyfile
+    settings.update(options)
+    handlers = [(command, dict(entry)) for command, entry in old.funcs.items()]
+    old.close()
+    new = HiSockServer((host, port), **settings)
+    for command, entry in handlers:
+        new.on(command, threaded=entry.get("threaded", False), override=entry.get("override", False))(entry["func"])
+    log.debug("rebuilt the server on %s:%s with %d handler(s)", host, port, len(handlers))
+    return new
+
+
+def _given_options(args: argparse.Namespace) -> Dict[str, Any]:
+    return {name: getattr(args, name) for name in SERVER_OPTIONS if getattr(args, name) is not None}
+
+
+def _build_server(spec: str, options: Dict[str, Any]) -> HiSockServer:
+    """The server ``MODULE:ATTR`` names, with ``options`` applied (see the module docstring)."""
+    owner, attr, target = _import_target(spec)
+    if isinstance(target, HiSockServer):
+        server = target
+        rest = dict(options)
+    elif callable(target):
+        accepted = _accepted_keywords(target)
+        passed = {k: v for k, v in options.items() if accepted is None or k in accepted}
+        rest = {k: v for k, v in options.items() if k not in passed}
+        try:
+            server = target(**passed)
+        except OSError as exc:
+            raise UsageError(f"{spec}() could not serve: {exc}") from exc
+        except Exception as exc:
+            log.debug("%s() failed", spec, exc_info=True)
+            raise UsageError(f"calling {spec}() failed: {type(exc).__name__}: {exc}") from exc
+        if not isinstance(server, HiSockServer):
+            raise UsageError(f"{spec}() returned {type(server).__name__}, not a HiSockServer")
+        if rest:
+            log.info("%s() does not take %s; rebuilding its server with them", spec, ", ".join(sorted(rest)))
+    else:
+        raise UsageError(f"{spec} is a {type(target).__name__}, not a HiSockServer or a factory returning one")
+    if server.closed:
+        raise UsageError(f"{spec}: the server is already closed")
+    if rest:
+        if isinstance(server, ThreadedHiSockServer):
+            raise UsageError(f"{spec}: options cannot be applied to a ThreadedHiSockServer; use a factory taking them")
+        try:
+            server = _rebuild(server, rest)
+        except OSError as exc:
+            raise UsageError(f"cannot serve on {options.get('host') or server.addr[0]}:{options.get('port', server.addr[1])}: {exc}") from exc
+        except (TypeError, ValueError) as exc:
+            raise UsageError(f"cannot build the server: {exc}") from exc
+        if getattr(owner, attr, None) is target:
+            setattr(owner, attr, server)
+    return server
+
+
+def _serve(server: HiSockServer) -> int:
+    """Serve until SIGINT/SIGTERM (or until a handler closes the server)."""
+    import gevent
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        # Runs in a new greenlet on this hub, where close() may block while it drains.
+        gevent.signal_handler(signum, _close_logged, server, signum)
+    host, port = server.get_addr()
+    tls = " (TLS)" if getattr(server, "ssl_context", None) is not None else ""
+    if isinstance(server, ThreadedHiSockServer):
+        server.start()
+        log.info("serving on %s:%s%s", host, port, tls)
+        while not server.closed:
+            gevent.sleep(_THREADED_POLL_INTERVAL)
+        server.join(timeout=10)
+    else:
+        # The socket is already listening (bound in the constructor): connections wait in its backlog.
+        log.info("serving on %s:%s%s", host, port, tls)
+        try:
+            server.start()
+        except KeyboardInterrupt:
+            server.close()
+    log.info("stopped")
+    return EXIT_OK
+
+
+def _close_logged(server: HiSockServer, signum: int) -> None:
+    log.info("%s: closing the server", signal.Signals(signum).name)
+    server.close()
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    server = _build_server(args.target, _given_options(args))
+    return _serve(server)
+
+
+# ---------------------------------------------------------------------- chat
+
+
+def _chat_example_path() -> Path:
+    return Path(__file__).resolve().parent.parent / "examples" / "chat_server.py"
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    path = _chat_example_path()
+    if not path.is_file():
+        raise UsageError(f"the chat example is not installed (no {path}); run it from a source checkout")
+    spec = importlib.util.spec_from_file_location("hisock_gevent_chat_server", path)
+    if spec is None or spec.loader is None:
+        raise UsageError(f"cannot load {path}")
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:
+        log.debug("loading %s failed", path, exc_info=True)
+        raise UsageError(f"loading {path} failed: {type(exc).__name__}: {exc}") from exc
+    chat_class = getattr(module, "ChatServer", None)
+    if chat_class is None:
+        raise UsageError(f"{path} has no ChatServer class")
+    options: Dict[str, Any] = {}
+    if args.max_connections is not None:
+        options["max_connections"] = args.max_connections
+    if args.keepalive:
+        options["keepalive"] = True
+    try:
+        chat = chat_class(args.host, args.port, **options)
+    except OSError as exc:
+        raise UsageError(f"cannot serve on {args.host}:{args.port}: {exc}") from exc
+    # The example's serve_forever() installs the signal handlers and logs "serving on".
+    chat.serve_forever()
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------- client
+
+
+class _ServerGone(Exception):
+    """Raised in the main thread (blocked in input()) when the connection ends on its own."""
+
+
+class _InteractiveClient:
+    """A ThreadedHiSockClient printing everything it receives; the main thread reads stdin."""
+
+    def __init__(self, client: ThreadedHiSockClient):
+        self.client = client
+        self.quitting = False
+        self.gone = threading.Event()
+        self.in_input = False
+        client.on("*")(self.on_any)
+        client.on("client_connect")(self.on_join)
+        client.on("client_disconnect")(self.on_leave)
+        client.on("force_disconnect")(self.on_force_disconnect)
+
+    def on_any(self, command: str, content: Any) -> None:
+        _show(f"{command} {format_content(content)}")
+
+    def on_join(self, info: ClientInfo) -> None:
+        _show(f"+ joined: {_describe_client(info)}")
+
+    def on_leave(self, info: ClientInfo) -> None:
+        _show(f"- left: {_describe_client(info)}")
+
+    def on_force_disconnect(self) -> None:
+        _show("! the server disconnected us")
+
+    def _raise_gone(self, signum: int, frame: Any) -> None:
+        if self.in_input:
+            raise _ServerGone()
+
+    def _watch(self) -> None:
+        self.client.join()
+        if self.quitting:
+            return
+        self.gone.set()
+        if hasattr(signal, "pthread_kill") and hasattr(signal, "SIGUSR1"):
+            # A signal aimed at the main thread interrupts its blocking read at once.
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGUSR1)  # type: ignore[arg-type]
+
+    def run(self) -> int:
+        if hasattr(signal, "SIGUSR1"):
+            signal.signal(signal.SIGUSR1, self._raise_gone)
+        self.client.start()
+        threading.Thread(target=self._watch, name="hisock-cli-watch", daemon=True).start()
+        status = EXIT_OK
+        try:
+            while not self.gone.is_set():
+                self.in_input = True
+                try:
+                    line = input()
+                except EOFError:
+                    break
+                finally:
+                    self.in_input = False
+                if not self.send_line(line):
+                    break
+        except (KeyboardInterrupt, _ServerGone):
+            pass
+        finally:
+            self.quitting = True
+            if self.gone.is_set():
+                print(f"{PROG}: the server closed the connection", file=sys.stderr)
+                status = EXIT_FAILED
+            self.client.close()
+        return status
+
+    def send_line(self, line: str) -> bool:
+        """Send one ``command [payload]`` line; False when the connection is gone."""
+        line = line.strip()
+        if not line:
+            return True
+        command, _, rest = line.partition(" ")
+        rest = rest.strip()
+        payload = parse_payload(rest) if rest else None
+        try:
+            self.client.send(command, payload)
+        except ClientDisconnected:
+            self.gone.set()
+            return False
+        except (ValueError, TypeError, InvalidTypeCast) as exc:
+            print(f"{PROG}: cannot send {command!r}: {exc}", file=sys.stderr)
+        return True
+
+
+def _connect(cls: type, args: argparse.Namespace, **extra: Any) -> Any:
+    host, port = args.address
+    kwargs: Dict[str, Any] = dict(extra)
+    if args.cafile:
+        kwargs["cafile"] = args.cafile
+    try:
+        return cls((host, port), name=args.name, group=args.group, **kwargs)
+    except (ServerNotRunning, ConnectionRejected, TLSError, OSError) as exc:
+        raise UsageError(f"cannot connect to {host}:{port}: {exc}") from exc
+
+
+def cmd_client(args: argparse.Namespace) -> int:
+    client = _connect(ThreadedHiSockClient, args)
+    host, port = args.address
+    print(f"{PROG}: connected to {host}:{port}; type `command [payload]`, Ctrl-D to leave", file=sys.stderr)
+    return _InteractiveClient(client).run()
+
+
+# ---------------------------------------------------------------------- send
+
+
+def cmd_send(args: argparse.Namespace) -> int:
+    client: HiSockClient = _connect(HiSockClient, args, connect_timeout=args.timeout, answer_timeout=args.timeout)
+    try:
+        try:
+            client.send(args.command, parse_payload(args.payload))
+        except (ValueError, TypeError, InvalidTypeCast) as exc:
+            raise UsageError(f"cannot send {args.command!r}: {exc}") from exc
+        except ClientDisconnected as exc:
+            print(f"{PROG}: the server closed the connection: {exc}", file=sys.stderr)
+            return EXIT_FAILED
+        if args.wait is None:
+            return EXIT_OK
+        try:
+            content = client.recv(args.wait, timeout=args.timeout)
+        except TimeoutError:
+            print(f"{PROG}: no {args.wait!r} within {args.timeout:g} s", file=sys.stderr)
+            return EXIT_FAILED
+        except ClientDisconnected:
+            print(f"{PROG}: the server closed the connection before {args.wait!r} came", file=sys.stderr)
+            return EXIT_FAILED
+        sys.stdout.write(format_content(content) + "\n")
+        sys.stdout.flush()
+        return EXIT_OK
+    finally:
+        client.close()
+
+
+# ---------------------------------------------------------------------- the parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--log-level", default=None, type=str.upper,
+        choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
+        help="logging threshold for diagnostics on stderr (default: INFO for serve/chat, WARNING otherwise)",
+    )
+    parser = _Parser(
+        prog=PROG,
+        description="HiSock's server and client on gevent, from the command line.",
+        epilog="Exit status: 0 ok; 1 send --wait timed out or the server closed the connection; "
+        "2 wrong input or server unreachable.  `%(prog)s SUBCOMMAND --help` for details.",
+    )
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", parser_class=_Parser)
+    sub.required = True
+
+    serve = sub.add_parser(
+        "serve", parents=[common], help="serve MODULE:ATTR, a HiSockServer or a factory returning one",
+        description="Import MODULE (the current directory is importable) and serve ATTR: a HiSockServer "
+        "instance, or a callable returning an unstarted one.  Options the factory takes as keyword "
+        "arguments (host, port, max_connections, header_len, keepalive, certfile, keyfile) are passed to "
+        "it; other given options rebuild the server on a new socket with its handlers copied over (and "
+        "replace MODULE.ATTR).  SIGINT/SIGTERM close the server gracefully (exit status 0).  Logs "
+        "'serving on HOST:PORT' once listening.",
+    )
+    serve.add_argument("target", metavar="MODULE:ATTR", help="e.g. app:server or app:make_server")
+    serve.add_argument("--host", default=None, help="address to serve at (default: the server's own)")
+    serve.add_argument("--port", type=_port, default=None, help="port to serve at; 0 picks a free one")
+    serve.add_argument("--max-connections", type=_non_negative_int, default=None, help="clients at once; 0 = no limit")
+    serve.add_argument("--header-len", type=_positive_int, default=None, help="frame header width (clients must match)")
+    serve.add_argument("--keepalive", action="store_true", default=None, help="drop clients that stop answering keepalives")
+    serve.add_argument("--certfile", default=None, help="serve TLS with this certificate (PEM)")
+    serve.add_argument("--keyfile", default=None, help="the certificate's private key (PEM), if not in --certfile")
+    serve.set_defaults(func=cmd_serve, default_level="INFO")
+
+    chat = sub.add_parser(
+        "chat", parents=[common], help="run the chat example server (examples/chat_server.py)",
+        description="Run examples/chat_server.py from the source checkout this package lives in.  "
+        "Talk to it with `client HOST:PORT` (commands: say TEXT, who, whisper {\"to\":..,\"text\":..}).",
+    )
+    chat.add_argument("--host", default=DEFAULT_HOST, help=f"address to serve at (default {DEFAULT_HOST})")
+    chat.add_argument("--port", type=_port, default=DEFAULT_CHAT_PORT, help=f"port; 0 picks a free one (default {DEFAULT_CHAT_PORT})")
+    chat.add_argument("--max-connections", type=_non_negative_int, default=None, help="clients at once; 0 = no limit")
+    chat.add_argument("--keepalive", action="store_true", help="drop clients that stop answering keepalives")
+    chat.set_defaults(func=cmd_chat, default_level="INFO")
+
+    def add_connect_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("address", metavar="HOST:PORT", type=parse_hostport, help="the server, e.g. 127.0.0.1:6969")
+        p.add_argument("--name", default=None, help="the name to connect with")
+        p.add_argument("--group", default=None, help="the group to join")
+        p.add_argument("--cafile", default=None, help="connect with TLS, trusting this CA certificate (PEM)")
+
+    client = sub.add_parser(
+        "client", parents=[common], help="interactive terminal client (like wscat)",
+        description="Each line of input is `command [payload]`; the payload is sent as JSON when it parses "
+        "as JSON, else as a string.  Everything received (commands, joins, leaves, force disconnects) is "
+        "printed with a timestamp.  End of input (Ctrl-D) leaves cleanly, exit status 0; exit status 1 "
+        "when the server closes the connection.",
+    )
+    add_connect_options(client)
+    client.set_defaults(func=cmd_client, default_level="WARNING")
+
+    send = sub.add_parser(
+        "send", parents=[common], help="send one message (optionally wait for a reply)",
+        description="Connect, send COMMAND with PAYLOAD (JSON when it parses, else a string), optionally "
+        "wait for REPLY_COMMAND and print its content as JSON (repr when JSON cannot carry it).  Exit "
+        "status 0 on success, 1 on timeout, 2 when the server is unreachable.",
+    )
+    add_connect_options(send)
+    send.add_argument("command", metavar="COMMAND", help="the command to send")
+    send.add_argument("payload", metavar="PAYLOAD", nargs="?", default=None, help="its content (default: none)")
+    send.add_argument("--wait", metavar="REPLY_COMMAND", default=None, help="wait for this command and print its content")
+    send.add_argument("--timeout", type=_seconds, default=DEFAULT_SEND_TIMEOUT, help=f"seconds to connect and to wait (default {DEFAULT_SEND_TIMEOUT:g})")
+    send.set_defaults(func=cmd_send, default_level="WARNING")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the ``hisock-gevent`` command; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(list(argv) if argv is not None else None)
+    level = args.log_level or args.default_level
+    logging.basicConfig(stream=sys.stderr, level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        return args.func(args)
+    except UsageError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
