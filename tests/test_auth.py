@@ -23,10 +23,10 @@ from hisock_gevent import ClientInfo, ConnectionRejected, HiSockClient
 from hisock_gevent.errors import AuthenticationFailed
 
 from conftest import LOOPBACK, wait_until
+from rawpeer import HEADER_LEN, RawPeer, cmd_body, hello_body, install_echo, sync, wire_frame
 
 pytestmark = pytest.mark.timeout(60)
 
-HEADER_LEN = 16
 PROMPT = 3.0
 SECRET = "open sesame"
 
@@ -46,82 +46,6 @@ class Checker:
         with self._lock:
             self.calls.append((info, credentials))
         return self.rule(info, credentials)
-
-
-def install_echo(server: Any) -> None:
-    @server.on("echo")
-    def echo(client: ClientInfo, content: Any) -> None:
-        server.send_client(client, "echo", content)
-
-
-def sync(client: HiSockClient, token: Any = "sync") -> None:
-    client.send("echo", token)
-    assert client.recv("echo", timeout=5) == token
-
-
-def wire_frame(body: bytes, header_len: int = HEADER_LEN) -> bytes:
-    header = str(len(body)).encode("ascii")
-    return header + b" " * (header_len - len(header)) + body
-
-
-def hello_body(name: Optional[str], group: Optional[str] = None, **extra: Any) -> bytes:
-    return b"$CLTHELLO$" + json.dumps({"name": name, "group": group, **extra}).encode()
-
-
-def cmd_body(command: str, fmt: bytes, payload: bytes) -> bytes:
-    fmt_len = str(len(fmt)).encode("ascii")
-    return b"$CMD$" + command.encode() + b"$MSG$" + fmt_len + b" " * (8 - len(fmt_len)) + fmt + payload
-
-
-class RawPeer:
-    """A HiSock 3.x peer made of a blocking stdlib socket."""
-
-    def __init__(self, addr: Tuple[str, int]):
-        self.sock = socket.create_connection(addr, timeout=5)
-        self.addr = self.sock.getsockname()[:2]
-
-    def send_frame(self, body: bytes) -> None:
-        self.sock.sendall(wire_frame(body))
-
-    def _read_exact(self, count: int, deadline: float) -> bytes:
-        data = bytearray()
-        while len(data) < count:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError(f"only {len(data)} of {count} bytes arrived")
-            self.sock.settimeout(remaining)
-            chunk = self.sock.recv(count - len(data))
-            if not chunk:
-                raise EOFError(f"EOF after {len(data)} of {count} bytes")
-            data += chunk
-        return bytes(data)
-
-    def read_frame(self, timeout: float = 5.0) -> bytes:
-        deadline = time.monotonic() + timeout
-        length = int(self._read_exact(HEADER_LEN, deadline))
-        return self._read_exact(length, deadline)
-
-    def read_until_eof(self, timeout: float = 5.0) -> bytes:
-        deadline = time.monotonic() + timeout
-        data = bytearray()
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError(f"no EOF within {timeout} s; got {bytes(data)!r}")
-            self.sock.settimeout(remaining)
-            try:
-                chunk = self.sock.recv(65536)
-            except ConnectionResetError:
-                return bytes(data)
-            if not chunk:
-                return bytes(data)
-            data += chunk
-
-    def close(self) -> None:
-        try:
-            self.sock.close()
-        except OSError:
-            pass
 
 
 @pytest.fixture

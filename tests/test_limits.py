@@ -13,7 +13,7 @@ import logging
 import socket
 import threading
 import time
-from typing import Any, Callable, Iterator, List, Optional, Set, Tuple
+from typing import Any, Callable, Iterator, List, Set, Tuple
 
 import gevent
 import msgpack
@@ -31,105 +31,13 @@ from hisock_gevent import (
 )
 
 from conftest import LOOPBACK, wait_until
+from rawpeer import RawPeer, cmd_body, hello_body, install_echo, sync, wire_frame
 
 pytestmark = pytest.mark.timeout(60)
 
-HEADER_LEN = 16
 
 
 # ------------------------------------------------------------------ helpers
-
-
-def wire_frame(body: bytes, header_len: int = HEADER_LEN) -> bytes:
-    header = str(len(body)).encode("ascii")
-    return header + b" " * (header_len - len(header)) + body
-
-
-def cmd_body(command: str, fmt: bytes, payload: bytes) -> bytes:
-    fmt_len = str(len(fmt)).encode("ascii")
-    return b"$CMD$" + command.encode() + b"$MSG$" + fmt_len + b" " * (8 - len(fmt_len)) + fmt + payload
-
-
-def hello_body(name: Optional[str], group: Optional[str] = None, **extra: Any) -> bytes:
-    return b"$CLTHELLO$" + json.dumps({"name": name, "group": group, **extra}).encode()
-
-
-def install_echo(server: Any) -> None:
-    @server.on("echo")
-    def echo(client: ClientInfo, content: Any) -> None:
-        server.send_client(client, "echo", content)
-
-
-def sync(client: HiSockClient, token: Any = "sync") -> None:
-    client.send("echo", token)
-    assert client.recv("echo", timeout=5) == token
-
-
-class RawPeer:
-    """A HiSock 3.x peer made of a blocking stdlib socket."""
-
-    def __init__(self, addr: Tuple[str, int], rcvbuf: Optional[int] = None):
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        if rcvbuf is not None:
-            # Before connect, so the advertised window stays small.
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-        self.sock.settimeout(5)
-        self.sock.connect(addr)
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.addr = self.sock.getsockname()[:2]
-
-    def send_raw(self, data: bytes) -> None:
-        self.sock.sendall(data)
-
-    def send_frame(self, body: bytes) -> None:
-        self.sock.sendall(wire_frame(body))
-
-    def hello(self, name: str, **extra: Any) -> bytes:
-        self.send_frame(hello_body(name, **extra))
-        body = self.read_frame()
-        assert body.startswith(b"$CLTCONN$"), body
-        return body
-
-    def _read_exact(self, count: int, deadline: float) -> bytes:
-        data = bytearray()
-        while len(data) < count:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError(f"only {len(data)} of {count} bytes arrived")
-            self.sock.settimeout(remaining)
-            chunk = self.sock.recv(count - len(data))
-            if not chunk:
-                raise EOFError(f"EOF after {len(data)} of {count} bytes")
-            data += chunk
-        return bytes(data)
-
-    def read_frame(self, timeout: float = 5.0) -> bytes:
-        deadline = time.monotonic() + timeout
-        length = int(self._read_exact(HEADER_LEN, deadline))
-        return self._read_exact(length, deadline)
-
-    def wait_closed(self, timeout: float = 5.0) -> bytes:
-        """Read (and return) whatever comes until the server closes the connection."""
-        deadline = time.monotonic() + timeout
-        data = bytearray()
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError(f"the server did not close within {timeout} s")
-            self.sock.settimeout(remaining)
-            try:
-                chunk = self.sock.recv(1 << 20)
-            except (ConnectionResetError, BrokenPipeError):
-                return bytes(data)
-            if not chunk:
-                return bytes(data)
-            data += chunk
-
-    def close(self) -> None:
-        try:
-            self.sock.close()
-        except OSError:
-            pass
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ import socket
 import ssl
 import threading
 import time
-from typing import Any, Callable, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Iterator, List, Tuple
 
 import pytest
 import trustme
@@ -25,10 +25,10 @@ from hisock_gevent import ClientDisconnected, ClientInfo, ConnectionRejected, Hi
 from hisock_gevent.errors import TLSError
 
 from conftest import LOOPBACK, wait_until
+from rawpeer import HEADER_LEN, RawPeer, hello_body, install_echo, sync, wire_frame
 
 pytestmark = pytest.mark.timeout(60)
 
-HEADER_LEN = 16
 #: A failure is "prompt" when it comes well inside the default 10 s answer timeout.
 PROMPT = 3.0
 TWO_MIB = 2 * 1024 * 1024
@@ -97,61 +97,11 @@ def tls_server(make_server: Callable[..., Any], server_ctx: ssl.SSLContext) -> A
 # ------------------------------------------------------------------ helpers
 
 
-def install_echo(server: Any) -> None:
-    @server.on("echo")
-    def echo(client: ClientInfo, content: Any) -> None:
-        server.send_client(client, "echo", content)
-
-
-def sync(client: HiSockClient, token: Any = "sync") -> None:
-    """A round trip: everything the client sent before has been handled by the server."""
-    client.send("echo", token)
-    assert client.recv("echo", timeout=5) == token
-
-
-def wire_frame(body: bytes, header_len: int = HEADER_LEN) -> bytes:
-    header = str(len(body)).encode("ascii")
-    return header + b" " * (header_len - len(header)) + body
-
-
-def hello_body(name: Optional[str] = "raw", group: Optional[str] = None, **extra: Any) -> bytes:
-    return b"$CLTHELLO$" + json.dumps({"name": name, "group": group, **extra}).encode()
-
-
-class RawTLSPeer:
+class RawTLSPeer(RawPeer):
     """A HiSock 3.x-style peer on a blocking stdlib TLS socket (no library framing)."""
 
     def __init__(self, addr: Tuple[str, int], ctx: ssl.SSLContext, timeout: float = 5.0):
-        plain = socket.create_connection(addr, timeout=timeout)
-        self.sock = ctx.wrap_socket(plain, server_hostname=addr[0])
-        self.addr = self.sock.getsockname()[:2]
-
-    def send_frame(self, body: bytes) -> None:
-        self.sock.sendall(wire_frame(body))
-
-    def _read_exact(self, count: int, deadline: float) -> bytes:
-        data = bytearray()
-        while len(data) < count:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError(f"only {len(data)} of {count} bytes arrived")
-            self.sock.settimeout(remaining)
-            chunk = self.sock.recv(count - len(data))
-            if not chunk:
-                raise EOFError(f"EOF after {len(data)} of {count} bytes")
-            data += chunk
-        return bytes(data)
-
-    def read_frame(self, timeout: float = 5.0) -> bytes:
-        deadline = time.monotonic() + timeout
-        length = int(self._read_exact(HEADER_LEN, deadline))
-        return self._read_exact(length, deadline)
-
-    def close(self) -> None:
-        try:
-            self.sock.close()
-        except OSError:
-            pass
+        super().__init__(addr, timeout=timeout, wrap=lambda sock: ctx.wrap_socket(sock, server_hostname=addr[0]))
 
 
 @pytest.fixture
