@@ -50,7 +50,10 @@ class OutgoingCommand:
     __slots__ = ("command", "content", "header_len", "_prefix", "_native", "_extended")
 
     def __init__(self, command: str, content: Any, header_len: int, reserved_ok: bool = False):
-        self._prefix = command_prefix(command.encode()) if reserved_ok else check_command(command)
+        prefix = _CHECKED.get(command) if type(command) is str and not reserved_ok else None
+        if prefix is None:
+            prefix = command_prefix(command.encode()) if reserved_ok else check_command(command)
+        self._prefix = prefix
         self.command = command
         self.content = content
         self.header_len = header_len

@@ -527,13 +527,22 @@ class HiSockServer:
         command = message.command
         info = peer.info
         entry = self._handlers.command_handler(command)
-        catch_all = self._handlers.reserved_handler("*") if entry is None else None
+        catch_all = None if entry is not None else self._handlers.reserved_handler("*")
         if self.cache_size >= 0:
             # Cached before the handlers run, so a reply can never overtake the cache entry.
             called = entry is not None or catch_all is not None
             self._remember(MessageCacheMember(header=len(message.to_body()), content=content, called=called, command=command))
         if entry is not None:
-            self._runner.call(entry, (info, content), ("", command, info))
+            if entry["threaded"]:
+                self._runner.call(entry, (info, content), ("", command, info))
+            else:
+                # HandlerRunner.call, inlined for the common inline handler.
+                try:
+                    entry["func"](*(info, content)[: entry["num_args"]])
+                except gevent.GreenletExit:
+                    raise
+                except Exception as exc:  # a user handler failed: report, keep serving
+                    self._runner.report(exc, ("", command, info))
         elif catch_all is not None:
             self._runner.call(catch_all, (info, command, content), ("*", command, info))
         on_message = self._handlers.reserved_handler("message")
