@@ -53,7 +53,13 @@ from types import ModuleType
 from typing import Any, Callable, Dict, NoReturn, Optional, Sequence, Tuple
 
 from .client import HiSockClient, ThreadedHiSockClient
-from .errors import ClientDisconnected, ConnectionRejected, InvalidTypeCast, ServerNotRunning, TLSError
+from .errors import (
+    ClientDisconnected,
+    ConnectionRejected,
+    InvalidTypeCast,
+    ServerNotRunning,
+    TLSError,
+)
 from .server import HiSockServer, ThreadedHiSockServer
 from .utils import ClientInfo
 
@@ -306,10 +312,24 @@ def _build_server(spec: str, options: Dict[str, Any]) -> HiSockServer:
     return server
 
 
-def _serve(server: HiSockServer) -> int:
+def _start_stats(server: HiSockServer, args: argparse.Namespace) -> Any:
+    """Serve ``server.stats()`` over HTTP when ``--stats-port`` was given; the pywsgi server or None."""
+    if args.stats_port is None:
+        return None
+    from .monitor import serve_stats
+
+    try:
+        return serve_stats(server.stats, args.stats_host, args.stats_port)
+    except OSError as exc:
+        server.close()
+        raise UsageError(f"cannot serve stats on {args.stats_host}:{args.stats_port}: {exc}") from exc
+
+
+def _serve(server: HiSockServer, args: argparse.Namespace) -> int:
     """Serve until SIGINT/SIGTERM (or until a handler closes the server)."""
     import gevent
 
+    stats_http = _start_stats(server, args)
     for signum in (signal.SIGINT, signal.SIGTERM):
         # Runs in a new greenlet on this hub, where close() may block while it drains.
         gevent.signal_handler(signum, _close_logged, server, signum)
@@ -328,6 +348,8 @@ def _serve(server: HiSockServer) -> int:
             server.start()
         except KeyboardInterrupt:
             server.close()
+    if stats_http is not None:
+        stats_http.stop(timeout=1)
     log.info("stopped")
     return EXIT_OK
 
@@ -339,7 +361,7 @@ def _close_logged(server: HiSockServer, signum: int) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     server = _build_server(args.target, _given_options(args))
-    return _serve(server)
+    return _serve(server, args)
 
 
 # ---------------------------------------------------------------------- chat
@@ -374,8 +396,11 @@ def cmd_chat(args: argparse.Namespace) -> int:
         chat = chat_class(args.host, args.port, **options)
     except OSError as exc:
         raise UsageError(f"cannot serve on {args.host}:{args.port}: {exc}") from exc
+    stats_http = _start_stats(chat.server, args)
     # The example's serve_forever() installs the signal handlers and logs "serving on".
     chat.serve_forever()
+    if stats_http is not None:
+        stats_http.stop(timeout=1)
     return EXIT_OK
 
 
@@ -521,7 +546,7 @@ def cmd_send(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument(
         "--log-level", default=None, type=str.upper,
         choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
@@ -538,6 +563,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", parser_class=_Parser)
     sub.required = True
+
+    def add_stats_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--stats-port", type=_port, default=None,
+            help="also serve live statistics over HTTP on this port (0 picks one): a page at /, JSON at "
+            "/stats, Prometheus text at /metrics (needs prometheus_client); logs 'stats at http://HOST:PORT/'",
+        )
+        p.add_argument("--stats-host", default=DEFAULT_HOST, help=f"address for --stats-port (default {DEFAULT_HOST})")
 
     serve = sub.add_parser(
         "serve", parents=[common], help="serve MODULE:ATTR, a HiSockServer or a factory returning one",
@@ -556,6 +589,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--keepalive", action="store_true", default=None, help="drop clients that stop answering keepalives")
     serve.add_argument("--certfile", default=None, help="serve TLS with this certificate (PEM)")
     serve.add_argument("--keyfile", default=None, help="the certificate's private key (PEM), if not in --certfile")
+    add_stats_options(serve)
     serve.set_defaults(func=cmd_serve, default_level="INFO")
 
     chat = sub.add_parser(
@@ -567,6 +601,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--port", type=_port, default=DEFAULT_CHAT_PORT, help=f"port; 0 picks a free one (default {DEFAULT_CHAT_PORT})")
     chat.add_argument("--max-connections", type=_non_negative_int, default=None, help="clients at once; 0 = no limit")
     chat.add_argument("--keepalive", action="store_true", help="drop clients that stop answering keepalives")
+    add_stats_options(chat)
     chat.set_defaults(func=cmd_chat, default_level="INFO")
 
     def add_connect_options(p: argparse.ArgumentParser) -> None:

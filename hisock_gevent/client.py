@@ -207,7 +207,7 @@ class HiSockClient:
     def __repr__(self) -> str:
         return f"<HiSockClient connected to {iptup_to_str(self.addr)}>"
 
-    def __enter__(self) -> "HiSockClient":
+    def __enter__(self) -> HiSockClient:
         return self
 
     def __exit__(self, *exc_info: Any) -> None:

@@ -22,6 +22,7 @@ import gevent.monkey
 from gevent import socket as gsocket
 
 from .frames import DEFAULT_HEADER_LEN, DEFAULT_MAX_MESSAGE_SIZE, FrameParser
+from .stats import Traffic
 from .tls import TLSLayer
 
 __all__ = ["Connection", "DEFAULT_MAX_QUEUE_BYTES", "RECV_CHUNK", "set_nodelay"]
@@ -45,10 +46,10 @@ class _WriteBatch:
 
     def __init__(self, loop: Any):
         self._loop = loop
-        self._dirty: List["Connection"] = []
+        self._dirty: List[Connection] = []
         self._scheduled = False
 
-    def add(self, conn: "Connection") -> None:
+    def add(self, conn: Connection) -> None:
         self._dirty.append(conn)
         if not self._scheduled:
             self._scheduled = True
@@ -110,6 +111,7 @@ class Connection:
         "tls",
         "last_received",
         "error",
+        "traffic",
     )
 
     def __init__(
@@ -119,9 +121,10 @@ class Connection:
         header_len: int = DEFAULT_HEADER_LEN,
         max_body_len: int = DEFAULT_MAX_MESSAGE_SIZE,
         max_queue_bytes: int = DEFAULT_MAX_QUEUE_BYTES,
-        on_overflow: Optional[Callable[["Connection"], Any]] = None,
+        on_overflow: Optional[Callable[[Connection], Any]] = None,
         parser: Optional[FrameParser] = None,
         tls: Optional[TLSLayer] = None,
+        traffic: Optional[Traffic] = None,
     ):
         self.sock = sock
         self.peer = peer
@@ -145,6 +148,8 @@ class Connection:
         self.last_received = time.monotonic()
         #: Why the connection failed, when it did not end cleanly (a reset, a failed write).
         self.error: Optional[str] = None
+        #: Counts frames queued and bytes moved; a server shares one among its connections.
+        self.traffic = traffic if traffic is not None else Traffic()
 
     # ------------------------------------------------------------------ reading
 
@@ -159,6 +164,7 @@ class Connection:
         parser = self.parser
         feed = parser.feed
         tls = self.tls
+        traffic = self.traffic
         monotonic = time.monotonic
         # Bytes that arrived before we took the socket over may already hold whole frames.
         data = b""
@@ -167,8 +173,7 @@ class Connection:
                 data, reply = tls.receive(data)
                 if reply:
                     self._queue(reply)
-            for body in feed(data):
-                yield body
+            yield from feed(data)
             if parser.failed:
                 feed(b"")  # raises the error found behind those bodies
             if tls is not None and tls.closed_by_peer:
@@ -181,6 +186,7 @@ class Connection:
                 return
             if not data:
                 return
+            traffic.bytes_in += len(data)
             self.last_received = monotonic()
 
     # ------------------------------------------------------------------ writing
@@ -199,6 +205,7 @@ class Connection:
         """
         if self.closed or self.error is not None:
             return
+        self.traffic.messages_out += 1
         if self.tls is not None:
             data = self.tls.encrypt(data)
         # _queue(), inlined for the common case: a broadcast calls this once per client.
@@ -236,6 +243,7 @@ class Connection:
             self._abort(f"write failed: {exc}")
             return
         self._out_bytes -= sent
+        self.traffic.bytes_out += sent
         if sent < len(data):
             # The kernel's buffer is full: a greenlet waits for room and writes the rest.
             self._out.insert(0, data[sent:])
@@ -257,6 +265,7 @@ class Connection:
                 data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
                 sendall(data)
                 self._out_bytes -= len(data)
+                self.traffic.bytes_out += len(data)
         except OSError as exc:
             self._abort(f"write failed: {exc}")
         finally:

@@ -14,7 +14,19 @@ from __future__ import annotations
 import re
 import warnings
 from abc import ABC, abstractmethod
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Protocol, Tuple, Union
+from typing import (
+    Any,
+    Dict,
+    Generic,
+    Iterable,
+    Iterator,
+    List,
+    Optional,
+    Protocol,
+    Tuple,
+    TypeVar,
+    Union,
+)
 
 from .errors import ClientNotFound, GroupNotFound
 from .outgoing import OutgoingCommand
@@ -38,6 +50,10 @@ class Peer(Protocol):
     def send(self, frame: bytes) -> None: ...
 
 
+#: The server's own peer type, so lookups hand back what was added.
+PeerT = TypeVar("PeerT", bound=Peer)
+
+
 def _address_of(client: ClientRef) -> Optional[Tuple[str, int]]:
     """The (ip, port) a client reference names, or None when it is a name.
 
@@ -56,7 +72,7 @@ def _address_of(client: ClientRef) -> Optional[Tuple[str, int]]:
     )
 
 
-class ClientRegistry:
+class ClientRegistry(Generic[PeerT]):
     """The joined clients of one server process, with lookups by address, name and group."""
 
     def __init__(self) -> None:
@@ -64,23 +80,23 @@ class ClientRegistry:
         self.clients: Dict[Any, ClientInfo] = {}
         #: HiSock's ``clients_rev``: ClientInfo -> socket.
         self.clients_rev: Dict[ClientInfo, Any] = {}
-        self._by_address: Dict[Tuple[str, int], Peer] = {}
+        self._by_address: Dict[Tuple[str, int], PeerT] = {}
         # name/group -> peers in join order (a dict used as an ordered set).
-        self._by_name: Dict[str, Dict[Peer, None]] = {}
-        self._by_group: Dict[str, Dict[Peer, None]] = {}
+        self._by_name: Dict[str, Dict[PeerT, None]] = {}
+        self._by_group: Dict[str, Dict[PeerT, None]] = {}
 
     def __len__(self) -> int:
         return len(self._by_address)
 
-    def __iter__(self) -> Iterator[Peer]:
+    def __iter__(self) -> Iterator[PeerT]:
         return iter(list(self._by_address.values()))
 
-    def __contains__(self, peer: Peer) -> bool:
+    def __contains__(self, peer: PeerT) -> bool:
         return self._by_address.get(peer.info.ip) is peer
 
     # ------------------------------------------------------------- changes
 
-    def add(self, peer: Peer) -> None:
+    def add(self, peer: PeerT) -> None:
         """Register a peer under its current ``info``."""
         info = peer.info
         self._by_address[info.ip] = peer
@@ -88,7 +104,7 @@ class ClientRegistry:
         self.clients_rev[info] = peer.sock
         self._index(peer, info)
 
-    def update(self, peer: Peer, new_info: ClientInfo) -> ClientInfo:
+    def update(self, peer: PeerT, new_info: ClientInfo) -> ClientInfo:
         """Give a registered peer a new name/group; every map changes together.  Returns the old info."""
         old = peer.info
         self._unindex(peer, old)
@@ -99,7 +115,7 @@ class ClientRegistry:
         self._index(peer, new_info)
         return old
 
-    def remove(self, peer: Peer) -> bool:
+    def remove(self, peer: PeerT) -> bool:
         """Forget a peer; False when it was not registered."""
         if self._by_address.get(peer.info.ip) is not peer:
             return False
@@ -110,13 +126,18 @@ class ClientRegistry:
         self._unindex(peer, info)
         return True
 
-    def _index(self, peer: Peer, info: ClientInfo) -> None:
+    def group_sizes(self) -> Dict[str, int]:
+        """How many clients each group has, largest first (clients with no group are left out)."""
+        sizes = {group: len(peers) for group, peers in self._by_group.items() if peers}
+        return dict(sorted(sizes.items(), key=lambda item: (-item[1], item[0])))
+
+    def _index(self, peer: PeerT, info: ClientInfo) -> None:
         if info.name is not None:
             self._by_name.setdefault(info.name, {})[peer] = None
         if info.group is not None:
             self._by_group.setdefault(info.group, {})[peer] = None
 
-    def _unindex(self, peer: Peer, info: ClientInfo) -> None:
+    def _unindex(self, peer: PeerT, info: ClientInfo) -> None:
         for index, key in ((self._by_name, info.name), (self._by_group, info.group)):
             if key is None:
                 continue
@@ -128,7 +149,7 @@ class ClientRegistry:
 
     # ------------------------------------------------------------- lookups
 
-    def find(self, client: ClientRef) -> Peer:
+    def find(self, client: ClientRef) -> PeerT:
         """The peer a reference names.
 
         :raises ValueError: the reference has a wrong format.
@@ -158,7 +179,7 @@ class ClientRegistry:
             )
         return next(iter(named))
 
-    def group(self, group: GroupRef) -> List[Peer]:
+    def group(self, group: GroupRef) -> List[PeerT]:
         """The peers in a group, in join order.
 
         :raises GroupNotFound: nobody is in that group, or the ClientInfo has no group.
@@ -237,12 +258,9 @@ class LocalDelivery(Delivery):
     @staticmethod
     def _fan_out(peers: Iterable[Peer], message: OutgoingCommand) -> None:
         peers = list(peers)
-        extended = plain = None
-        if not all(peer.msgpack_ok for peer in peers):
-            # Build the plain peers' frame first: if the content cannot be carried to them,
-            # InvalidTypeCast is raised before anyone receives it (all or nothing).
-            plain = message.frame_for(False)
-        if any(peer.msgpack_ok for peer in peers):
-            extended = message.frame_for(True)
+        # Build the plain peers' frame first: if the content cannot be carried to them,
+        # InvalidTypeCast is raised before anyone receives it (all or nothing).
+        plain = message.frame_for(False) if not all(peer.msgpack_ok for peer in peers) else b""
+        extended = message.frame_for(True) if any(peer.msgpack_ok for peer in peers) else b""
         for peer in peers:
             peer.send(extended if peer.msgpack_ok else plain)

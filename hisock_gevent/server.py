@@ -21,6 +21,7 @@ from gevent.event import Event
 from gevent.pool import Group, Pool
 from gevent.server import StreamServer
 
+from . import stats as reasons
 from . import typecast
 from .connection import DEFAULT_MAX_QUEUE_BYTES, Connection, set_nodelay
 from .errors import ClientNotFound, HandshakeError, RemoteProtocolError, TLSError
@@ -45,8 +46,9 @@ from .messages import (
     parse_client_body,
 )
 from .outgoing import OutgoingCommand
-from .tls import TLSLayer, perform_handshake, server_context
 from .registry import ClientRef, ClientRegistry, Delivery, GroupRef, LocalDelivery
+from .stats import ServerStats, rejection_reason
+from .tls import TLSLayer, perform_handshake, server_context
 from .utils import ClientInfo, MessageCacheMember, Sendable
 
 __all__ = [
@@ -80,7 +82,7 @@ def _on_home(method: _F) -> _F:
     """Run the method on the server's home thread, whichever thread calls it."""
 
     @functools.wraps(method)
-    def wrapper(self: "HiSockServer", *args: Any, **kwargs: Any) -> Any:
+    def wrapper(self: HiSockServer, *args: Any, **kwargs: Any) -> Any:
         home = self._home
         if home.ident is None or home.ident == _get_ident() or not home.alive:
             return method(self, *args, **kwargs)
@@ -214,7 +216,7 @@ class HiSockServer:
         self._listener = listener
         self.addr: Tuple[str, int] = listener.getsockname()[:2]
 
-        self._registry = ClientRegistry()
+        self._registry: ClientRegistry[_ServerPeer] = ClientRegistry()
         self._delivery = delivery if delivery is not None else LocalDelivery(self._registry)
         self._handlers = HandlerTable(SERVER_RESERVED, SERVER_UNRESERVED_ARGS)
         self.funcs = self._handlers.funcs
@@ -226,6 +228,7 @@ class HiSockServer:
         self._stream_server: Optional[StreamServer] = None
         self._pool: Optional[Pool] = None
         self._connections: Set[Connection] = set()
+        self._stats = ServerStats()
         # Greenlets draining a disconnected client's queue before closing it.
         self._closers = Group()
         # The keepalive loop and its pending expiry checks.
@@ -233,7 +236,7 @@ class HiSockServer:
         self._stopped: Optional[Event] = None
         self._closed = False
         self._join_frame_cache: Dict[str, bytes] = {}
-        self._dispatch = {
+        self._dispatch: Dict[type, Callable[[_ServerPeer, Any], bool]] = {
             Command: self._on_command,
             UserClose: self._on_user_close,
             ChangeName: self._on_change_name,
@@ -246,7 +249,7 @@ class HiSockServer:
     def __repr__(self) -> str:
         return f"<HiSockServer serving at {self.addr[0]}:{self.addr[1]}>"
 
-    def __enter__(self) -> "HiSockServer":
+    def __enter__(self) -> HiSockServer:
         return self
 
     def __exit__(self, *exc_info: Any) -> None:
@@ -371,6 +374,7 @@ class HiSockServer:
         assert self._pool is not None
         if self.max_connections and self._pool.full():
             logger.warning("refusing %s:%s: max_connections (%d) reached", address[0], address[1], self.max_connections)
+            self._stats.refused[reasons.SERVER_FULL] += 1
             conn = Connection(sock, address, self.header_len)
             conn.send_now(frame(_DISCONNECT_FRAME_BODY, self.header_len))
             conn.close()
@@ -378,9 +382,15 @@ class HiSockServer:
         self._pool.add(gevent.getcurrent())
         set_nodelay(sock)
         address = (address[0], address[1])
-        conn = Connection(sock, address, self.header_len, self.max_message_size, self.max_queue_bytes, self._on_overflow)
+        stats = self._stats
+        traffic = stats.traffic
+        conn = Connection(
+            sock, address, self.header_len, self.max_message_size, self.max_queue_bytes, self._on_overflow, traffic=traffic
+        )
         self._connections.add(conn)
+        stats.connection_opened(len(self._connections))
         peer: Optional[_ServerPeer] = None
+        end_reason = reasons.LEFT
         try:
             if self.ssl_context is not None:
                 conn.tls = self._tls_handshake(sock)
@@ -390,19 +400,23 @@ class HiSockServer:
                 return
             peer = self._join(conn, hello)
             for body in bodies:
+                traffic.messages_in += 1
                 if peer.gone:
                     break
                 message = parse_client_body(body)
                 if self._dispatch[type(message)](peer, message):
                     break
             else:
-                self._log_unclean_end(conn)
+                if self._log_unclean_end(conn):
+                    end_reason = reasons.CONNECTION_LOST
         except RemoteProtocolError as exc:
             logger.warning("closing %s:%s: %s", address[0], address[1], exc)
+            stats.rejected[rejection_reason(exc)] += 1
+            end_reason = reasons.PROTOCOL_ERROR
         finally:
             self._connections.discard(conn)
             if peer is not None:
-                self._drop(peer, call_leave=True, notify=True)
+                self._drop(peer, call_leave=True, notify=True, reason=end_reason)
             conn.close()
 
     @staticmethod
@@ -438,6 +452,7 @@ class HiSockServer:
         if accepted:
             return True
         logger.warning("refusing %s: authentication failed", candidate)
+        self._stats.refused[reasons.AUTH_FAILED] += 1
         # A hisock_gevent client is told why; a plain HiSock client gets the bare $DISCONN$.
         reason = {"reason": "authentication failed"} if CAPABILITY_MSGPACK in hello.capabilities else None
         conn.send(frame(Disconnect(reason).to_body(), self.header_len))
@@ -455,7 +470,9 @@ class HiSockServer:
                 return None
         if body is None:
             logger.warning("closing %s:%s: no hello within %.1f s", conn.peer[0], conn.peer[1], self.handshake_timeout)
+            self._stats.refused[reasons.NO_HELLO] += 1
             return None
+        self._stats.traffic.messages_in += 1
         message = parse_client_body(body)
         if not isinstance(message, Hello):
             raise HandshakeError(f"first message was {type(message).__name__}, not a hello")
@@ -476,19 +493,24 @@ class HiSockServer:
         except ValueError as exc:
             raise HandshakeError(f"the client's announcement does not fit header_len {self.header_len}: {exc}") from exc
         self._registry.add(peer)
+        self._stats.joins += 1
         self._delivery.announce(everyone_frame, exclude=peer)
         peer.send(answer_frame)
         logger.debug("%s joined", info)
         self._call_reserved("join", info)
         return peer
 
-    def _drop(self, peer: _ServerPeer, call_leave: bool, notify: bool) -> bool:
-        """Forget a joined client (once); tell the others and run ``leave`` if asked."""
+    def _drop(self, peer: _ServerPeer, call_leave: bool, notify: bool, reason: str) -> bool:
+        """Forget a joined client (once); tell the others and run ``leave`` if asked.
+
+        :param reason: why it goes, one of the names in :mod:`hisock_gevent.stats`.
+        """
         if peer.gone:
             return False
         peer.gone = True
         if not self._registry.remove(peer):
             return False
+        self._stats.dropped[reason] += 1
         if notify:
             try:
                 left_frame = frame(PeerLeft(_info_json(peer.info)).to_body(), self.header_len)
@@ -517,7 +539,7 @@ class HiSockServer:
         )
         for peer in self._registry:
             if peer.conn is conn:
-                self._drop(peer, call_leave=True, notify=True)
+                self._drop(peer, call_leave=True, notify=True, reason=reasons.SLOW_READER)
         conn.close()
 
     # ------------------------------------------------------------------ messages
@@ -623,14 +645,14 @@ class HiSockServer:
             for peer in list(self._registry):
                 if not peer.gone and peer.conn.last_received < deadline:
                     logger.warning("dropping %s: nothing received for %.1f s (idle_timeout)", peer.info, self.idle_timeout)
-                    if self._drop(peer, call_leave=True, notify=True):
+                    if self._drop(peer, call_leave=True, notify=True, reason=reasons.IDLE_TIMEOUT):
                         self._close_peer(peer, send_disconnect=True)
 
     def _expire_silent(self, peers: List[_ServerPeer], sent_at: float) -> None:
         for peer in peers:
             if not peer.gone and peer.last_ack < sent_at:
                 logger.warning("dropping %s: no keepalive answer within %.1f s", peer.info, self.keepalive_timeout)
-                if self._drop(peer, call_leave=True, notify=True):
+                if self._drop(peer, call_leave=True, notify=True, reason=reasons.KEEPALIVE_TIMEOUT):
                     self._close_peer(peer, send_disconnect=True)
 
     # ------------------------------------------------------------------ lookups
@@ -638,6 +660,25 @@ class HiSockServer:
     def get_addr(self) -> Tuple[str, int]:
         """The ``(ip, port)`` the server is serving at."""
         return self.addr
+
+    @_on_home
+    def stats(self) -> Dict[str, Any]:
+        """Live counters of this server, as a JSON-ready dict (not part of HiSock's API).
+
+        ``connections``: ``now`` open (joined or still in their handshake), ``peak``,
+        ``accepted`` in all, and ``refused`` before joining by reason (``server_full``,
+        ``auth_failed``, ``no_hello``).  ``clients``: ``joined`` now, ``joins`` in all,
+        ``groups`` (group -> clients, largest first), ``ungrouped``, ``left`` (clean
+        goodbyes) and ``dropped`` by reason (``connection_lost``, ``protocol_error``,
+        ``slow_reader``, ``idle_timeout``, ``keepalive_timeout``, ``kicked``,
+        ``server_closed``).  ``messages`` and ``bytes``: ``in`` and ``out`` since the
+        server was made (a broadcast to N clients is N messages out).  ``rejected``:
+        connections closed for breaking the protocol, by error (``invalid_header``,
+        ``message_too_large``, ``malformed_payload``, ...).  Also ``address`` and
+        ``uptime_s``.  Reading it costs one pass over the groups, not over the clients.
+        """
+        snapshot = self._stats.snapshot(len(self._connections), len(self._registry), self._registry.group_sizes())
+        return {"address": f"{self.addr[0]}:{self.addr[1]}", **snapshot}
 
     @_on_home
     def get_all_clients(self, key: Union[Callable[[ClientInfo], Any], str, None] = None) -> List[Any]:
@@ -705,7 +746,7 @@ class HiSockServer:
         """
         peer = self._registry.find(client)
         assert isinstance(peer, _ServerPeer)
-        self._drop(peer, call_leave=call_func, notify=True)
+        self._drop(peer, call_leave=call_func, notify=True, reason=reasons.KICKED)
         self._close_peer(peer, send_disconnect=not force)
 
     @_on_home
@@ -716,7 +757,7 @@ class HiSockServer:
     def _disconnect_everyone(self, force: bool, drain_timeout: float = DEFAULT_CLOSE_TIMEOUT) -> None:
         for peer in list(self._registry):
             assert isinstance(peer, _ServerPeer)
-            self._drop(peer, call_leave=False, notify=False)
+            self._drop(peer, call_leave=False, notify=False, reason=reasons.SERVER_CLOSED)
             self._close_peer(peer, send_disconnect=not force, drain_timeout=drain_timeout)
 
 

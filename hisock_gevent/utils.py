@@ -200,11 +200,11 @@ class ClientInfo:
         """The info as the wire's JSON object: ``ip`` (list form there), ``name``, ``group``, ``ipstr``."""
         return {"ip": self.ip, "name": self.name, "group": self.group, "ipstr": self.ipstr}
 
-    def copy(self) -> "ClientInfo":
+    def copy(self) -> ClientInfo:
         return ClientInfo(self.ip, self.name, self.group)
 
     @classmethod
-    def from_dict(cls, dict_: Dict[str, Any]) -> "ClientInfo":
+    def from_dict(cls, dict_: Dict[str, Any]) -> ClientInfo:
         """Build from a dict with ``ip`` (tuple, list or ``"ip:port"``) and optional ``name``/``group``."""
         ip = dict_["ip"]
         if isinstance(ip, str):

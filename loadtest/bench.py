@@ -220,7 +220,7 @@ class Proc:
                 os.sched_setaffinity(self.pid, affinity)
             except OSError:
                 pass
-        self.lines: "queue.Queue[Optional[str]]" = queue.Queue()
+        self.lines: queue.Queue[Optional[str]] = queue.Queue()
         self.pending: List[Dict[str, Any]] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -316,7 +316,7 @@ class Case:
     def meter(self) -> CpuMeter:
         return CpuMeter({"server": [self.server.pid], "gen": [g.pid for g in self.gens]})
 
-    def __enter__(self) -> "Case":
+    def __enter__(self) -> Case:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -543,7 +543,7 @@ def run_all(mode: str, kinds: Sequence[str], scenarios: Sequence[str], pin: bool
         for clients, window in cfg["s1_cases"]:
             row: Dict[str, Any] = {"clients": clients, "window": window}
             for kind in kinds:
-                row[kind] = attempt(f"S1 C={clients} W={window} {kind}", lambda: run_s1(kind, clients, window, cfg, pin), failures)
+                row[kind] = attempt(f"S1 C={clients} W={window} {kind}", lambda kind=kind, clients=clients, window=window: run_s1(kind, clients, window, cfg, pin), failures)
             out["S1"].append(row)
     if "S2" in scenarios:
         log("S2 fan-out")
@@ -551,19 +551,19 @@ def run_all(mode: str, kinds: Sequence[str], scenarios: Sequence[str], pin: bool
         for clients in cfg["s2_clients"]:
             row = {"clients": clients}
             for kind in kinds:
-                row[kind] = attempt(f"S2 N={clients} {kind}", lambda: run_s2(kind, clients, cfg, pin), failures)
+                row[kind] = attempt(f"S2 N={clients} {kind}", lambda kind=kind, clients=clients: run_s2(kind, clients, cfg, pin), failures)
             out["S2"].append(row)
     if "S3" in scenarios:
         log("S3 connections")
         row = {"clients": cfg["s3_clients"]}
         for kind in kinds:
-            row[kind] = attempt(f"S3 N={cfg['s3_clients']} {kind}", lambda: run_s3(kind, cfg["s3_clients"], cfg, pin), failures)
+            row[kind] = attempt(f"S3 N={cfg['s3_clients']} {kind}", lambda kind=kind: run_s3(kind, cfg["s3_clients"], cfg, pin), failures)
         out["S3"] = [row]
     if "S4" in scenarios:
         log("S4 bulk")
         row = {"payload_bytes": 1 << 20}
         for kind in kinds:
-            row[kind] = attempt(f"S4 {kind}", lambda: run_s4(kind, cfg, pin), failures)
+            row[kind] = attempt(f"S4 {kind}", lambda kind=kind: run_s4(kind, cfg, pin), failures)
         out["S4"] = [row]
     if "S5" in scenarios:
         log("S5 codec")

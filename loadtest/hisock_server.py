@@ -24,7 +24,7 @@ import gevent
 import hisock_gevent
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import wire  # noqa: E402  (only for the command names and raise_nofile)
+import wire
 
 
 def build(port: int) -> hisock_gevent.HiSockServer:

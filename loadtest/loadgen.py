@@ -27,13 +27,12 @@ import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import gevent
+import wire
 from gevent import socket as gsocket
 from gevent.event import Event
 from gevent.fileobject import FileObjectPosix
 from gevent.lock import Semaphore
 from gevent.pool import Pool
-
-import wire
 
 HEADER_LEN = wire.HEADER_LEN
 RECV_CHUNK = 256 * 1024

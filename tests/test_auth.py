@@ -17,13 +17,12 @@ from typing import Any, Callable, Iterator, List, Optional, Tuple
 
 import pytest
 import trustme
+from conftest import LOOPBACK, wait_until
+from rawpeer import HEADER_LEN, RawPeer, cmd_body, hello_body, install_echo, sync, wire_frame
 
 import hisock_gevent
 from hisock_gevent import ClientInfo, ConnectionRejected, HiSockClient
 from hisock_gevent.errors import AuthenticationFailed
-
-from conftest import LOOPBACK, wait_until
-from rawpeer import HEADER_LEN, RawPeer, cmd_body, hello_body, install_echo, sync, wire_frame
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -73,7 +73,7 @@ class Program:
             stderr=subprocess.PIPE,
             text=True,
         )
-        self.lines: Dict[str, "queue.Queue[str]"] = {"stdout": queue.Queue(), "stderr": queue.Queue()}
+        self.lines: Dict[str, queue.Queue[str]] = {"stdout": queue.Queue(), "stderr": queue.Queue()}
         self.seen: Dict[str, List[str]] = {"stdout": [], "stderr": []}
         for name in ("stdout", "stderr"):
             threading.Thread(target=self._pump, args=(name,), daemon=True).start()

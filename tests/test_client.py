@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 import pytest
+from conftest import LOOPBACK, wait_until
 
 import hisock_gevent
 from hisock_gevent import (
@@ -28,8 +29,6 @@ from hisock_gevent import (
     ThreadedHiSockClient,
 )
 from hisock_gevent.client import connect, threaded_connect
-
-from conftest import LOOPBACK, wait_until
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -661,7 +660,7 @@ def test_recv_on_a_threaded_client_from_another_thread_raises_once_closed(server
     def wait_forever():
         try:
             client.recv("never", timeout=10)
-        except BaseException as exc:  # noqa: BLE001 - recorded for the assertion
+        except BaseException as exc:
             outcome.append(exc)
 
     waiter = threading.Thread(target=wait_forever, daemon=True)

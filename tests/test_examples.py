@@ -10,6 +10,8 @@ request) that X's copy of Y would have had to arrive before.
 
 from __future__ import annotations
 
+import ast
+import json
 import os
 import re
 import signal
@@ -18,8 +20,10 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
-from typing import Any, Callable, Iterator, List, Optional, Pattern, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Pattern, Tuple, Union
 
 import pytest
 
@@ -71,7 +75,7 @@ class ExampleProcess:
         with self._cond:
             return "\n".join(self.lines)
 
-    def wait_for_line(self, pattern: Union[str, Pattern[str]], timeout: float = WAIT, start: int = 0) -> "re.Match[str]":
+    def wait_for_line(self, pattern: Union[str, Pattern[str]], timeout: float = WAIT, start: int = 0) -> re.Match[str]:
         """The first output line (from index ``start``) that ``pattern`` matches; fail after ``timeout`` s."""
         regex = re.compile(pattern)
         deadline = time.monotonic() + timeout
@@ -106,7 +110,7 @@ class ExampleProcess:
         try:
             code = self.popen.wait(timeout)
         except subprocess.TimeoutExpired:
-            raise AssertionError(f"{self.popen.args} did not exit within {timeout} s; output:\n{self.output}")
+            raise AssertionError(f"{self.popen.args} did not exit within {timeout} s; output:\n{self.output}") from None
         self._reader.join(timeout)
         return code
 
@@ -336,7 +340,7 @@ def test_echo_client_script_exits_2_when_no_server_listens(run_script: Callable[
 
 def test_chat_join_is_announced_to_everyone(probe: Callable[..., ChatProbe]) -> None:
     alice = probe("alice")
-    bob = probe("bob", room="red")
+    probe("bob", room="red")
     announcement = alice.wait_for_system("join", "bob")
     assert "bob joined" in announcement["text"] and announcement["room"] == "red"
 
@@ -597,3 +601,203 @@ def test_servers_close_cleanly_on_signal(script: str, signum: int) -> None:
         client.close()
     finally:
         server.stop()
+
+
+# --------------------------------------------------------------------------- wsgi app
+
+# No proxy from the environment may stand between the tests and the loopback HTTP server.
+_HTTP = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+class WsgiAppServer(ExampleServer):
+    """``examples/wsgi_app.py`` with both ports free: ``port`` is HiSock's, ``http_port`` HTTP's."""
+
+    def __init__(self) -> None:
+        super().__init__("wsgi_app.py", "--http-port", "0")
+        hisock = self.wait_for_line(r"hisock serving on (\d+\.\d+\.\d+\.\d+):(\d+)$")
+        assert int(hisock.group(2)) == self.port
+        http = self.wait_for_line(r"http serving on (\d+\.\d+\.\d+\.\d+):(\d+)$")
+        assert http.group(1) == LOOPBACK
+        self.http_port = int(http.group(2))
+
+    def http(self, method: str, path: str, body: Union[bytes, Any, None] = None) -> Tuple[int, str, bytes]:
+        """``(status, content type, body)`` of one request; ``body`` is sent as is (bytes) or as JSON."""
+        data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+        request = urllib.request.Request(f"http://{LOOPBACK}:{self.http_port}{path}", data=data, method=method)
+        try:
+            with _HTTP.open(request, timeout=WAIT) as response:
+                return response.status, response.headers.get_content_type(), response.read()
+        except urllib.error.HTTPError as error:
+            with error:
+                return error.code, error.headers.get_content_type(), error.read()
+
+    def json(self, method: str, path: str, body: Union[bytes, Any, None] = None) -> Tuple[int, Any]:
+        """``(status, decoded JSON body)``; fails unless the answer is JSON."""
+        status, content_type, data = self.http(method, path, body)
+        assert content_type == "application/json", (status, content_type, data)
+        return status, json.loads(data)
+
+
+@pytest.fixture
+def wsgi_app() -> Iterator[WsgiAppServer]:
+    server = WsgiAppServer()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def wsgi_probe(wsgi_app: WsgiAppServer) -> Iterator[Callable[..., Tuple[ChatProbe, Dict[str, Any]]]]:
+    """Factory: ``wsgi_probe(name, group=None)`` -> (a connected ChatProbe, its ``hello`` answer).
+
+    The ``hello`` round trip marks the point from which the server knows the client; the
+    answer is the client's entry as ``GET /clients`` shows it.
+    """
+    probes: List[ChatProbe] = []
+
+    def factory(name: Optional[str], group: Optional[str] = None) -> Tuple[ChatProbe, Dict[str, Any]]:
+        wsgi_probe = ChatProbe(wsgi_app.port, name, group)
+        probes.append(wsgi_probe)
+        return wsgi_probe, hello(wsgi_probe)
+
+    yield factory
+    for wsgi_probe in probes:
+        wsgi_probe.close()
+
+
+def hello(wsgi_probe: ChatProbe) -> Dict[str, Any]:
+    """Round-trip a ``hello``; its answer.  Whatever the server sent before reading it has arrived."""
+    start = len(wsgi_probe.messages)  # the list only grows
+    wsgi_probe.client.send("hello")
+    return wsgi_probe.wait_for(lambda c, m: c == "hello", start=start)[1]
+
+
+def test_wsgi_app_lists_connected_clients_as_json(
+    wsgi_app: WsgiAppServer, wsgi_probe: Callable[..., Tuple[ChatProbe, Dict[str, Any]]]
+) -> None:
+    assert wsgi_app.json("GET", "/clients") == (200, [])
+    _, alice = wsgi_probe("alice", "red")
+    _, bob = wsgi_probe("bob")
+    assert alice["name"] == "alice" and alice["group"] == "red" and alice["address"].startswith(f"{LOOPBACK}:")
+    assert bob["name"] == "bob" and bob["group"] is None
+    status, clients = wsgi_app.json("GET", "/clients")
+    assert status == 200
+    assert sorted(clients, key=lambda c: c["name"]) == [alice, bob]
+
+
+@pytest.mark.parametrize("field", ["name", "address"])
+def test_wsgi_app_post_send_to_one_client_reaches_only_it(
+    wsgi_app: WsgiAppServer, wsgi_probe: Callable[..., Tuple[ChatProbe, Dict[str, Any]]], field: str
+) -> None:
+    alice, alice_entry = wsgi_probe("alice")
+    bob, _ = wsgi_probe("bob")
+    content = {"text": "hi alice", "n": [1, 2.5, None, True]}
+    status, answer = wsgi_app.json("POST", "/send", {"command": "news", "content": content, "to": alice_entry[field]})
+    assert status == 200
+    assert answer == {"sent": True, "command": "news", "recipients": [alice_entry["address"]]}
+    assert alice.wait_for(lambda c, m: c == "news") == ("news", content)
+    hello(bob)
+    assert bob.received("news") == []
+
+
+def test_wsgi_app_post_send_to_a_group_reaches_only_that_group(
+    wsgi_app: WsgiAppServer, wsgi_probe: Callable[..., Tuple[ChatProbe, Dict[str, Any]]]
+) -> None:
+    alice, alice_entry = wsgi_probe("alice", "red")
+    bob, bob_entry = wsgi_probe("bob", "red")
+    carol, _ = wsgi_probe("carol", "blue")
+    status, answer = wsgi_app.json("POST", "/send", {"command": "news", "content": "red only", "group": "red"})
+    assert status == 200 and answer["sent"] is True
+    assert sorted(answer["recipients"]) == sorted([alice_entry["address"], bob_entry["address"]])
+    for member in (alice, bob):
+        assert member.wait_for(lambda c, m: c == "news") == ("news", "red only")
+    hello(carol)
+    assert carol.received("news") == []
+
+
+def test_wsgi_app_post_send_without_a_target_reaches_everyone(
+    wsgi_app: WsgiAppServer, wsgi_probe: Callable[..., Tuple[ChatProbe, Dict[str, Any]]]
+) -> None:
+    probes = [wsgi_probe("alice", "red")[0], wsgi_probe("bob")[0]]
+    status, answer = wsgi_app.json("POST", "/send", {"command": "news", "content": "to all"})
+    assert status == 200 and len(answer["recipients"]) == 2
+    for listener in probes:
+        assert listener.wait_for(lambda c, m: c == "news") == ("news", "to all")
+
+
+@pytest.mark.parametrize(
+    "method, path, body, status",
+    [
+        ("POST", "/send", b"{not json", 400),
+        ("POST", "/send", b"\xff\xfe", 400),
+        ("POST", "/send", b"", 400),
+        ("POST", "/send", ["news", "hi"], 400),
+        ("POST", "/send", {"content": "no command"}, 400),
+        ("POST", "/send", {"command": 5}, 400),
+        ("POST", "/send", {"command": "$DISCONN$"}, 400),
+        ("POST", "/send", {"command": "news", "to": 5}, 400),
+        ("POST", "/send", {"command": "news", "to": "alice", "group": "red"}, 400),
+        ("POST", "/send", {"command": "news", "to": "nobody"}, 404),
+        ("POST", "/send", {"command": "news", "to": "127.0.0.1:1"}, 404),
+        ("POST", "/send", {"command": "news", "group": "nobody-here"}, 404),
+        ("POST", "/send", b"x" * (64 * 1024 + 1), 413),
+        ("GET", "/send", None, 405),
+        ("POST", "/clients", b"{}", 405),
+        ("GET", "/nowhere", None, 404),
+    ],
+    ids=[
+        "bad-json", "not-utf8", "empty", "not-an-object", "no-command", "command-not-str", "reserved-command",
+        "to-not-str", "to-and-group", "unknown-name", "unknown-address", "unknown-group", "too-large",
+        "wrong-method-send", "wrong-method-clients", "unknown-path",
+    ],
+)
+def test_wsgi_app_answers_bad_requests_with_a_json_4xx_and_keeps_serving(
+    wsgi_app: WsgiAppServer,
+    wsgi_probe: Callable[..., Tuple[ChatProbe, Dict[str, Any]]],
+    method: str,
+    path: str,
+    body: Any,
+    status: int,
+) -> None:
+    alice, _ = wsgi_probe("alice", "red")
+    got_status, error = wsgi_app.json(method, path, body)
+    assert got_status == status
+    assert list(error) == ["error"] and isinstance(error["error"], str) and error["error"]
+    assert "Traceback" not in wsgi_app.output
+    assert wsgi_app.json("POST", "/send", {"command": "news", "content": "still here", "to": "alice"})[0] == 200
+    assert alice.wait_for(lambda c, m: c == "news") == ("news", "still here")
+
+
+def test_wsgi_app_root_is_plain_text_help(wsgi_app: WsgiAppServer) -> None:
+    status, content_type, body = wsgi_app.http("GET", "/")
+    assert (status, content_type) == (200, "text/plain")
+    assert "POST /send" in body.decode() and "GET /clients" in body.decode()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_wsgi_app_closes_both_servers_and_exits_zero_on_signal(signum: int) -> None:
+    server = WsgiAppServer()
+    try:
+        client = hisock_gevent.threaded_connect((LOOPBACK, server.port), name="watcher")
+        disconnected = threading.Event()
+        client.on("force_disconnect")(disconnected.set)
+        client.start()
+        assert server.json("GET", "/clients")[1][0]["name"] == "watcher"
+        server.signal(signum)
+        assert server.wait() == 0, server.output
+        assert disconnected.wait(WAIT), "the client was not told $DISCONN$"
+        server.wait_for_line(r"wsgi_app INFO stopped$")
+        with pytest.raises(OSError):
+            socket.create_connection((LOOPBACK, server.http_port), timeout=WAIT).close()
+        client.close()
+    finally:
+        server.stop()
+
+
+# --------------------------------------------------------------------------- every example
+
+
+@pytest.mark.parametrize("script", sorted(path.name for path in EXAMPLES.glob("*.py")))
+def test_example_opens_with_a_docstring_saying_how_to_run_it(script: str) -> None:
+    docstring = ast.get_docstring(ast.parse((EXAMPLES / script).read_text(encoding="utf-8")))
+    assert docstring, f"{script} has no module docstring"
+    assert f"python examples/{script}" in docstring, f"{script}'s docstring does not show how to run it"

@@ -34,9 +34,9 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Set, Tuple
 import greenlet
 import msgpack
 import pytest
+from conftest import Recorder, wait_until
 
 import hisock_gevent
-from conftest import Recorder, wait_until
 from hisock_gevent import typecast
 from hisock_gevent.frames import DEFAULT_MAX_MESSAGE_SIZE, FrameParser, frame
 from hisock_gevent.messages import Hello, PeerJoined, command_body, parse_server_body
@@ -114,7 +114,7 @@ class LogWatch(logging.Handler):
 
     def warnings_about(self, port: int) -> List[str]:
         """WARNING-or-worse lines that name the connection from ``port``."""
-        pattern = re.compile(r"127\.0\.0\.1:%d(?!\d)" % port)
+        pattern = re.compile(rf"127\.0\.0\.1:{port}(?!\d)")
         return [
             record.getMessage()
             for record in self.snapshot()
@@ -196,7 +196,7 @@ class GoodTraffic:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="good-traffic", daemon=True)
 
-    def start(self) -> "GoodTraffic":
+    def start(self) -> GoodTraffic:
         self._thread.start()
         return self
 
@@ -330,7 +330,7 @@ class Scene:
         while not lines and time.monotonic() < deadline:
             time.sleep(0.01)
             lines = self.watch.warnings_about(port)
-        quiet = [r.getMessage() for r in self.watch.snapshot() if re.search(r":%d(?!\d)" % port, r.getMessage())]
+        quiet = [r.getMessage() for r in self.watch.snapshot() if re.search(rf":{port}(?!\d)", r.getMessage())]
         assert lines, f"no WARNING line about 127.0.0.1:{port}; lines mentioning it: {quiet!r}"
         assert len(lines) == 1, f"more than one WARNING line about 127.0.0.1:{port}: {lines!r}"
         assert re.search(reason, lines[0]), f"the WARNING line {lines[0]!r} does not say {reason!r}"
@@ -356,7 +356,7 @@ class Scene:
             notes = [c.args[0] for c in mine if c.event == "note"]
             assert notes == [{"to": other.name, "seq": seq} for seq in range(sent)]
             # "message" runs after the note's own handler, which already sent the relay.
-            wait_until(lambda: len(self.calls_for(good.port, "message")) == sent)
+            wait_until(lambda good=good: len(self.calls_for(good.port, "message")) == sent)
             mine = self.calls_for(good.port)
             messages = [c.args for c in mine if c.event == "message"]
             assert messages == [("note", note) for note in notes]
@@ -712,7 +712,7 @@ def test_huge_claims_are_refused_without_allocating(claim: int, make_scene, host
         peers.append(peer)
     for peer in peers:
         peer.wait_closed()
-        scene.expect_closed_with_reason(peer.port, r"more than the %d-byte limit" % DEFAULT_MAX_MESSAGE_SIZE)
+        scene.expect_closed_with_reason(peer.port, rf"more than the {DEFAULT_MAX_MESSAGE_SIZE}-byte limit")
     joined = {peer.port for index, peer in enumerate(peers) if index % 2}
     for port in joined:
         scene.expect_left_once(port)
@@ -873,7 +873,7 @@ def test_commands_named_like_reserved_events_reach_only_the_catch_all(make_serve
     # handler must not be called with a peer's content as its arguments.
     server = make_server()
     events = Recorder()
-    for event, arity in (("join", 1), ("leave", 1), ("name_change", 3), ("group_change", 3)):
+    for event in ("join", "leave", "name_change", "group_change"):
         server.on(event)(lambda *args, event=event: events((event,) + args))
     server.on("*")(lambda client, command, content: events(("*", client, command, content)))
     server.start()

@@ -18,6 +18,8 @@ from typing import Any, Callable, Iterator, List, Set, Tuple
 import gevent
 import msgpack
 import pytest
+from conftest import LOOPBACK, wait_until
+from rawpeer import RawPeer, cmd_body, hello_body, install_echo, sync, wire_frame
 
 import hisock_gevent
 from hisock_gevent import (
@@ -29,9 +31,6 @@ from hisock_gevent import (
     ServerNotRunning,
     ThreadedHiSockServer,
 )
-
-from conftest import LOOPBACK, wait_until
-from rawpeer import RawPeer, cmd_body, hello_body, install_echo, sync, wire_frame
 
 pytestmark = pytest.mark.timeout(60)
 

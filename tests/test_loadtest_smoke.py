@@ -30,7 +30,7 @@ SCENARIOS = {"S1", "S2", "S3", "S4", "S5"}
 SERVERS = ("hisock", "baseline")
 
 
-def _output(proc: "subprocess.CompletedProcess[bytes]") -> str:
+def _output(proc: subprocess.CompletedProcess[bytes]) -> str:
     return (proc.stdout.decode(errors="replace") + proc.stderr.decode(errors="replace"))[-4000:]
 
 
@@ -106,7 +106,7 @@ def _stats(prefix: Path) -> Dict[str, Dict[str, str]]:
         return {row["Name"]: row for row in csv.DictReader(f)}
 
 
-def _run_locust(port: int, scenario: str, prefix: Path) -> "subprocess.CompletedProcess[bytes]":
+def _run_locust(port: int, scenario: str, prefix: Path) -> subprocess.CompletedProcess[bytes]:
     argv: List[str] = [
         sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless",
         "-u", "5", "-r", "5", "-t", "4s", "--host", f"127.0.0.1:{port}",

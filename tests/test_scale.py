@@ -15,9 +15,9 @@ import time
 from typing import Any, Dict, List, Optional, Tuple
 
 import pytest
+from conftest import wait_until
 
 import hisock_gevent
-from conftest import wait_until
 from hisock_gevent.frames import FrameParser, frame
 from hisock_gevent.messages import Command, Hello, parse_server_body
 from hisock_gevent.typecast import decode

@@ -15,6 +15,7 @@ import time
 from typing import Any, List, Optional, Tuple
 
 import pytest
+from conftest import LOOPBACK, wait_until
 
 import hisock_gevent
 from hisock_gevent import (
@@ -31,8 +32,6 @@ from hisock_gevent import (
     ThreadedHiSockServer,
 )
 from hisock_gevent.server import start_server, start_threaded_server
-
-from conftest import LOOPBACK, wait_until
 
 pytestmark = pytest.mark.timeout(30)
 

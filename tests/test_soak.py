@@ -37,9 +37,9 @@ from typing import Any, Dict, Iterator, List, Set
 
 import greenlet
 import pytest
+from conftest import wait_until
 
 import hisock_gevent
-from conftest import wait_until
 
 pytestmark = pytest.mark.timeout(180)
 

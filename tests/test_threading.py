@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 import pytest
+from conftest import LOOPBACK, wait_until
 
 import hisock_gevent
-from conftest import LOOPBACK, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 

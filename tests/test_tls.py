@@ -19,13 +19,18 @@ from typing import Any, Callable, Iterator, List, Tuple
 
 import pytest
 import trustme
-
-import hisock_gevent
-from hisock_gevent import ClientDisconnected, ClientInfo, ConnectionRejected, HiSockClient, ThreadedHiSockClient
-from hisock_gevent.errors import TLSError
-
 from conftest import LOOPBACK, wait_until
 from rawpeer import HEADER_LEN, RawPeer, hello_body, install_echo, sync, wire_frame
+
+import hisock_gevent
+from hisock_gevent import (
+    ClientDisconnected,
+    ClientInfo,
+    ConnectionRejected,
+    HiSockClient,
+    ThreadedHiSockClient,
+)
+from hisock_gevent.errors import TLSError
 
 pytestmark = pytest.mark.timeout(60)
 

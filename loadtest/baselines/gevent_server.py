@@ -31,7 +31,7 @@ from gevent.event import Event
 from gevent.server import StreamServer
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import wire  # noqa: E402  (loadtest/wire.py)
+import wire
 
 HEADER_LEN = wire.HEADER_LEN
 RECV_CHUNK = 256 * 1024

@@ -31,7 +31,7 @@ def main() -> int:
 
     server.start()
     client = hisock_gevent.threaded_connect(server.get_addr(), name="gui")
-    inbox: "queue.Queue" = queue.Queue()
+    inbox: queue.Queue = queue.Queue()
 
     @client.on("state")
     def on_state(content):

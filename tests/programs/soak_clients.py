@@ -99,7 +99,7 @@ class Worker:
         group = self.rng.choice(GROUPS + [None])
         record = Record(name, group)
         client = hisock_gevent.ThreadedHiSockClient(self.addr, name, group, answer_timeout=STEP_WAIT)
-        record.ipstr = "%s:%d" % client.get_client_addr()
+        record.ipstr = "{}:{}".format(*client.get_client_addr())
 
         @client.on("welcome")
         def welcome(conn_id: Any) -> None:
