@@ -13,6 +13,7 @@ import sys
 import textwrap
 import threading
 import time
+import urllib.request
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -153,6 +154,45 @@ def test_serve_runs_the_app_on_the_given_port_and_send_wait_prints_the_reply(run
 
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout) == {"echo": {"n": [1, 2]}, "made_by": made_by}
+
+
+@pytest.mark.parametrize("target", ["cli_app:server", "cli_app:make_server"])
+def test_serve_stats_port_serves_json_and_prometheus_text_that_follow_the_traffic(run, app_dir, target):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    server = run("serve", target, "--port", "0", "--stats-port", "0", cwd=app_dir)
+    stats_url = "http://{}:{}".format(*server.expect(r"stats at http://([\d.]+):(\d+)/", "stderr").groups())
+    addr = server.address()
+
+    def get(path: str) -> str:
+        with urllib.request.urlopen(stats_url + path, timeout=WAIT) as response:
+            assert response.status == 200
+            return response.read().decode()
+
+    before = json.loads(get("/stats"))
+    assert before["address"] == hostport(addr)
+    assert before["connections"]["accepted"] == 0 and before["messages"] == {"in": 0, "out": 0}
+
+    for n in range(3):
+        result = one_shot("send", hostport(addr), "ping", str(n), "--wait", "pong", "--group", "g")
+        assert result.returncode == 0, result.stderr
+
+    after = json.loads(get("/stats"))
+    assert after["connections"]["accepted"] == 3
+    assert after["clients"]["joins"] == 3
+    # Each one-shot client: at least its hello and ping in (its goodbye may still be on the
+    # way), and its join answer and the pong out.
+    assert after["messages"]["in"] >= 6 and after["messages"]["out"] >= 6
+    assert after["bytes"]["in"] > 0 and after["bytes"]["out"] > 0
+
+    samples = {
+        sample.name: sample.value
+        for family in text_string_to_metric_families(get("/metrics"))
+        for sample in family.samples
+        if not sample.labels
+    }
+    assert samples["hisock_connections_accepted_total"] == 3
+    assert samples["hisock_messages_received_total"] >= after["messages"]["in"]
 
 
 def test_sigterm_closes_the_server_disconnects_clients_and_exits_0(run, app_dir):
