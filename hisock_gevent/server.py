@@ -93,6 +93,25 @@ def _on_home(method: _F) -> _F:
     return wrapper  # type: ignore[return-value]
 
 
+def _bind_listener(addr: Tuple[str, int], backlog: int, reuse_port: bool) -> _stdlib_socket.socket:
+    """A plain listening socket: bound now (so errors and the real port show at once),
+    served later by whichever thread runs start()."""
+    if reuse_port and not hasattr(_stdlib_socket, "SO_REUSEPORT"):
+        raise ValueError("reuse_port=True needs SO_REUSEPORT, which this system does not have")
+    listener = _stdlib_socket.socket(_stdlib_socket.AF_INET, _stdlib_socket.SOCK_STREAM)
+    try:
+        listener.setsockopt(_stdlib_socket.SOL_SOCKET, _stdlib_socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            listener.setsockopt(_stdlib_socket.SOL_SOCKET, _stdlib_socket.SO_REUSEPORT, 1)
+        listener.bind(addr)
+        listener.listen(backlog)
+        listener.setblocking(False)
+    except BaseException:
+        listener.close()
+        raise
+    return listener
+
+
 def _info_json(info: ClientInfo) -> Dict[str, Any]:
     """The JSON object $CLTCONN$/$CLTDISCONN$ carry for a client."""
     return {"ip": [info.ip[0], info.ip[1]], "name": info.name, "group": info.group, "ipstr": info.ipstr}
@@ -144,6 +163,11 @@ class HiSockServer:
         server's hub: in a program that is not monkey-patched, a check that blocks (a
         database call) stalls the other clients while it runs, so keep it quick.
     :param delivery: who-receives-what backend; defaults to this process's clients.
+    :param backlog: pending connections the kernel may hold (``listen()``'s argument).
+    :param reuse_port: set SO_REUSEPORT, so several processes serve the same port and the
+        kernel spreads new connections among them (Linux, BSD; ValueError elsewhere).
+    :param listener: serve on this socket, already bound and listening (one inherited from
+        a supervisor that forked the workers); ``addr`` is then only informative.
 
     :ivar addr: the address actually served at.
     :ivar header_len: the header width.
@@ -175,6 +199,8 @@ class HiSockServer:
         authenticate: Optional[Callable[[ClientInfo, Any], bool]] = None,
         delivery: Optional[Delivery] = None,
         backlog: int = DEFAULT_BACKLOG,
+        reuse_port: bool = False,
+        listener: Optional[_stdlib_socket.socket] = None,
     ):
         if not isinstance(addr, tuple):
             raise TypeError(f"addr must be a tuple (ip, port), not {type(addr).__name__}")
@@ -202,17 +228,10 @@ class HiSockServer:
         self.ssl_context = ssl_context
         self.authenticate = authenticate
 
-        # A plain socket: bound now (so errors and the real port show at once), served
-        # later by whichever thread runs start().
-        listener = _stdlib_socket.socket(_stdlib_socket.AF_INET, _stdlib_socket.SOCK_STREAM)
-        try:
-            listener.setsockopt(_stdlib_socket.SOL_SOCKET, _stdlib_socket.SO_REUSEADDR, 1)
-            listener.bind(addr)
-            listener.listen(backlog)
+        if listener is None:
+            listener = _bind_listener(addr, backlog, reuse_port)
+        else:
             listener.setblocking(False)
-        except BaseException:
-            listener.close()
-            raise
         self._listener = listener
         self.addr: Tuple[str, int] = listener.getsockname()[:2]
 
