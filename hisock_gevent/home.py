@@ -191,7 +191,8 @@ class Home:
             thread.join(timeout)
 
     def close(self) -> None:
-        """Release the handler thread pool (on the home thread), without waiting for it.
+        """The owner closed: release the handler thread pool (on the home thread), without
+        waiting for it, and stop routing calls here.
 
         Stopping the pool waits for its workers, and close() may be running on behalf of
         one of them: a background greenlet does the waiting.
@@ -199,3 +200,6 @@ class Home:
         if self._pool is not None:
             self._pool_killer = gevent.spawn(self._pool.kill)
             self._pool = None
+        # The owner is closed: later calls from other threads run where they are made
+        # instead of waiting on a hub that may have ended with its thread.
+        self.alive = False

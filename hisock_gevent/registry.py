@@ -16,11 +16,13 @@ import warnings
 from abc import ABC, abstractmethod
 from typing import (
     Any,
+    Callable,
     Dict,
     Generic,
     Iterable,
     Iterator,
     List,
+    NamedTuple,
     Optional,
     Protocol,
     Tuple,
@@ -32,7 +34,7 @@ from .errors import ClientNotFound, GroupNotFound
 from .outgoing import OutgoingCommand
 from .utils import ClientInfo, ipstr_to_tup
 
-__all__ = ["Peer", "ClientRegistry", "Delivery", "LocalDelivery", "ClientRef", "GroupRef"]
+__all__ = ["Peer", "ClientRegistry", "Delivery", "LocalDelivery", "ServerLink", "ClientRef", "GroupRef", "fan_out", "frames_for"]
 
 ClientRef = Union[str, Tuple[str, int], ClientInfo]
 GroupRef = Union[str, ClientInfo]
@@ -199,8 +201,48 @@ class ClientRegistry(Generic[PeerT]):
         return {name: len(members) for name, members in self._by_group.items()}
 
 
+class ServerLink(NamedTuple):
+    """What a :class:`Delivery` may use of the server it serves (given to :meth:`Delivery.start`)."""
+
+    #: The server's own clients.
+    registry: ClientRegistry
+    #: The frame header width every peer uses.
+    header_len: int
+    #: Run the ``leave`` handler for a client that went without its server saying so
+    #: (one of a dead worker's clients); call it on the server's hub.
+    run_leave: Callable[[ClientInfo], None]
+
+
 class Delivery(ABC):
-    """The seam for "who receives this": lookups and sends by client, group or everyone."""
+    """The seam for "who receives this": lookups and sends by client, group or everyone.
+
+    Every method is called on the server's hub.  Besides the lookups and sends, the server
+    tells its delivery when one of its own clients joins, leaves or changes, so a delivery
+    that spans processes can keep the others informed.
+    """
+
+    def start(self, link: ServerLink) -> None:  # noqa: B027 (optional hook)
+        """The server starts serving (called once, on its hub, before any client joins)."""
+
+    def stop(self) -> None:  # noqa: B027 (optional hook)
+        """The server has closed; release whatever :meth:`start` took."""
+
+    def joined(self, peer: Peer, announce_frame: bytes) -> None:
+        """``peer`` joined (it is in the registry); tell everyone else with ``announce_frame``."""
+        self.announce(announce_frame, exclude=peer)
+
+    def left(self, peer: Peer, announce_frame: Optional[bytes]) -> None:
+        """``peer`` left (already out of the registry); ``announce_frame`` tells the others,
+        None when they are not to be told (the server is disconnecting everyone)."""
+        if announce_frame is not None:
+            self.announce(announce_frame, exclude=peer)
+
+    def changed(self, peer: Peer, old: ClientInfo) -> None:  # noqa: B027 (optional hook)
+        """``peer`` changed its name or group (``peer.info`` is the new one)."""
+
+    def stats(self) -> Optional[Dict[str, Any]]:
+        """Counters of the delivery itself for ``server.stats()``, or None."""
+        return None
 
     @abstractmethod
     def find_client(self, client: ClientRef) -> ClientInfo: ...
@@ -245,22 +287,37 @@ class LocalDelivery(Delivery):
         peer.send(message.frame_for(peer.msgpack_ok))
 
     def to_group(self, group: GroupRef, message: OutgoingCommand) -> None:
-        self._fan_out(self.registry.group(group), message)
+        fan_out(self.registry.group(group), message)
 
     def to_all(self, message: OutgoingCommand) -> None:
-        self._fan_out(list(self.registry), message)
+        fan_out(list(self.registry), message)
 
     def announce(self, body_frame: bytes, exclude: Optional[Peer] = None) -> None:
         for peer in self.registry:
             if peer is not exclude:
                 peer.send(body_frame)
 
-    @staticmethod
-    def _fan_out(peers: Iterable[Peer], message: OutgoingCommand) -> None:
-        peers = list(peers)
-        # Build the plain peers' frame first: if the content cannot be carried to them,
-        # InvalidTypeCast is raised before anyone receives it (all or nothing).
-        plain = message.frame_for(False) if not all(peer.msgpack_ok for peer in peers) else b""
-        extended = message.frame_for(True) if any(peer.msgpack_ok for peer in peers) else b""
-        for peer in peers:
-            peer.send(extended if peer.msgpack_ok else plain)
+
+def frames_for(peers: Iterable[Peer], message: OutgoingCommand) -> Tuple[bytes, bytes]:
+    """``(plain, extended)`` frames of ``message`` for these peers; b"" where none needs it.
+
+    The plain frame is built first: if the content cannot be carried to a plain HiSock
+    peer, InvalidTypeCast is raised before anyone receives anything (all or nothing).
+    """
+    plain_needed = extended_needed = False
+    for peer in peers:
+        if peer.msgpack_ok:
+            extended_needed = True
+        else:
+            plain_needed = True
+    plain = message.frame_for(False) if plain_needed else b""
+    extended = message.frame_for(True) if extended_needed else b""
+    return plain, extended
+
+
+def fan_out(peers: Iterable[Peer], message: OutgoingCommand) -> None:
+    """Send ``message`` to every peer, in its dialect."""
+    peers = list(peers)
+    plain, extended = frames_for(peers, message)
+    for peer in peers:
+        peer.send(extended if peer.msgpack_ok else plain)

@@ -46,7 +46,7 @@ from .messages import (
     parse_client_body,
 )
 from .outgoing import OutgoingCommand
-from .registry import ClientRef, ClientRegistry, Delivery, GroupRef, LocalDelivery
+from .registry import ClientRef, ClientRegistry, Delivery, GroupRef, LocalDelivery, ServerLink
 from .stats import ServerStats, rejection_reason
 from .tls import TLSLayer, perform_handshake, server_context
 from .utils import ClientInfo, MessageCacheMember, Sendable
@@ -201,6 +201,7 @@ class HiSockServer:
         backlog: int = DEFAULT_BACKLOG,
         reuse_port: bool = False,
         listener: Optional[_stdlib_socket.socket] = None,
+        backplane: Union[str, Delivery, None] = None,
     ):
         if not isinstance(addr, tuple):
             raise TypeError(f"addr must be a tuple (ip, port), not {type(addr).__name__}")
@@ -236,7 +237,7 @@ class HiSockServer:
         self.addr: Tuple[str, int] = listener.getsockname()[:2]
 
         self._registry: ClientRegistry[_ServerPeer] = ClientRegistry()
-        self._delivery = delivery if delivery is not None else LocalDelivery(self._registry)
+        self._delivery = self._make_delivery(delivery, backplane)
         self._handlers = HandlerTable(SERVER_RESERVED, SERVER_UNRESERVED_ARGS)
         self.funcs = self._handlers.funcs
         self._home = Home()
@@ -264,6 +265,19 @@ class HiSockServer:
             GetClient: self._on_get_client,
             Hello: self._on_second_hello,
         }
+
+    def _make_delivery(self, delivery: Optional[Delivery], backplane: Union[str, Delivery, None]) -> Delivery:
+        if backplane is None:
+            return delivery if delivery is not None else LocalDelivery(self._registry)
+        if delivery is not None:
+            raise ValueError("give delivery or backplane, not both")
+        if isinstance(backplane, str):
+            from .backplane import RedisBackplane
+
+            return RedisBackplane(backplane)
+        if not isinstance(backplane, Delivery):
+            raise TypeError(f"backplane must be a redis:// URL or a Delivery, not {type(backplane).__name__}")
+        return backplane
 
     def __repr__(self) -> str:
         return f"<HiSockServer serving at {self.addr[0]}:{self.addr[1]}>"
@@ -340,6 +354,7 @@ class HiSockServer:
         self._home.adopt_current_thread()
         self._stopped = Event()
         self._pool = Pool(self.max_connections or None)
+        self._delivery.start(ServerLink(self._registry, self.header_len, self._run_remote_leave))
         self._stream_server = StreamServer(self._listener, self._serve_connection)
         self._stream_server.start()
         if self.keepalive:
@@ -378,6 +393,7 @@ class HiSockServer:
             self._listener.close()
         except OSError:
             pass
+        self._delivery.stop()
         self._home.close()
         logger.info("server at %s:%s closed", *self.addr)
         if self._stopped is not None:
@@ -513,7 +529,7 @@ class HiSockServer:
             raise HandshakeError(f"the client's announcement does not fit header_len {self.header_len}: {exc}") from exc
         self._registry.add(peer)
         self._stats.joins += 1
-        self._delivery.announce(everyone_frame, exclude=peer)
+        self._delivery.joined(peer, everyone_frame)
         peer.send(answer_frame)
         logger.debug("%s joined", info)
         self._call_reserved("join", info)
@@ -530,17 +546,22 @@ class HiSockServer:
         if not self._registry.remove(peer):
             return False
         self._stats.dropped[reason] += 1
+        left_frame = None
         if notify:
             try:
                 left_frame = frame(PeerLeft(_info_json(peer.info)).to_body(), self.header_len)
             except ValueError as exc:
                 logger.warning("not announcing that %s left: %s", peer.info, exc)
-            else:
-                self._delivery.announce(left_frame, exclude=peer)
+        self._delivery.left(peer, left_frame)
         logger.debug("%s left", peer.info)
         if call_leave:
             self._call_reserved("leave", peer.info)
         return True
+
+    def _run_remote_leave(self, info: ClientInfo) -> None:
+        """``leave`` for a client another process held, which went without it saying so."""
+        logger.debug("%s left with its worker", info)
+        self._call_reserved("leave", info)
 
     def _close_peer(self, peer: _ServerPeer, send_disconnect: bool, drain_timeout: float = DEFAULT_CLOSE_TIMEOUT) -> None:
         """Close a client's connection, after ``$DISCONN$`` and its queue drain when asked."""
@@ -605,12 +626,14 @@ class HiSockServer:
     def _on_change_name(self, peer: _ServerPeer, message: ChangeName) -> bool:
         new_name = message.name or peer.connect_name
         old = self._registry.update(peer, ClientInfo(peer.info.ip, new_name, peer.info.group))
+        self._delivery.changed(peer, old)
         self._call_reserved("name_change", peer.info, old.name, new_name)
         return False
 
     def _on_change_group(self, peer: _ServerPeer, message: ChangeGroup) -> bool:
         new_group = message.group or peer.connect_group
         old = self._registry.update(peer, ClientInfo(peer.info.ip, peer.info.name, new_group))
+        self._delivery.changed(peer, old)
         self._call_reserved("group_change", peer.info, old.group, new_group)
         return False
 
@@ -621,7 +644,7 @@ class HiSockServer:
     def _on_get_client(self, peer: _ServerPeer, message: GetClient) -> bool:
         answer: Dict[str, Any]
         try:
-            info = self._registry.find(message.query).info
+            info = self._delivery.find_client(message.query)
         except (ValueError, ClientNotFound):
             answer = {"traceback": NO_SUCH_CLIENT}
         else:
@@ -697,6 +720,9 @@ class HiSockServer:
         ``uptime_s``.  Reading it costs one pass over the groups, not over the clients.
         """
         snapshot = self._stats.snapshot(len(self._connections), len(self._registry), self._registry.group_sizes())
+        cluster = self._delivery.stats()
+        if cluster is not None:
+            snapshot["cluster"] = cluster
         return {"address": f"{self.addr[0]}:{self.addr[1]}", **snapshot}
 
     @_on_home
