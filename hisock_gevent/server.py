@@ -409,6 +409,7 @@ class HiSockServer:
         assert self._pool is not None
         if self.max_connections and self._pool.full():
             logger.warning("refusing %s:%s: max_connections (%d) reached", address[0], address[1], self.max_connections)
+            self._stats.accepted += 1
             self._stats.refused[reasons.SERVER_FULL] += 1
             conn = Connection(sock, address, self.header_len)
             conn.send_now(frame(_DISCONNECT_FRAME_BODY, self.header_len))
@@ -708,7 +709,7 @@ class HiSockServer:
         """Live counters of this server, as a JSON-ready dict (not part of HiSock's API).
 
         ``connections``: ``now`` open (joined or still in their handshake), ``peak``,
-        ``accepted`` in all, and ``refused`` before joining by reason (``server_full``,
+        ``accepted`` in all (refused ones too), and ``refused`` before joining by reason (``server_full``,
         ``auth_failed``, ``no_hello``).  ``clients``: ``joined`` now, ``joins`` in all,
         ``groups`` (group -> clients, largest first), ``ungrouped``, ``left`` (clean
         goodbyes) and ``dropped`` by reason (``connection_lost``, ``protocol_error``,
