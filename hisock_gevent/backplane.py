@@ -443,6 +443,7 @@ class RedisBackplane(Delivery):
         backoff = _BACKOFF_FIRST
         next_beat = 0.0
         lost_while_down = 0
+        outage_logged = False
         while True:
             timeout = max(0.0, next_beat - time.monotonic())
             batch = self._take_batch(timeout)
@@ -459,11 +460,12 @@ class RedisBackplane(Delivery):
                     connected = True
                     self.redis_up = True
                     backoff = _BACKOFF_FIRST
-                    if lost_while_down:
-                        logger.error("backplane: Redis is back; %d message(s) to other workers were lost while it was away", lost_while_down)
-                        lost_while_down = 0
+                    if outage_logged:
+                        logger.warning("backplane: Redis is back; %d message(s) to other workers were lost while it was away", lost_while_down)
                     else:
                         logger.info("backplane: connected to %s", self.url)
+                    lost_while_down = 0
+                    outage_logged = False
                 self._write(client, batch)
                 if time.monotonic() >= next_beat:
                     self._heartbeat(client)
@@ -471,8 +473,9 @@ class RedisBackplane(Delivery):
             except self._redis_module.RedisError as exc:
                 lost = sum(1 for kind, _ in batch if kind != "stop")
                 self.dropped += lost
-                if connected or not lost_while_down:
+                if not outage_logged:
                     logger.error("backplane: Redis at %s unreachable (%s); sends to other workers fail until it is back", self.url, exc)
+                    outage_logged = True
                 lost_while_down += lost
                 connected = False
                 self.redis_up = False
@@ -602,6 +605,8 @@ class RedisBackplane(Delivery):
                     for key, value in client.hgetall(self._clients_key).items()
                 }
                 self._to_hub(["snapshot", snapshot])
+                if backoff != _BACKOFF_FIRST or attempt:
+                    logger.info("backplane: subscribed to %s again", self.url)
                 backoff = _BACKOFF_FIRST
                 while not self._stopping:
                     message = pubsub.get_message(timeout=1.0)
@@ -612,8 +617,8 @@ class RedisBackplane(Delivery):
             except (self._redis_module.RedisError, OSError, ValueError) as exc:
                 if self._stopping:
                     return
-                if attempt == 0 or backoff == _BACKOFF_FIRST:
-                    logger.error("backplane: subscription to %s lost (%s); reconnecting", self.url, exc)
+                if backoff == _BACKOFF_FIRST:
+                    logger.warning("backplane: subscription to %s lost (%s); reconnecting", self.url, exc)
                 time.sleep(backoff)
                 backoff = min(backoff * 2, _BACKOFF_MAX)
             finally:

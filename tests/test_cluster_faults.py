@@ -1,0 +1,210 @@
+"""Faults of a Redis-joined cluster, with workers as real processes (tests/programs/cluster_worker.py).
+
+A worker killed with SIGKILL: its clients' ``leave`` runs once, on a surviving worker, and
+the other clients hear ``$CLTDISCONN$``.  Redis stopped for a few seconds: local delivery
+goes on, sends to other workers fail with a logged error, and once Redis is back the
+cluster finds itself again without anyone restarting anything.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import pytest
+from redis_server import redis_server  # noqa: F401  (a fixture)
+
+import hisock_gevent
+
+pytestmark = pytest.mark.timeout(90)
+
+WORKER = Path(__file__).parent / "programs" / "cluster_worker.py"
+WAIT = 15.0
+
+
+class Worker:
+    """A cluster_worker.py process whose stdout lines are kept, and its stderr too."""
+
+    def __init__(self, redis_url: str, namespace: str):
+        self.proc = subprocess.Popen(
+            [sys.executable, str(WORKER), "--redis", redis_url, "--namespace", namespace],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env=dict(os.environ, PYTHONUNBUFFERED="1"),
+        )
+        self.lines: "queue.Queue[str]" = queue.Queue()
+        self.stdout: List[str] = []
+        self.stderr: List[str] = []
+        threading.Thread(target=self._pump, args=(self.proc.stdout, self.stdout, True), daemon=True).start()
+        threading.Thread(target=self._pump, args=(self.proc.stderr, self.stderr, False), daemon=True).start()
+        match = self.expect(r"serving on ([\d.]+):(\d+)")
+        self.addr: Tuple[str, int] = (match.group(1), int(match.group(2)))
+
+    def _pump(self, stream: Any, keep: List[str], to_queue: bool) -> None:
+        for line in stream:
+            keep.append(line.rstrip("\n"))
+            if to_queue:
+                self.lines.put(line.rstrip("\n"))
+
+    def expect(self, pattern: str, timeout: float = WAIT) -> "re.Match[str]":
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                line = self.lines.get(timeout=max(0.01, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            match = re.search(pattern, line)
+            if match:
+                return match
+        raise AssertionError(f"no line matching {pattern!r}; stdout {self.stdout!r}; stderr {self.stderr[-20:]!r}")
+
+    def count(self, line: str) -> int:
+        return self.stdout.count(line)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(WAIT)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(WAIT)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+class Inbox:
+    """A ThreadedHiSockClient that records what it receives."""
+
+    def __init__(self, worker: Worker, name: str):
+        self.name = name
+        self.events: List[Tuple[str, Any]] = []
+        self.client = hisock_gevent.ThreadedHiSockClient(worker.addr, name=name)
+        for command in ("msg", "shout", "error"):
+            self.client.on(command)(lambda content, command=command: self.events.append((command, content)))
+        self.client.on("client_disconnect")(lambda info: self.events.append(("left", info.name)))
+        self.client.on("client_connect")(lambda info: self.events.append(("joined", info.name)))
+        self.client.start()
+
+    def wait_for(self, event: Tuple[str, Any], timeout: float = WAIT) -> None:
+        deadline = time.monotonic() + timeout
+        while event not in self.events:
+            assert time.monotonic() < deadline, f"{self.name} never got {event!r}; got {self.events!r}"
+            time.sleep(0.01)
+
+    def close(self) -> None:
+        try:
+            self.client.close()
+        except Exception:
+            pass
+
+
+@pytest.fixture
+def cluster(redis_server, request):  # noqa: F811
+    started: List[Worker] = []
+    clients: List[Inbox] = []
+    namespace = re.sub(r"\W", "_", request.node.name)
+
+    class Cluster:
+        redis = redis_server
+
+        def worker(self) -> Worker:
+            worker = Worker(redis_server.url, namespace)
+            started.append(worker)
+            return worker
+
+        def client(self, worker: Worker, name: str) -> Inbox:
+            inbox = Inbox(worker, name)
+            clients.append(inbox)
+            worker.expect(f"JOIN {name}$")
+            return inbox
+
+    yield Cluster()
+    for inbox in clients:
+        inbox.close()
+    for worker in started:
+        worker.stop()
+
+
+def relay_until_delivered(sender: Inbox, receiver: Inbox, text: str, timeout: float = WAIT) -> None:
+    """Send ``relay`` to ``receiver`` until it arrives (the mirror fills asynchronously)."""
+    deadline = time.monotonic() + timeout
+    attempt = 0
+    while ("msg", text) not in receiver.events:
+        assert time.monotonic() < deadline, f"{text!r} never reached {receiver.name}; sender got {sender.events!r}"
+        attempt += 1
+        sender.client.send("relay", {"to": receiver.name, "text": text})
+        receiver_deadline = time.monotonic() + 0.5
+        while ("msg", text) not in receiver.events and time.monotonic() < receiver_deadline:
+            time.sleep(0.01)
+
+
+def test_a_killed_workers_clients_leave_once_on_a_survivor(cluster):
+    doomed, survivor_a, survivor_b = cluster.worker(), cluster.worker(), cluster.worker()
+    victim = cluster.client(doomed, "victim")
+    alice = cluster.client(survivor_a, "alice")
+    bob = cluster.client(survivor_b, "bob")
+    # The cluster is joined up: alice reaches the victim and bob across workers.
+    relay_until_delivered(alice, victim, "ping victim")
+    relay_until_delivered(alice, bob, "ping bob")
+
+    doomed.kill()
+
+    # Within the worker TTL (1 s here) plus a heartbeat, a survivor claims the victim.
+    alice.wait_for(("left", "victim"))
+    bob.wait_for(("left", "victim"))
+    deadline = time.monotonic() + WAIT
+    while survivor_a.count("LEAVE victim") + survivor_b.count("LEAVE victim") < 1:
+        assert time.monotonic() < deadline, "no survivor ran leave for the victim"
+        time.sleep(0.01)
+    # Once: a marker sent after the claim has gone all the way round before we count.
+    relay_until_delivered(bob, alice, "after the claim")
+    assert survivor_a.count("LEAVE victim") + survivor_b.count("LEAVE victim") == 1
+    assert alice.events.count(("left", "victim")) == 1 and bob.events.count(("left", "victim")) == 1
+
+    # The rest carry on: the victim is unknown now, alice and bob still reach each other.
+    alice.client.send("relay", {"to": "victim", "text": "still there?"})
+    alice.wait_for(("error", "ClientNotFound: no client named 'victim'"))
+    relay_until_delivered(bob, alice, "we carry on")
+
+
+def test_the_cluster_recovers_by_itself_after_redis_stops_for_a_while(cluster):
+    first, second = cluster.worker(), cluster.worker()
+    alice = cluster.client(first, "alice")
+    carol = cluster.client(first, "carol")
+    bob = cluster.client(second, "bob")
+    relay_until_delivered(alice, bob, "before")
+
+    cluster.redis.stop()
+    # Local delivery goes on while Redis is away.
+    alice.client.send("relay", {"to": "carol", "text": "local while down"})
+    carol.wait_for(("msg", "local while down"))
+    # A send to the other worker fails with a logged error (and is not delivered later).
+    alice.client.send("relay", {"to": "bob", "text": "lost while down"})
+    deadline = time.monotonic() + WAIT
+    while not any("unreachable" in line for line in first.stderr):
+        assert time.monotonic() < deadline, f"no error logged; stderr {first.stderr[-10:]!r}"
+        time.sleep(0.02)
+    time.sleep(2.0)  # the outage itself: "stop Redis for a few seconds"
+
+    cluster.redis.start()  # empty: it kept nothing
+    # Both workers reconnect, write their clients back and reload their mirrors.
+    relay_until_delivered(alice, bob, "after", timeout=30)
+    relay_until_delivered(bob, carol, "after, the other way", timeout=30)
+    assert ("msg", "lost while down") not in bob.events
+    # Nobody left: Redis going away is not a client going away.
+    assert not [event for event in alice.events + bob.events + carol.events if event[0] == "left"]
+    assert first.count("LEAVE alice") == 0 and second.count("LEAVE bob") == 0
+    # The outage is told once, and its end too, not once per retry.
+    outage = [line for line in first.stderr if "unreachable" in line]
+    assert len(outage) == 1, outage
+    assert any("Redis is back" in line for line in first.stderr)
