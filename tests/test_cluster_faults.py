@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, List, Tuple
 
 import pytest
 from redis_server import redis_server  # noqa: F401  (a fixture)
@@ -39,7 +39,7 @@ class Worker:
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             env=dict(os.environ, PYTHONUNBUFFERED="1"),
         )
-        self.lines: "queue.Queue[str]" = queue.Queue()
+        self.lines: queue.Queue[str] = queue.Queue()
         self.stdout: List[str] = []
         self.stderr: List[str] = []
         threading.Thread(target=self._pump, args=(self.proc.stdout, self.stdout, True), daemon=True).start()
@@ -53,7 +53,7 @@ class Worker:
             if to_queue:
                 self.lines.put(line.rstrip("\n"))
 
-    def expect(self, pattern: str, timeout: float = WAIT) -> "re.Match[str]":
+    def expect(self, pattern: str, timeout: float = WAIT) -> re.Match[str]:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
