@@ -88,6 +88,7 @@ _HERE = "here"  # addr, name, group, msgpack_ok: re-registration, nobody is told
 _TO = "to"  # addr, frame
 _GROUP = "group"  # group, plain_frame, extended_frame
 _ALL = "all"  # plain_frame, extended_frame
+_KICK = "kick"  # addr, force, call_func: disconnect_client for another worker's client
 
 
 def _addr_key(address: Tuple[str, int]) -> str:
@@ -316,6 +317,15 @@ class RedisBackplane(Delivery):
         except ValueError:
             return None
 
+    def disconnect_elsewhere(self, client: ClientRef, force: bool, call_func: bool) -> bool:
+        try:
+            peer = self._remote.find(client)
+        except ClientNotFound:
+            return False
+        self._forget_remote(peer.info.ip)
+        self._publish(self._channel_of(peer.worker), [_KICK, self.worker_id, _addr_key(peer.info.ip), force, call_func])
+        return True
+
     def stats(self) -> Dict[str, Any]:
         return {
             "worker": self.worker_id,
@@ -396,6 +406,8 @@ class RedisBackplane(Delivery):
             peer = self._remote._by_address.get(_key_addr(item[2]))
             if peer is not None:
                 self._remote.update(peer, ClientInfo(peer.info.ip, item[3], item[4]))
+        elif kind == _KICK:
+            self._require_link().kick(_key_addr(item[2]), bool(item[3]), bool(item[4]))
         elif kind == _LEAVE:
             self._forget_remote(_key_addr(item[2]))
             self._announce_left(item[3])

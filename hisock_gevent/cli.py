@@ -3,6 +3,7 @@
 Subcommands (``hisock-gevent SUBCOMMAND --help`` for each one's options)::
 
     hisock-gevent serve MODULE:ATTR [--host H] [--port P] ...   serve your server, like ``gunicorn app:app``
+    hisock-gevent serve MODULE:ATTR --port P --workers N          N supervised worker processes on one port
     hisock-gevent chat [--host H] [--port P]                      run examples/chat_server.py
     hisock-gevent client HOST:PORT [--name N] [--group G]         interactive terminal client, like wscat
     hisock-gevent send HOST:PORT COMMAND [PAYLOAD] [--wait R]     one message, for scripts and health checks
@@ -17,8 +18,8 @@ cannot simply be set on one that exists.  ``ATTR`` names either
 
 * a **factory**: a callable returning an unstarted HiSockServer.  Every option the
   factory has a keyword parameter for (``host``, ``port``, ``max_connections``,
-  ``header_len``, ``keepalive``, ``certfile``, ``keyfile``; or any of them when it takes
-  ``**kwargs``) is passed to it.  This is the recommended form: the factory builds the
+  ``header_len``, ``keepalive``, ``certfile``, ``keyfile``, ``backplane``, ``reuse_port``,
+  ``listener``; or any of them when it takes ``**kwargs``) is passed to it.  This is the recommended form: the factory builds the
   server exactly as it wants, and handlers that keep a reference to the server (e.g.
   ``self.server``) keep the right one.
 * an **instance** (or a factory that did not accept some of the given options): when no
@@ -28,6 +29,16 @@ cannot simply be set on one that exists.  ``ATTR`` names either
   ``MODULE.ATTR`` is replaced by the new server, so module-level handlers that look up
   the global (``server.send_client(...)``) use the new one.  Handlers holding a
   reference of their own still point at the closed server: use a factory for those.
+
+``reuse_port`` (``--reuse-port``) and ``listener`` (``--listen-fd``, given by ``--workers``)
+share a port with other processes, so a factory must take them itself: a factory that
+does not would first bind the shared port on its own, which fails.  Instances are
+rebuilt with them like with any other option.
+
+``--workers N`` (N > 1) runs N worker processes under a supervisor instead of serving in
+this process; see :mod:`hisock_gevent.workers`.  Each worker is this command again with
+hidden options (``--reuse-port`` or ``--listen-fd FD``, and ``--worker-index I``); in a
+worker, an instance target is refused, since every worker would bind it at import.
 
 Exit status: 0 after a clean stop (SIGINT/SIGTERM close the server gracefully, ``send``
 succeeded, the client reached the end of its input); 1 when ``send --wait`` timed out
@@ -45,12 +56,13 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 import time
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Callable, Dict, NoReturn, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, NoReturn, Optional, Sequence, Tuple
 
 from .client import HiSockClient, ThreadedHiSockClient
 from .errors import (
@@ -60,7 +72,7 @@ from .errors import (
     ServerNotRunning,
     TLSError,
 )
-from .server import HiSockServer, ThreadedHiSockServer
+from .server import DEFAULT_BACKLOG, HiSockServer, ThreadedHiSockServer
 from .utils import ClientInfo
 
 __all__ = ["main", "parse_hostport", "parse_payload"]
@@ -78,9 +90,27 @@ EXIT_FAILED = 1
 EXIT_USAGE = 2
 #: How often a threaded server is checked for having closed itself, in seconds.
 _THREADED_POLL_INTERVAL = 0.2
+#: How often a worker checks that its supervisor is still there, in seconds.
+_ORPHAN_POLL_INTERVAL = 1.0
 
 #: ``serve`` options a factory may accept as keyword arguments (option dest = parameter name).
-SERVER_OPTIONS = ("host", "port", "max_connections", "header_len", "keepalive", "certfile", "keyfile")
+SERVER_OPTIONS = (
+    "host",
+    "port",
+    "max_connections",
+    "header_len",
+    "keepalive",
+    "certfile",
+    "keyfile",
+    "backplane",
+    "reuse_port",
+)
+#: Keywords that share the port with other processes: a factory must take them itself.
+_SHARING_OPTIONS = ("reuse_port", "listener")
+#: ``serve`` options the supervisor sets itself, per worker (the rest are passed on as given).
+_SUPERVISOR_OPTIONS = frozenset(
+    {"target", "workers", "host", "port", "stats_port", "reuse_port", "no_reuse_port", "listen_fd", "worker_index", "help"}
+)
 #: HiSockServer settings carried over when an instance is rebuilt with new options.
 _CARRIED_SETTINGS = (
     "max_connections",
@@ -270,19 +300,45 @@ def _rebuild(old: HiSockServer, options: Dict[str, Any]) -> HiSockServer:
 
 
 def _given_options(args: argparse.Namespace) -> Dict[str, Any]:
-    return {name: getattr(args, name) for name in SERVER_OPTIONS if getattr(args, name) is not None}
+    """The server keywords the command line gives; ``--listen-fd`` becomes ``listener``.
+
+    :raises UsageError: ``--listen-fd`` is not an open socket.
+    """
+    options = {name: getattr(args, name) for name in SERVER_OPTIONS if getattr(args, name) is not None}
+    if args.listen_fd is not None:
+        try:
+            options["listener"] = socket.socket(fileno=args.listen_fd)
+        except OSError as exc:
+            raise UsageError(f"--listen-fd {args.listen_fd} is not a usable socket: {exc}") from exc
+    return options
 
 
-def _build_server(spec: str, options: Dict[str, Any]) -> HiSockServer:
-    """The server ``MODULE:ATTR`` names, with ``options`` applied (see the module docstring)."""
+def _build_server(spec: str, options: Dict[str, Any], worker: bool = False) -> HiSockServer:
+    """The server ``MODULE:ATTR`` names, with ``options`` applied (see the module docstring).
+
+    :param worker: we are one of ``--workers``' processes: the target must be a factory.
+    """
     owner, attr, target = _import_target(spec)
     if isinstance(target, HiSockServer):
+        if worker:
+            raise UsageError(
+                f"{spec} is a server made at import, which every worker would bind on its own; "
+                "with --workers name a factory instead (a function taking host, port, reuse_port "
+                "and listener, or **kwargs, and returning the server)"
+            )
         server = target
         rest = dict(options)
     elif callable(target):
         accepted = _accepted_keywords(target)
         passed = {k: v for k, v in options.items() if accepted is None or k in accepted}
         rest = {k: v for k, v in options.items() if k not in passed}
+        missing = [name for name in _SHARING_OPTIONS if name in rest]
+        if missing:
+            needed = " and ".join(missing)
+            raise UsageError(
+                f"{spec}() does not take {needed}: to share the port with other processes "
+                f"(--workers, --reuse-port) it must accept {needed} (or **kwargs) and pass it on to HiSockServer"
+            )
         try:
             server = target(**passed)
         except OSError as exc:
@@ -325,14 +381,21 @@ def _start_stats(server: HiSockServer, args: argparse.Namespace) -> Any:
         raise UsageError(f"cannot serve stats on {args.stats_host}:{args.stats_port}: {exc}") from exc
 
 
-def _serve(server: HiSockServer, args: argparse.Namespace) -> int:
-    """Serve until SIGINT/SIGTERM (or until a handler closes the server)."""
+def _serve(server: HiSockServer, args: argparse.Namespace, supervisor_pid: Optional[int] = None) -> int:
+    """Serve until SIGINT/SIGTERM (or until a handler closes the server).
+
+    :param supervisor_pid: we are a worker of this supervisor: serve until SIGTERM (SIGINT
+        is the supervisor's to act on) or until the supervisor is gone.
+    """
     import gevent
 
     stats_http = _start_stats(server, args)
-    for signum in (signal.SIGINT, signal.SIGTERM):
+    signums = (signal.SIGTERM,) if supervisor_pid is not None else (signal.SIGINT, signal.SIGTERM)
+    for signum in signums:
         # Runs in a new greenlet on this hub, where close() may block while it drains.
         gevent.signal_handler(signum, _close_logged, server, signum)
+    if supervisor_pid is not None:
+        gevent.spawn(_close_when_orphaned, server, supervisor_pid)
     host, port = server.get_addr()
     tls = " (TLS)" if getattr(server, "ssl_context", None) is not None else ""
     if isinstance(server, ThreadedHiSockServer):
@@ -359,9 +422,73 @@ def _close_logged(server: HiSockServer, signum: int) -> None:
     server.close()
 
 
+def _close_when_orphaned(server: HiSockServer, supervisor_pid: int) -> None:
+    """A worker's watch: close the server once its supervisor is gone (killed, crashed)."""
+    import gevent
+
+    while not server.closed:
+        gevent.sleep(_ORPHAN_POLL_INTERVAL)
+        if os.getppid() != supervisor_pid:
+            log.warning("the supervisor (pid %d) is gone: closing the server", supervisor_pid)
+            server.close()
+            return
+
+
+def _worker_options(args: argparse.Namespace) -> List[str]:
+    """The ``serve`` options given, as arguments again, minus those the supervisor sets.
+
+    Read from the parser's own actions, so an option added to ``serve`` later reaches the
+    workers without being listed here.
+    """
+    argv: List[str] = []
+    for action in args.command_parser._actions:
+        if not action.option_strings or action.dest in _SUPERVISOR_OPTIONS:
+            continue
+        value = getattr(args, action.dest, None)
+        if value is None or value is False or value == action.default:
+            continue
+        flag = max(action.option_strings, key=len)
+        argv += [flag] if action.nargs == 0 else [flag, str(value)]
+    return argv
+
+
+def _supervise(args: argparse.Namespace) -> int:
+    """``serve --workers N``: hand over to the supervisor in :mod:`hisock_gevent.workers`."""
+    from .workers import CannotStart, Supervisor
+
+    if args.listen_fd is not None or args.worker_index is not None:
+        raise UsageError("--workers cannot be combined with --listen-fd or --worker-index")
+    if args.port is None:
+        raise UsageError("--workers needs --port (0 picks a free one): the supervisor binds it before any worker starts")
+    if args.stats_port and args.stats_port + args.workers - 1 > 65535:
+        raise UsageError(f"--stats-port {args.stats_port} with {args.workers} workers goes past port 65535")
+    supervisor = Supervisor(
+        args.target,
+        _worker_options(args),
+        args.host or DEFAULT_HOST,
+        args.port,
+        args.workers,
+        reuse_port=not args.no_reuse_port,
+        stats_port=args.stats_port,
+        backlog=DEFAULT_BACKLOG,
+    )
+    try:
+        return supervisor.run()
+    except CannotStart as exc:
+        raise UsageError(str(exc)) from exc
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
-    server = _build_server(args.target, _given_options(args))
-    return _serve(server, args)
+    if args.workers > 1:
+        return _supervise(args)
+    supervisor_pid = None
+    if args.worker_index is not None:
+        supervisor_pid = os.getppid()
+        # The supervisor stops its workers with SIGTERM; a Ctrl-C reaches the whole process
+        # group, and only the supervisor acts on it (even while this worker is importing).
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    server = _build_server(args.target, _given_options(args), worker=supervisor_pid is not None)
+    return _serve(server, args, supervisor_pid)
 
 
 # ---------------------------------------------------------------------- chat
@@ -576,10 +703,12 @@ def build_parser() -> argparse.ArgumentParser:
         "serve", parents=[common], help="serve MODULE:ATTR, a HiSockServer or a factory returning one",
         description="Import MODULE (the current directory is importable) and serve ATTR: a HiSockServer "
         "instance, or a callable returning an unstarted one.  Options the factory takes as keyword "
-        "arguments (host, port, max_connections, header_len, keepalive, certfile, keyfile) are passed to "
-        "it; other given options rebuild the server on a new socket with its handlers copied over (and "
-        "replace MODULE.ATTR).  SIGINT/SIGTERM close the server gracefully (exit status 0).  Logs "
-        "'serving on HOST:PORT' once listening.",
+        "arguments (host, port, max_connections, header_len, keepalive, certfile, keyfile, backplane, "
+        "reuse_port) are passed to it; other given options rebuild the server on a new socket with its "
+        "handlers copied over (and replace MODULE.ATTR).  SIGINT/SIGTERM close the server gracefully "
+        "(exit status 0).  Logs 'serving on HOST:PORT' once listening.  With --workers N, N worker "
+        "processes serve the port under a supervisor that restarts any that dies; ATTR must then be a "
+        "factory taking reuse_port and listener (or **kwargs).",
     )
     serve.add_argument("target", metavar="MODULE:ATTR", help="e.g. app:server or app:make_server")
     serve.add_argument("--host", default=None, help="address to serve at (default: the server's own)")
@@ -589,8 +718,29 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--keepalive", action="store_true", default=None, help="drop clients that stop answering keepalives")
     serve.add_argument("--certfile", default=None, help="serve TLS with this certificate (PEM)")
     serve.add_argument("--keyfile", default=None, help="the certificate's private key (PEM), if not in --certfile")
+    serve.add_argument(
+        "--backplane", metavar="URL", default=None,
+        help="share clients, groups and sends with the other servers on this backplane (e.g. redis://localhost:6379/0)",
+    )
+    serve.add_argument(
+        "--workers", metavar="N", type=_positive_int, default=1,
+        help="serve with N worker processes on one port, supervised: a worker that dies is restarted "
+        "(default 1: serve in this process).  Needs --port and a factory taking reuse_port and listener",
+    )
+    serve.add_argument(
+        "--reuse-port", action="store_true", default=None,
+        help="bind with SO_REUSEPORT, so several servers serve the same port (Linux, BSD)",
+    )
+    serve.add_argument(
+        "--no-reuse-port", action="store_true",
+        help="with --workers: the workers serve one listening socket inherited from the supervisor "
+        "instead of each binding the port with SO_REUSEPORT (the default where available)",
+    )
+    # Set by the supervisor for its workers.
+    serve.add_argument("--listen-fd", type=_non_negative_int, default=None, help=argparse.SUPPRESS)
+    serve.add_argument("--worker-index", type=_non_negative_int, default=None, help=argparse.SUPPRESS)
     add_stats_options(serve)
-    serve.set_defaults(func=cmd_serve, default_level="INFO")
+    serve.set_defaults(func=cmd_serve, default_level="INFO", command_parser=serve)
 
     chat = sub.add_parser(
         "chat", parents=[common], help="run the chat example server (examples/chat_server.py)",
@@ -641,6 +791,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(list(argv) if argv is not None else None)
     level = args.log_level or args.default_level
     logging.basicConfig(stream=sys.stderr, level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if getattr(args, "worker_index", None) is not None and not log.isEnabledFor(logging.INFO):
+        # The supervisor learns that a worker serves from its "serving on" line.
+        log.setLevel(logging.INFO)
     try:
         return args.func(args)
     except UsageError as exc:

@@ -211,6 +211,9 @@ class ServerLink(NamedTuple):
     #: Run the ``leave`` handler for a client that went without its server saying so
     #: (one of a dead worker's clients); call it on the server's hub.
     run_leave: Callable[[ClientInfo], None]
+    #: Disconnect our client at this address, ``(address, force, call_func)``, as
+    #: ``disconnect_client`` does (asked by another worker); call it on the server's hub.
+    kick: Callable[[Tuple[str, int], bool, bool], None]
 
 
 class Delivery(ABC):
@@ -239,6 +242,11 @@ class Delivery(ABC):
 
     def changed(self, peer: Peer, old: ClientInfo) -> None:  # noqa: B027 (optional hook)
         """``peer`` changed its name or group (``peer.info`` is the new one)."""
+
+    def disconnect_elsewhere(self, client: ClientRef, force: bool, call_func: bool) -> bool:
+        """Have the process holding ``client`` (not one of ours) disconnect it; False when
+        no other process holds it (the server then raises ClientNotFound)."""
+        return False
 
     def stats(self) -> Optional[Dict[str, Any]]:
         """Counters of the delivery itself for ``server.stats()``, or None."""

@@ -354,7 +354,7 @@ class HiSockServer:
         self._home.adopt_current_thread()
         self._stopped = Event()
         self._pool = Pool(self.max_connections or None)
-        self._delivery.start(ServerLink(self._registry, self.header_len, self._run_remote_leave))
+        self._delivery.start(ServerLink(self._registry, self.header_len, self._run_remote_leave, self._kick_for_delivery))
         self._stream_server = StreamServer(self._listener, self._serve_connection)
         self._stream_server.start()
         if self.keepalive:
@@ -788,12 +788,29 @@ class HiSockServer:
 
         :param force: close at once, without telling the client ``$DISCONN$``.
         :param call_func: run the ``leave`` handler for it.
+        With a backplane, a client held by another worker is disconnected by that worker.
+
         :raises ValueError: wrong format.  :raises ClientNotFound: no such client.
         """
-        peer = self._registry.find(client)
-        assert isinstance(peer, _ServerPeer)
+        try:
+            peer = self._registry.find(client)
+        except ClientNotFound:
+            if self._delivery.disconnect_elsewhere(client, force, call_func):
+                return
+            raise
+        self._kick(peer, force, call_func)
+
+    def _kick(self, peer: _ServerPeer, force: bool, call_func: bool) -> None:
         self._drop(peer, call_leave=call_func, notify=True, reason=reasons.KICKED)
         self._close_peer(peer, send_disconnect=not force)
+
+    def _kick_for_delivery(self, address: Tuple[str, int], force: bool, call_func: bool) -> None:
+        """Another worker asked (through the backplane) to disconnect our client at ``address``."""
+        try:
+            peer = self._registry.find(address)
+        except ClientNotFound:
+            return  # it left meanwhile
+        self._kick(peer, force, call_func)
 
     @_on_home
     def disconnect_all_clients(self, force: bool = False) -> None:

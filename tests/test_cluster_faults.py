@@ -93,6 +93,7 @@ class Inbox:
             self.client.on(command)(lambda content, command=command: self.events.append((command, content)))
         self.client.on("client_disconnect")(lambda info: self.events.append(("left", info.name)))
         self.client.on("client_connect")(lambda info: self.events.append(("joined", info.name)))
+        self.client.on("force_disconnect")(lambda: self.events.append(("kicked", name)))
         self.client.start()
 
     def wait_for(self, event: Tuple[str, Any], timeout: float = WAIT) -> None:
@@ -208,3 +209,19 @@ def test_the_cluster_recovers_by_itself_after_redis_stops_for_a_while(cluster):
     outage = [line for line in first.stderr if "unreachable" in line]
     assert len(outage) == 1, outage
     assert any("Redis is back" in line for line in first.stderr)
+
+
+def test_disconnect_client_reaches_a_client_of_another_worker(cluster):
+    first, second = cluster.worker(), cluster.worker()
+    alice = cluster.client(first, "alice")
+    bob = cluster.client(second, "bob")
+    relay_until_delivered(alice, bob, "hello bob")
+
+    alice.client.send("kick", "bob")
+
+    bob.wait_for(("kicked", "bob"))
+    alice.wait_for(("left", "bob"))
+    second.expect("LEAVE bob$")  # call_func=True runs leave, on bob's own worker
+    assert first.count("LEAVE bob") == 0
+    alice.client.send("kick", "bob")
+    alice.wait_for(("error", "ClientNotFound: no client named 'bob'"))

@@ -6,7 +6,8 @@ Serves a plain (not monkey-patched) HiSockServer with a RedisBackplane whose hea
 fast, so a killed worker is noticed within a couple of seconds.  Prints one line per event
 on stdout (flushed) for the test to read: ``serving on HOST:PORT``, ``JOIN name``,
 ``LEAVE name``.  Handlers: ``relay {"to": name, "text": ...}`` sends ``msg`` to that
-client (an error is answered with ``error``), ``shout text`` sends ``shout`` to everyone.
+client (an error is answered with ``error``), ``shout text`` sends ``shout`` to everyone, ``kick name`` disconnects that client
+(running ``leave``).
 SIGTERM closes the server.
 """
 
@@ -52,6 +53,13 @@ def main() -> int:
         try:
             server.send_client(content["to"], "msg", content["text"])
         except Exception as exc:  # told back to the sender, so the test can wait on it
+            server.send_client(client, "error", f"{type(exc).__name__}: {exc}")
+
+    @server.on("kick")
+    def on_kick(client, content):
+        try:
+            server.disconnect_client(content, call_func=True)
+        except Exception as exc:
             server.send_client(client, "error", f"{type(exc).__name__}: {exc}")
 
     @server.on("shout")
