@@ -42,11 +42,12 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 
 import gevent
 import gevent.monkey
+import gevent.queue
 import msgpack
 
 from .errors import ClientNotFound, GroupNotFound
 from .frames import frame
-from .home import _allocate_lock, _RealThread
+from .home import Home, _allocate_lock, _RealThread
 from .messages import PeerLeft
 from .outgoing import OutgoingCommand
 from .registry import (
@@ -78,7 +79,7 @@ _BATCH = 512
 
 # The real thread-safe queue, whether or not the program monkey-patched ``queue``.
 _SimpleQueue: Any = gevent.monkey.get_original("queue", "SimpleQueue")
-_Empty: Any = gevent.monkey.get_original("queue", "Empty")
+_RealEmpty: Any = gevent.monkey.get_original("queue", "Empty")
 
 # Message kinds on the channels; each message is a msgpack array [kind, origin, ...].
 _JOIN = "join"  # addr, name, group, msgpack_ok, announce_frame
@@ -160,8 +161,10 @@ class RedisBackplane(Delivery):
         self._local: Optional[LocalDelivery] = None
         self._remote: ClientRegistry[_RemotePeer] = ClientRegistry()
         self._hub: Any = None
-        # hub -> publisher thread: (kind, payload) items; see _publisher_main.
-        self._outbox = _SimpleQueue()
+        # hub -> publisher thread: (kind, payload) items; see _publisher_main.  Made by
+        # start(): a real queue between threads, or gevent's between greenlets.
+        self._outbox: Any = None
+        self._empty: Any = _RealEmpty
         # subscriber thread -> hub: decoded messages, drained by one callback at a time.
         self._inbox: Deque[Any] = collections.deque()
         self._inbox_lock = _allocate_lock()
@@ -193,15 +196,23 @@ class RedisBackplane(Delivery):
         self._link = link
         self._local = LocalDelivery(link.registry)
         self._hub = gevent.get_hub()
-        for target, name in ((self._publisher_main, "publisher"), (self._subscriber_main, "subscriber")):
-            thread = _RealThread(target=target, name=f"hisock-backplane-{name}", daemon=True)
-            thread.start()
-            self._threads.append(thread)
+        loops = ((self._publisher_main, "publisher"), (self._subscriber_main, "subscriber"))
+        if Home.program_is_patched():
+            # Sockets, sleeps and threads are gevent's: Redis I/O in greenlets never blocks
+            # the hub, and a "real" thread would be a greenlet anyway.
+            self._outbox, self._empty = gevent.queue.Queue(), gevent.queue.Empty
+            self._threads = [gevent.spawn(target) for target, _ in loops]
+        else:
+            self._outbox, self._empty = _SimpleQueue(), _RealEmpty
+            for target, name in loops:
+                thread = _RealThread(target=target, name=f"hisock-backplane-{name}", daemon=True)
+                thread.start()
+                self._threads.append(thread)
         logger.info("backplane %s: worker %s joined namespace %r", self.url, self.worker_id, self.namespace)
 
     def stop(self) -> None:
         """Say goodbye in Redis (our entries and alive key go), then end both threads."""
-        if self._stopping:
+        if self._stopping or self._outbox is None:
             return
         self._stopping = True
         self._outbox.put(("stop", None))
@@ -458,7 +469,9 @@ class RedisBackplane(Delivery):
         outage_logged = False
         while True:
             timeout = max(0.0, next_beat - time.monotonic())
-            batch = self._take_batch(timeout)
+            # While Redis is away, take everything queued each time round: what cannot be
+            # sent is dropped rather than piling up.
+            batch = self._take_batch(timeout, _BATCH if connected else None)
             stop = any(kind == "stop" for kind, _ in batch)
             for kind, payload in batch:
                 if kind == "register":
@@ -501,15 +514,17 @@ class RedisBackplane(Delivery):
                 self._goodbye(client, mine)
                 return
 
-    def _take_batch(self, timeout: float) -> List[Tuple[str, Any]]:
+    def _take_batch(self, timeout: float, limit: Optional[int]) -> List[Tuple[str, Any]]:
+        """What the hub queued: waits up to ``timeout`` for the first item, then takes up
+        to ``limit`` (None: all) without waiting."""
         try:
             batch = [self._outbox.get(timeout=timeout)] if timeout > 0 else [self._outbox.get_nowait()]
-        except _Empty:
+        except self._empty:
             return []
-        while len(batch) < _BATCH:
+        while limit is None or len(batch) < limit:
             try:
                 batch.append(self._outbox.get_nowait())
-            except _Empty:
+            except self._empty:
                 break
         return batch
 

@@ -3,7 +3,8 @@
 A worker killed with SIGKILL: its clients' ``leave`` runs once, on a surviving worker, and
 the other clients hear ``$CLTDISCONN$``.  Redis stopped for a few seconds: local delivery
 goes on, sends to other workers fail with a logged error, and once Redis is back the
-cluster finds itself again without anyone restarting anything.
+cluster finds itself again without anyone restarting anything.  And the backplane in a
+monkey-patched program, where its Redis I/O runs in greenlets.
 """
 
 from __future__ import annotations
@@ -225,3 +226,10 @@ def test_disconnect_client_reaches_a_client_of_another_worker(cluster):
     assert first.count("LEAVE bob") == 0
     alice.client.send("kick", "bob")
     alice.wait_for(("error", "ClientNotFound: no client named 'bob'"))
+
+
+def test_a_monkey_patched_program_runs_a_cluster_in_greenlets(redis_server):  # noqa: F811
+    program = Path(__file__).parent / "programs" / "patched_cluster.py"
+    result = subprocess.run([sys.executable, str(program), redis_server.url], capture_output=True, text=True, timeout=60)
+    assert result.stdout.strip().splitlines()[-1:] == ["OK"], (result.stdout, result.stderr[-2000:])
+    assert result.returncode == 0
