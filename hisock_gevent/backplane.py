@@ -89,6 +89,7 @@ _HERE = "here"  # addr, name, group, msgpack_ok: re-registration, nobody is told
 _TO = "to"  # addr, frame
 _GROUP = "group"  # group, plain_frame, extended_frame
 _ALL = "all"  # plain_frame, extended_frame
+_BYE = "bye"  # (to ourselves) the worker is stopping: wakes its subscriber
 _KICK = "kick"  # addr, force, call_func: disconnect_client for another worker's client
 
 
@@ -171,7 +172,6 @@ class RedisBackplane(Delivery):
         self._inbox_scheduled = False
         self._stopping = False
         self._threads: List[Any] = []
-        self._subscriber_client: Any = None
         # Counters for stats(); written by their own threads only.
         self.published = 0
         self.received = 0
@@ -215,13 +215,9 @@ class RedisBackplane(Delivery):
         if self._stopping or self._outbox is None:
             return
         self._stopping = True
+        # The publisher says goodbye in Redis, then wakes the subscriber with a message on
+        # our own channel, so neither waits out a timeout.
         self._outbox.put(("stop", None))
-        client = self._subscriber_client
-        if client is not None:
-            try:
-                client.close()
-            except Exception:  # the thread may be mid-read; it notices _stopping
-                pass
         deadline = time.monotonic() + 3.0
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
@@ -277,7 +273,7 @@ class RedisBackplane(Delivery):
         if not local and not remote:
             registry.group(group)  # raises the local registry's GroupNotFound
         plain, extended = frames_for(local + remote, message)
-        fan_out(local, message) if not remote else self._send_built(local, plain, extended)
+        self._send_built(local, plain, extended)
         if remote:
             name = group.group if isinstance(group, ClientInfo) else group
             self._publish(self._all_channel, [_GROUP, self.worker_id, name, plain, extended])
@@ -603,6 +599,7 @@ class RedisBackplane(Delivery):
                 pipe.hdel(self._clients_key, *mine)
             pipe.delete(self._alive_key(self.worker_id))
             pipe.srem(self._workers_key, self.worker_id)
+            pipe.publish(self._my_channel, msgpack.packb([_BYE, self.worker_id], use_bin_type=True))
             pipe.execute()
         except self._redis_module.RedisError as exc:
             logger.warning("backplane: could not remove worker %s from Redis: %s", self.worker_id, exc)
@@ -621,7 +618,6 @@ class RedisBackplane(Delivery):
             if self._stopping:
                 return
             client = self._redis()
-            self._subscriber_client = client
             pubsub = client.pubsub(ignore_subscribe_messages=True)
             try:
                 pubsub.subscribe(self._all_channel, self._my_channel)
