@@ -19,9 +19,9 @@ cannot simply be set on one that exists.  ``ATTR`` names either
 * a **factory**: a callable returning an unstarted HiSockServer.  Every option the
   factory has a keyword parameter for (``host``, ``port``, ``max_connections``,
   ``header_len``, ``keepalive``, ``certfile``, ``keyfile``, ``backplane``, ``reuse_port``,
-  ``listener``; or any of them when it takes ``**kwargs``) is passed to it.  This is the recommended form: the factory builds the
-  server exactly as it wants, and handlers that keep a reference to the server (e.g.
-  ``self.server``) keep the right one.
+  ``listener``; or any of them when it takes ``**kwargs``) is passed to it.  This is the
+  recommended form: the factory builds the server exactly as it wants, and handlers that
+  keep a reference to the server (e.g. ``self.server``) keep the right one.
 * an **instance** (or a factory that did not accept some of the given options): when no
   option is given it is served as it is.  Otherwise a new HiSockServer is built with the
   instance's settings overridden by the options, every handler in ``server.funcs`` is
@@ -43,7 +43,8 @@ worker, an instance target is refused, since every worker would bind it at impor
 Exit status: 0 after a clean stop (SIGINT/SIGTERM close the server gracefully, ``send``
 succeeded, the client reached the end of its input); 1 when ``send --wait`` timed out
 or the server closed the connection; 2 for wrong input (bad ``HOST:PORT``, unknown
-module or attribute, not a server, cannot bind) or an unreachable server.
+module or attribute, not a server, cannot bind, a worker that cannot start) or an
+unreachable server.
 """
 
 from __future__ import annotations
@@ -113,6 +114,8 @@ _SUPERVISOR_OPTIONS = frozenset(
 )
 #: HiSockServer settings carried over when an instance is rebuilt with new options.
 _CARRIED_SETTINGS = (
+    "backplane",
+    "reuse_port",
     "max_connections",
     "header_len",
     "cache_size",

@@ -238,6 +238,9 @@ class HiSockServer:
 
         self._registry: ClientRegistry[_ServerPeer] = ClientRegistry()
         self._delivery = self._make_delivery(delivery, backplane)
+        #: The backplane joining this server to others (a Delivery), or None.
+        self.backplane: Optional[Delivery] = self._delivery if backplane is not None else None
+        self.reuse_port = reuse_port
         self._handlers = HandlerTable(SERVER_RESERVED, SERVER_UNRESERVED_ARGS)
         self.funcs = self._handlers.funcs
         self._home = Home()

@@ -348,9 +348,9 @@ class Supervisor:
         runs = [slot.run for slot in self._slots]
         if all(r is not None and r.serving for r in runs):
             self._serving = True
-            how = "SO_REUSEPORT" if self._reuse_port else "one shared listening socket"
+            how = "sharing the port with SO_REUSEPORT" if self._reuse_port else "sharing one listening socket"
             pids = ", ".join(str(r.pid) for r in runs if r is not None)
-            log.info("serving on %s:%s with %d workers (pids %s), sharing the port with %s", self.host, self.port, self.workers, pids, how)
+            log.info("serving on %s:%s with %d workers (pids %s), %s", self.host, self.port, self.workers, pids, how)
 
     def _on_exit(self, slot: _Slot, run: _Run) -> Optional[str]:
         """A worker exited: schedule its restart, or return why the group cannot start."""
