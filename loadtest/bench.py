@@ -4,6 +4,7 @@
     python loadtest/bench.py --smoke        # a tiny version of every scenario, seconds (CI)
     python loadtest/bench.py                # the full run (longer windows, more repeats)
     python loadtest/bench.py --profile      # S1 against hisock_gevent under cProfile
+    python loadtest/bench.py --quick --workers 2 --scenarios S1,S2   # 1 process vs 2 joined by Redis
 
 Each server under test runs in its own process, started fresh for every case:
 
@@ -26,6 +27,11 @@ Prints one table (absolute figures, and the ratio hisock/baseline measured in th
 run) and writes every figure as JSON (``loadtest/results/bench-<mode>-<time>.json`` unless
 ``--json`` says otherwise).  ``--compare OLD.json NEW.json`` prints two runs side by side.
 Exit status 0 when every case ran (whatever the figures), 1 when a case failed to run.
+
+``--workers N`` compares, for S1 and S2 only, one ``hisock`` process with ``hisock xN``: N
+``hisock_server.py`` processes sharing one port (SO_REUSEPORT) and joined by the Redis
+backplane through a redis-server bench starts for the case.  Server CPU is the sum over
+the workers; redis-server's is reported apart.  Nothing is pinned in that mode.
 """
 
 from __future__ import annotations
@@ -35,7 +41,9 @@ import json
 import os
 import platform
 import queue
+import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -54,6 +62,12 @@ SERVERS = {
     "baseline": os.path.join(HERE, "baselines", "gevent_server.py"),
 }
 LOADGEN = os.path.join(HERE, "loadgen.py")
+REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
+#: Seconds a fresh redis-server has to answer PING, and tries on other free ports.
+REDIS_START_WAIT = 10.0
+REDIS_START_ATTEMPTS = 3
+#: Least CPU share (of one core) a worker must use during S1 to count as busy.
+BUSY_WORKER_CPU = 0.02
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 NCPU = os.cpu_count() or 1
 
@@ -215,6 +229,7 @@ class Proc:
             start_new_session=True,
         )
         self.pid = self.popen.pid
+        self._terminated = False
         if affinity:
             try:
                 os.sched_setaffinity(self.pid, affinity)
@@ -274,9 +289,10 @@ class Proc:
         except (BrokenPipeError, OSError):
             pass
 
-    def stop(self, grace: float = 3.0) -> None:
-        """End the process we started: SIGTERM, then SIGKILL after ``grace`` seconds."""
-        if self.popen.poll() is None:
+    def terminate(self) -> None:
+        """Ask the process we started to end (stdin closed, SIGTERM) without waiting."""
+        if self.popen.poll() is None and not self._terminated:
+            self._terminated = True
             try:
                 if self.popen.stdin is not None:
                     self.popen.stdin.close()
@@ -284,6 +300,14 @@ class Proc:
                 pass
             try:
                 self.popen.send_signal(signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+    def stop(self, grace: float = 3.0) -> None:
+        """End the process we started: SIGTERM, then SIGKILL after ``grace`` seconds."""
+        if self.popen.poll() is None:
+            self.terminate()
+            try:
                 self.popen.wait(grace)
             except subprocess.TimeoutExpired:
                 self.popen.kill()
@@ -293,40 +317,145 @@ class Proc:
         self.stderr.close()
 
 
-class Case:
-    """One server process plus its load generators; stopped whatever happens."""
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
-    def __init__(self, kind: str, pin: bool, server_args: Sequence[str] = ()):
+
+def redis_answers(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as conn:
+            conn.sendall(b"PING\r\n")
+            return conn.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+def start_redis(workdir: str) -> Tuple[Proc, str]:
+    """A throwaway redis-server on a free 127.0.0.1 port, persistence off; (process, URL)."""
+    tail = ""
+    for _ in range(REDIS_START_ATTEMPTS):  # another program may take the free port first
+        port = free_port()
+        argv = [
+            REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+            "--dir", workdir, "--protected-mode", "yes", "--daemonize", "no", "--loglevel", "warning",
+        ]
+        proc = Proc(argv, "redis-server")
+        deadline = time.monotonic() + REDIS_START_WAIT
+        while time.monotonic() < deadline and proc.popen.poll() is None:
+            if redis_answers(port):
+                return proc, f"redis://127.0.0.1:{port}/0"
+            time.sleep(0.02)
+        tail = proc.stderr_tail()
+        proc.stop()
+    raise CaseFailed(f"redis-server did not answer within {REDIS_START_WAIT:.0f} s: {tail}")
+
+
+class Case:
+    """The server process(es) plus their load generators; stopped whatever happens.
+
+    ``workers=0``: one server process (today's cases).  ``workers=N``: a fresh
+    redis-server and N ``hisock_server.py`` processes sharing one port (SO_REUSEPORT),
+    joined by the Redis backplane and answering ``clients SEQ`` on stdin; never pinned.
+    """
+
+    def __init__(self, kind: str, pin: bool, server_args: Sequence[str] = (), workers: int = 0):
         self.kind = kind
-        self.pin = pin and NCPU >= 2
-        self.server = Proc([PYTHON, SERVERS[kind], "--port", "0", *server_args], f"{kind} server", {0} if self.pin else None)
+        self.label = f"{kind} x{workers}" if workers else kind
+        self.workers = workers
+        self.pin = pin and NCPU >= 2 and not workers
+        self.servers: List[Proc] = []
         self.gens: List[Proc] = []
-        line = self.server.line(15.0)
+        self.redis: Optional[Proc] = None
+        self._redis_dir: Optional[str] = None
+        try:
+            if workers:
+                self._redis_dir = tempfile.mkdtemp(prefix="bench-redis-")
+                self.redis, url = start_redis(self._redis_dir)
+                server_args = (*server_args, "--reuse-port", "--redis", url, "--control")
+            self.port = self._start_server(0, server_args, {0} if self.pin else None)
+            for _ in range(1, workers):
+                self._start_server(self.port, server_args, None)
+        except BaseException:
+            self.close()
+            raise
+        self.server = self.servers[0]
+
+    def _start_server(self, port: int, server_args: Sequence[str], affinity: Optional[set]) -> int:
+        n = len(self.servers)
+        label = f"{self.kind} server" + (f" #{n}" if self.workers else "")
+        self.servers.append(Proc([PYTHON, SERVERS[self.kind], "--port", str(port), *server_args], label, affinity))
+        line = self.servers[-1].line(15.0)
         if not line.startswith("PORT "):
-            raise CaseFailed(f"{kind} server said {line!r}")
-        self.port = int(line.split()[1])
+            raise CaseFailed(f"{label} said {line!r}")
+        return int(line.split()[1])
+
+    @property
+    def server_pids(self) -> List[int]:
+        return [server.pid for server in self.servers]
+
+    @property
+    def pids(self) -> List[int]:
+        """Every process of the case: servers, redis-server, generators."""
+        return self.server_pids + ([self.redis.pid] if self.redis else []) + [g.pid for g in self.gens]
 
     def spawn(self, scenario: str, params_list: Sequence[Dict[str, Any]]) -> List[Proc]:
         gen_cpus = set(range(1, NCPU)) if self.pin else None
         for i, params in enumerate(params_list):
             argv = [PYTHON, LOADGEN, "--port", str(self.port), "--scenario", scenario, "--params", json.dumps(params)]
-            self.gens.append(Proc(argv, f"loadgen {scenario}#{i} ({self.kind})", gen_cpus))
+            self.gens.append(Proc(argv, f"loadgen {scenario}#{i} ({self.label})", gen_cpus))
         return self.gens
 
     def meter(self) -> CpuMeter:
-        return CpuMeter({"server": [self.server.pid], "gen": [g.pid for g in self.gens]})
+        groups = {"server": self.server_pids, "gen": [g.pid for g in self.gens]}
+        if self.redis is not None:
+            groups["redis"] = [self.redis.pid]
+        return CpuMeter(groups)
+
+    def wait_mirrors(self, clients: int, timeout: float) -> Tuple[float, List[int]]:
+        """Wait until every worker knows all ``clients`` (its own and, through Redis, the
+        others'); return the seconds waited and each worker's own client count.
+
+        :raises LimitReached: a worker's mirror is still short after ``timeout`` seconds.
+        """
+        t0 = time.monotonic()
+        deadline = t0 + timeout
+        answers: List[Dict[str, Any]] = []
+        for seq in range(1, 1_000_000):
+            for server in self.servers:
+                server.send(f"clients {seq}")
+            answers = [server.expect("clients", max(5.0, deadline - time.monotonic()), seq=seq) for server in self.servers]
+            if all(a["total"] >= clients for a in answers):
+                return time.monotonic() - t0, [a["local"] for a in answers]
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        raise LimitReached(f"after {timeout:.0f} s the workers know {[a['total'] for a in answers]} of {clients:,} clients")
 
     def __enter__(self) -> Case:
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        # The server first: a generator closing 10,000 sockets would otherwise make it
-        # announce 10,000 departures to everyone left.
-        self.server.stop()
+        self.close()
+
+    def close(self) -> None:
+        """Stop every process the case started, by pid: servers, generators, redis-server."""
+        # The servers first, all at once: a generator closing 10,000 sockets would
+        # otherwise make them announce 10,000 departures to everyone left.
+        for server in self.servers:
+            server.terminate()
+        for server in self.servers:
+            server.stop()
         for gen in self.gens:
             gen.send("quit")
         for gen in self.gens:
             gen.stop()
+        # Redis last: the workers say goodbye in it while they close.
+        if self.redis is not None:
+            self.redis.stop()
+        if self._redis_dir is not None:
+            shutil.rmtree(self._redis_dir, ignore_errors=True)
 
 
 def split(total: int, parts: int) -> List[int]:
@@ -336,62 +465,94 @@ def split(total: int, parts: int) -> List[int]:
 # ---------------------------------------------------------------------------- scenarios
 
 
-def run_s1(kind: str, clients: int, window: int, cfg: Dict[str, Any], pin: bool, server_args: Sequence[str] = ()) -> Dict[str, Any]:
+def run_s1(
+    kind: str, clients: int, window: int, cfg: Dict[str, Any], pin: bool, server_args: Sequence[str] = (), workers: int = 0,
+) -> Dict[str, Any]:
+    """S1 ping-pong; with ``workers`` the server is N processes joined by Redis
+    (server CPU is then their sum, and each worker's share and clients are reported)."""
     params = {"clients": clients, "window": window, "warmup": cfg["s1_warmup"], "duration": cfg["s1_duration"], "ramp_timeout": cfg["case_timeout"] / 2}
-    with Case(kind, pin, server_args) as case:
+    cluster: Dict[str, Any] = {}
+    with Case(kind, pin, server_args, workers) as case:
         (gen,) = case.spawn("s1", [params])
         ready = gen.expect("ready", cfg["case_timeout"])
         if ready["connected"] < clients:
             raise LimitReached(f"only {ready['connected']:,} of {clients:,} clients joined within the bound: {ready['errors']}")
-        wait_quiet([case.server.pid, gen.pid], 10.0)
+        if workers:
+            cluster["mirror_s"], cluster["worker_clients"] = case.wait_mirrors(clients, cfg["case_timeout"] / 4)
+        wait_quiet(case.pids, 10.0)
         meter = case.meter()
+        per_worker = CpuMeter({str(i): [pid] for i, pid in enumerate(case.server_pids)})
         gen.send("go")
         gen.expect("start", 30.0)
         meter.mark()
+        per_worker.mark()
         gen.expect("end", cfg["s1_duration"] + 30.0)
         cpu = meter.read()
+        worker_cpu = per_worker.read()
         result = gen.expect("result", 30.0)
     rate = result["round_trips"] / result["elapsed"]
-    return {
+    figures = {
         "clients": clients, "window": window, "rt_per_s": rate,
         "p50_ms": result["p50_ms"], "p99_ms": result["p99_ms"],
         "gen_cpu": result["cpu"], "server_cpu": cpu["server"], "other_cpu": cpu["other"],
         "server_cpu_us_per_rt": cpu["server"] / rate * 1e6 if rate else None,
         "errors": result["errors"],
     }
+    if workers:
+        shares = [worker_cpu[str(i)] for i in range(workers)]
+        figures.update(cluster)
+        figures.update({
+            "workers": workers, "redis_cpu": cpu["redis"], "worker_cpu": shares,
+            # The kernel picks a worker per connection by the 4-tuple hash: check that
+            # every worker got clients and did work while the round trips were counted.
+            "all_workers_busy": all(n > 0 for n in cluster["worker_clients"]) and all(x >= BUSY_WORKER_CPU for x in shares),
+        })
+    return figures
 
 
-def run_s2(kind: str, clients: int, cfg: Dict[str, Any], pin: bool) -> Dict[str, Any]:
+def run_s2(kind: str, clients: int, cfg: Dict[str, Any], pin: bool, workers: int = 0) -> Dict[str, Any]:
+    """S2 fan-out; with ``workers`` the server is N processes joined by Redis, and the
+    broadcast reaches the other workers' clients through it.  Measuring starts only once
+    every worker's mirror knows all N clients."""
     procs = 1 if clients <= 200 else 2
     counts = split(clients, procs)
     ramp_timeout = cfg["case_timeout"] * 0.6
     params = [{"clients": n, "sender": i == 0, "ramp_timeout": ramp_timeout} for i, n in enumerate(counts)]
-    with Case(kind, pin) as case:
+    cluster: Dict[str, Any] = {}
+    with Case(kind, pin, workers=workers) as case:
         gens = case.spawn("s2", params)
         readies = [gen.expect("ready", ramp_timeout + 30.0) for gen in gens]
         connected = sum(r["connected"] for r in readies)
         if connected < clients:
             raise LimitReached(f"only {connected:,} of {clients:,} clients joined within {ramp_timeout:.0f} s: {[r['errors'] for r in readies]}")
         ramp = max(r["ramp_s"] for r in readies)
-        settle = wait_quiet([case.server.pid] + [g.pid for g in gens], cfg["case_timeout"] / 4)
+        if workers:
+            cluster["mirror_s"], cluster["worker_clients"] = case.wait_mirrors(clients, cfg["case_timeout"] / 4)
+        settle = wait_quiet(case.pids, cfg["case_timeout"] / 4)
         times: List[float] = []
-        server_cpu0 = proc_cpu_seconds(case.server.pid)
+        server_cpu0 = sum(proc_cpu_seconds(pid) for pid in case.server_pids)
+        redis_cpu0 = proc_cpu_seconds(case.redis.pid) if case.redis else 0.0
         gen_cpu0 = sum(proc_cpu_seconds(g.pid) for g in gens)
         for seq in range(cfg["s2_repeats"]):
             gens[0].send(f"send {seq}")
             sent = gens[0].expect("sent", 30.0, seq=seq)
             lasts = [gen.expect("got", 60.0, seq=seq)["last"] for gen in gens]
             times.append(max(lasts) - sent["t"])
-            wait_quiet([case.server.pid] + [g.pid for g in gens], 5.0, threshold=0.1, window=0.05)
+            wait_quiet(case.pids, 5.0, threshold=0.1, window=0.05)
         # CPU per broadcast (the quiet waits in between cost next to nothing).
-        server_ms = (proc_cpu_seconds(case.server.pid) - server_cpu0) / len(times) * 1000
+        server_ms = (sum(proc_cpu_seconds(pid) for pid in case.server_pids) - server_cpu0) / len(times) * 1000
+        redis_ms = ((proc_cpu_seconds(case.redis.pid) if case.redis else 0.0) - redis_cpu0) / len(times) * 1000
         gen_ms = (sum(proc_cpu_seconds(g.pid) for g in gens) - gen_cpu0) / len(times) * 1000
     median = statistics.median(times)
-    return {
+    figures = {
         "clients": clients, "repeats": len(times), "median_ms": median * 1000, "min_ms": min(times) * 1000,
         "max_ms": max(times) * 1000, "deliveries_per_s": clients / median, "ramp_s": ramp, "settle_s": settle,
         "gen_procs": procs, "server_cpu_ms_per_broadcast": server_ms, "gen_cpu_ms_per_broadcast": gen_ms,
     }
+    if workers:
+        figures.update(cluster)
+        figures.update({"workers": workers, "redis_cpu_ms_per_broadcast": redis_ms})
+    return figures
 
 
 def run_s3(kind: str, clients: int, cfg: Dict[str, Any], pin: bool) -> Dict[str, Any]:
@@ -598,14 +759,14 @@ def get(result: Any, key: str) -> Optional[float]:
     return result.get(key)
 
 
-def limits(results: Dict[str, Any]) -> List[str]:
+def limits(results: Dict[str, Any], kinds: Sequence[str] = tuple(SERVERS)) -> List[str]:
     """Cases a server could not get ready within their time bound."""
     found = []
     for scenario, rows in results.items():
         for row in rows:
-            for kind in SERVERS:
+            for kind in kinds:
                 if isinstance(row.get(kind), dict) and "limit" in row[kind]:
-                    case = ", ".join(f"{k}={v}" for k, v in row.items() if k not in SERVERS)
+                    case = ", ".join(f"{k}={v}" for k, v in row.items() if k not in kinds)
                     found.append(f"{scenario} {case} {kind}: {row[kind]['limit']}")
     return found
 
@@ -671,8 +832,12 @@ def _rss(result: Any) -> str:
 
 
 def render_table(results: Dict[str, Any]) -> str:
-    header = ("scenario", "case", "metric", "hisock_gevent", "baseline", "ratio h/b")
-    rows = [header] + table_rows(results)
+    return render_rows(("scenario", "case", "metric", "hisock_gevent", "baseline", "ratio h/b"), table_rows(results))
+
+
+def render_rows(header: Tuple[str, ...], body: Sequence[Tuple[str, ...]]) -> str:
+    """Text columns, a rule under the header and between scenarios; figures right-aligned."""
+    rows = [header] + list(body)
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines = []
     for n, r in enumerate(rows):
@@ -721,6 +886,157 @@ def target_lines(results: Dict[str, Any]) -> List[str]:
         figures = ", ".join(f"{row['payload']}: {row['speedup']:.2f}x" for row in s5)
         lines.append(f"S5  msgpack >= 3x faster than native for the dict and the list: {verdict(ok)}  [{figures}]")
     return lines
+
+
+# ---------------------------------------------------------------------------- --workers
+
+#: S1 cases for ``--workers``: enough clients that the kernel's 4-tuple hash almost surely
+#: gives every worker some (with C clients, a worker gets none with probability ~N**-(C-1)).
+WORKERS_S1_CASES = {
+    "smoke": [(16, 2)],
+    "quick": [(c, w) for c in (50, 500) for w in (1, 4)],
+    "full": [(c, w) for c in (50, 500) for w in (1, 4)],
+}
+WORKERS_SCENARIOS = ("S1", "S2")
+
+
+def cluster_kind(workers: int) -> str:
+    return f"hisock x{workers}"
+
+
+def run_workers(mode: str, workers: int, scenarios: Sequence[str]) -> Tuple[Dict[str, Any], List[str]]:
+    """S1 and S2 against one hisock process (no Redis) and against ``workers`` processes
+    sharing a port through SO_REUSEPORT and joined by a fresh redis-server; never pinned."""
+    cfg = MODES[mode]
+    single, cluster = "hisock", cluster_kind(workers)
+    failures: List[str] = []
+    out: Dict[str, Any] = {}
+    if "S1" in scenarios:
+        log("S1 ping-pong")
+        out["S1"] = []
+        for clients, window in WORKERS_S1_CASES[mode]:
+            row: Dict[str, Any] = {"clients": clients, "window": window}
+            for kind, n in ((single, 0), (cluster, workers)):
+                row[kind] = attempt(f"S1 C={clients} W={window} {kind}", lambda n=n, clients=clients, window=window: run_s1("hisock", clients, window, cfg, False, workers=n), failures)
+            out["S1"].append(row)
+    if "S2" in scenarios:
+        log("S2 fan-out")
+        out["S2"] = []
+        for clients in cfg["s2_clients"]:
+            row = {"clients": clients}
+            for kind, n in ((single, 0), (cluster, workers)):
+                row[kind] = attempt(f"S2 N={clients} {kind}", lambda n=n, clients=clients: run_s2("hisock", clients, cfg, False, workers=n), failures)
+            out["S2"].append(row)
+    return out, failures
+
+
+def workers_table_rows(results: Dict[str, Any], workers: int) -> List[Tuple[str, str, str, str, str, str]]:
+    k1, kn = "hisock", cluster_kind(workers)
+    rows: List[Tuple[str, str, str, str, str, str]] = []
+    for row in results.get("S1", []):
+        a, b = row.get(k1), row.get(kn)
+        case = f"C={row['clients']} W={row['window']}"
+        rows.append(("S1 ping-pong", case, "round trips/s", fmt_num(get(a, "rt_per_s")), fmt_num(get(b, "rt_per_s")), ratio(get(b, "rt_per_s"), get(a, "rt_per_s"))))
+        rows.append(("", "", "p50 / p99 latency ms", _pair(a, "p50_ms", "p99_ms"), _pair(b, "p50_ms", "p99_ms"), ratio(get(b, "p99_ms"), get(a, "p99_ms")) + " (p99)"))
+        rows.append(("", "", "server CPU us per round trip", fmt_num(get(a, "server_cpu_us_per_rt"), 1), fmt_num(get(b, "server_cpu_us_per_rt"), 1), ratio(get(b, "server_cpu_us_per_rt"), get(a, "server_cpu_us_per_rt"))))
+        rows.append(("", "", "CPU % gen / server / redis / other", _cpu4(a), _cpu4(b), ""))
+        rows.append(("", "", "clients; CPU % per worker", _spread(a, row["clients"]), _spread(b, row["clients"]), _busy(b)))
+    for row in results.get("S2", []):
+        a, b = row.get(k1), row.get(kn)
+        case = f"N={row['clients']:,}"
+        rows.append(("S2 fan-out", case, "all received, median ms", fmt_num(get(a, "median_ms"), 1), fmt_num(get(b, "median_ms"), 1), ratio(get(b, "median_ms"), get(a, "median_ms"))))
+        rows.append(("", "", "deliveries/s", fmt_num(get(a, "deliveries_per_s")), fmt_num(get(b, "deliveries_per_s")), ratio(get(b, "deliveries_per_s"), get(a, "deliveries_per_s"))))
+        rows.append(("", "", "CPU ms/broadcast server / redis / gen", _ms3(a), _ms3(b), ratio(get(b, "server_cpu_ms_per_broadcast"), get(a, "server_cpu_ms_per_broadcast")) + " (srv)"))
+        rows.append(("", "", "join storm (ramp) s", fmt_num(get(a, "ramp_s"), 1), fmt_num(get(b, "ramp_s"), 1), ratio(get(b, "ramp_s"), get(a, "ramp_s"))))
+        rows.append(("", "", "clients per worker; mirror wait s", _spread(a, row["clients"], cpu=False), _spread(b, row["clients"], cpu=False), ""))
+    return rows
+
+
+def _cpu4(result: Any) -> str:
+    g, s, o = get(result, "gen_cpu"), get(result, "server_cpu"), get(result, "other_cpu")
+    if g is None or s is None:
+        return "-"
+    r = get(result, "redis_cpu")
+    return f"{g * 100:.0f} / {s * 100:.0f} / {'-' if r is None else f'{r * 100:.0f}'} / {(o or 0) * 100:.0f}"
+
+
+def _ms3(result: Any) -> str:
+    s, g = get(result, "server_cpu_ms_per_broadcast"), get(result, "gen_cpu_ms_per_broadcast")
+    if s is None or g is None:
+        return "-"
+    r = get(result, "redis_cpu_ms_per_broadcast")
+    return f"{s:.1f} / {'-' if r is None else f'{r:.1f}'} / {g:.1f}"
+
+
+def _spread(result: Any, clients: int, cpu: bool = True) -> str:
+    """Each worker's clients (and CPU %, or the mirror wait); one process: all of them."""
+    if get(result, "server_cpu" if cpu else "median_ms") is None:
+        return "-"
+    local = result.get("worker_clients")
+    if local is None:
+        return f"{clients:,}; {result['server_cpu'] * 100:.0f}" if cpu else f"{clients:,}"
+    counts = " + ".join(f"{n:,}" for n in local)
+    if cpu:
+        return counts + "; " + " + ".join(f"{x * 100:.0f}" for x in result["worker_cpu"])
+    return f"{counts}; {result['mirror_s']:.1f}"
+
+
+def _busy(result: Any) -> str:
+    busy = get(result, "all_workers_busy")
+    return "" if busy is None else "all busy" if busy else "NOT all busy"
+
+
+def workers_notes(results: Dict[str, Any], workers: int) -> List[str]:
+    """The closing note: each ratio xN/1 with the load generator's share of the CPU."""
+    k1, kn = "hisock", cluster_kind(workers)
+    lines: List[str] = []
+
+    def gen_share(result: Any) -> str:
+        g = get(result, "gen_cpu")
+        return "-" if g is None else f"{g * 100:.0f} % of a core ({g / NCPU * 100:.0f} % of the machine)"
+
+    for row in results.get("S1", []):
+        a, b = row.get(k1), row.get(kn)
+        lines.append(
+            f"S1 C={row['clients']} W={row['window']}: round trips/s x{workers}/1 = {ratio(get(b, 'rt_per_s'), get(a, 'rt_per_s'))}; "
+            f"load generator {gen_share(a)} with 1 process, {gen_share(b)} with {workers}"
+        )
+    unbalanced = [f"C={row['clients']} W={row['window']}" for row in results.get("S1", []) if get(row.get(kn), "all_workers_busy") is False]
+    if results.get("S1"):
+        lines.append("S1: every worker got clients and used CPU in every case" if not unbalanced else f"S1: NOT every worker got clients and CPU in {', '.join(unbalanced)}")
+    for row in results.get("S2", []):
+        a, b = row.get(k1), row.get(kn)
+        gens = [get(x, "gen_cpu_ms_per_broadcast") for x in (a, b)]
+        servers = [get(x, "server_cpu_ms_per_broadcast") for x in (a, b)]
+        redis = [get(x, "redis_cpu_ms_per_broadcast") or 0.0 for x in (a, b)]
+        share = " / ".join(
+            "-" if g is None or s is None else f"{g / max(1e-9, g + s + r) * 100:.0f} %"
+            for g, s, r in zip(gens, servers, redis)
+        )
+        lines.append(
+            f"S2 N={row['clients']:,}: fan-out time x{workers}/1 = {ratio(get(b, 'median_ms'), get(a, 'median_ms'))}, "
+            f"server CPU per broadcast x{workers}/1 = {ratio(servers[1], servers[0])}; "
+            f"load generator's share of the CPU per broadcast (1 process / {workers}): {share}"
+        )
+    return lines
+
+
+def print_workers(document: Dict[str, Any], workers: int) -> None:
+    results = document["results"]
+    header = ("scenario", "case", "metric", "hisock (1 process)", cluster_kind(workers), f"ratio x{workers}/1")
+    print()
+    print(render_rows(header, workers_table_rows(results, workers)))
+    print()
+    bounded = limits(results, ("hisock", cluster_kind(workers)))
+    if bounded:
+        print("Stopped by their time bound (shown as '-'):\n  " + "\n  ".join(bounded))
+        print()
+    print(f"1 process vs {workers} worker processes (SO_REUSEPORT on one port, joined by a fresh redis-server, persistence off):")
+    for line in document["notes"]:
+        print("  " + line)
+    print(f"Pinning: off for both kinds ({workers} workers, redis-server and the load generator(s) share the {NCPU} CPUs as the kernel schedules them).")
+    print(f"CPU % is of one core: server = sum over the {workers} workers, redis = redis-server, gen = load generator, other = processes outside "
+          "the benchmark (noise). 'clients; CPU % per worker': each worker's own clients and CPU during the window.")
 
 
 # ---------------------------------------------------------------------------- profiling
@@ -787,6 +1103,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--profile-window", type=int, default=4, metavar="W", help="requests in flight per client for --profile (default 4)")
     parser.add_argument("--profile-out", default=os.path.join(RESULTS_DIR, "hisock-s1.prof"), metavar="PATH")
     parser.add_argument("--compare", nargs=2, metavar=("OLD", "NEW"), help="print two result files side by side and exit")
+    parser.add_argument(
+        "--workers", type=int, metavar="N",
+        help="compare S1 and S2 on one hisock process with N worker processes on one port joined by Redis "
+        "(starts its own redis-server; not pinned; ignores --servers and the scenarios other than S1, S2)",
+    )
     args = parser.parse_args(argv)
 
     if args.compare:
@@ -800,6 +1121,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.profile:
         run_profile(cfg, pin, args.profile_clients, args.profile_window, 25, args.profile_out)
         return 0
+    if args.workers is not None:
+        if args.workers < 2:
+            parser.error("--workers needs N >= 2")
+        return main_workers(args, mode)
 
     kinds = [k for k in args.servers.split(",") if k]
     scenarios = [s.strip().upper() for s in args.scenarios.split(",") if s.strip()]
@@ -839,6 +1164,51 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"CPU % is of one core; 'other' is CPU used by processes outside the benchmark (noise). Load average before/after: "
           f"{load_before[0]:.2f} / {document['meta']['loadavg_after'][0]:.2f}.")
     print(f"{mode} run took {wall:.0f} s; results in {os.path.relpath(path, ROOT)}")
+    if failures:
+        print(f"{len(failures)} case(s) failed to run:\n  " + "\n  ".join(failures))
+        return 1
+    return 0
+
+
+def main_workers(args: argparse.Namespace, mode: str) -> int:
+    """``--workers N``: S1 and S2, one process vs N workers joined by Redis; table and JSON."""
+    import importlib.util
+
+    missing = ([] if os.path.exists(REDIS_SERVER) else [REDIS_SERVER]) + ([] if importlib.util.find_spec("redis") else ["redis-py"])
+    if missing:
+        print(f"--workers needs {' and '.join(missing)} (Debian's redis-server; pip install redis)", file=sys.stderr)
+        return 2
+    workers = args.workers
+    asked = [s.strip().upper() for s in args.scenarios.split(",") if s.strip()]
+    scenarios = [s for s in asked if s in WORKERS_SCENARIOS]
+    if not scenarios:
+        print(f"--workers runs {' and '.join(WORKERS_SCENARIOS)} only; --scenarios asked for {', '.join(asked)}", file=sys.stderr)
+        return 2
+    started = time.time()
+    load_before = os.getloadavg()
+    log(f"bench.py --{mode} --workers {workers}: hisock (1 process) vs {cluster_kind(workers)} (Redis backplane); scenarios "
+        f"{', '.join(scenarios)}{' (the others are ignored)' if len(scenarios) < len(asked) else ''}; {NCPU} CPUs; pinning off")
+    results, failures = run_workers(mode, workers, scenarios)
+    wall = time.time() - started
+    settings = {"s1_cases": WORKERS_S1_CASES[mode], **{k: v for k, v in MODES[mode].items() if k.startswith(("s1_", "s2_", "case_")) and k != "s1_cases"}}
+    document: Dict[str, Any] = {
+        "notes": workers_notes(results, workers),
+        "limits": limits(results, ("hisock", cluster_kind(workers))),
+        "meta": {
+            "mode": mode, "workers": workers, "kinds": ["hisock", cluster_kind(workers)],
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)), "wall_s": round(wall, 1),
+            "python": platform.python_version(), "platform": platform.platform(), "cpus": NCPU, "pinned": False,
+            "loadavg_before": load_before, "loadavg_after": os.getloadavg(), "settings": settings, "failures": failures,
+        },
+        "results": results,
+    }
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(started))
+    path = args.json or os.path.join(RESULTS_DIR, f"bench-{mode}-workers{workers}-{stamp}.json")
+    with open(path, "w") as f:
+        json.dump(document, f, indent=1)
+    print_workers(document, workers)
+    print(f"Load average before/after: {load_before[0]:.2f} / {document['meta']['loadavg_after'][0]:.2f}. "
+          f"{mode} run took {wall:.0f} s; results in {os.path.relpath(path, ROOT)}")
     if failures:
         print(f"{len(failures)} case(s) failed to run:\n  " + "\n  ".join(failures))
         return 1

@@ -9,11 +9,20 @@ same work by hand.
 Run: ``python loadtest/hisock_server.py --port 0`` prints ``PORT <n>`` once listening;
 SIGTERM or SIGINT closes it.  ``--profile FILE`` runs the server under cProfile and
 writes the stats (``pstats`` format) to FILE when it stops.
+
+Several workers (``bench.py --workers N``): ``--reuse-port`` sets SO_REUSEPORT, so the
+first process can take ``--port 0`` and the others the port it printed; ``--redis URL``
+joins them into one HiSock server through the Redis backplane.  ``--control`` reads
+commands on stdin: ``clients SEQ`` is answered on stdout with one JSON line,
+``{"ev": "clients", "seq": SEQ, "local": <clients of this process>, "total": <clients
+this process knows of, its own and the other workers'>}``.  (Off by default: a server
+started in the background from a shell must not read the terminal.)
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import sys
@@ -27,8 +36,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import wire
 
 
-def build(port: int) -> hisock_gevent.HiSockServer:
-    server = hisock_gevent.HiSockServer(("127.0.0.1", port))
+def build(port: int, reuse_port: bool = False, redis_url: Optional[str] = None) -> hisock_gevent.HiSockServer:
+    server = hisock_gevent.HiSockServer(("127.0.0.1", port), reuse_port=reuse_port, backplane=redis_url)
 
     @server.on(wire.PING)
     def on_ping(client: hisock_gevent.ClientInfo, content: Any) -> None:
@@ -45,16 +54,34 @@ def build(port: int) -> hisock_gevent.HiSockServer:
     return server
 
 
+def serve_control(server: hisock_gevent.HiSockServer) -> None:
+    """Answer ``clients SEQ`` lines on stdin until it ends (a greenlet on the server's hub)."""
+    from gevent.fileobject import FileObjectPosix
+
+    stdin = FileObjectPosix(sys.stdin.fileno(), "rb", closefd=False)
+    for line in stdin:
+        words = line.decode(errors="replace").split()
+        if len(words) == 2 and words[0] == "clients":
+            answer = {"ev": "clients", "seq": int(words[1]), "local": len(server.clients), "total": len(server.get_all_clients())}
+            sys.stdout.write(json.dumps(answer) + "\n")
+            sys.stdout.flush()
+
+
 def main(argv: Optional[list] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--profile", metavar="FILE", help="run under cProfile, dump stats to FILE on exit")
+    parser.add_argument("--reuse-port", action="store_true", help="set SO_REUSEPORT: several processes serve one port")
+    parser.add_argument("--redis", metavar="URL", help="join the other workers through the Redis backplane at URL")
+    parser.add_argument("--control", action="store_true", help="answer 'clients SEQ' lines on stdin (for bench.py)")
     args = parser.parse_args(argv)
     wire.raise_nofile()
-    server = build(args.port)
+    server = build(args.port, args.reuse_port, args.redis)
     for signum in (signal.SIGTERM, signal.SIGINT):
         gevent.signal_handler(signum, server.close)
     print(f"PORT {server.get_addr()[1]}", flush=True)
+    if args.control:
+        gevent.spawn(serve_control, server)
     if args.profile:
         import cProfile
 

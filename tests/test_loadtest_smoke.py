@@ -1,7 +1,9 @@
 """The load-test tooling still runs: ``bench.py --smoke`` and the Locust users.
 
 No performance thresholds here -- only that every scenario runs against both servers and
-reports figures, and that the Locust users talk to the example servers without failures.
+reports figures, that ``--workers 2`` runs S1 and S2 on one process and on two joined by
+Redis (skipped without redis-server or redis-py, except under CI), and that the Locust
+users talk to the example servers without failures.
 Everything runs in subprocesses: bench.py starts its own server and generator processes,
 and importing locust would monkey-patch this (deliberately unpatched) pytest process.
 """
@@ -22,6 +24,7 @@ from pathlib import Path
 from typing import Dict, Iterator, List
 
 import pytest
+from redis_server import require_redis
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "loadtest" / "bench.py"
@@ -56,6 +59,32 @@ def test_bench_smoke_runs_every_scenario_against_both_servers(tmp_path: Path) ->
     assert results["S5"] and all("speedup" in row for row in results["S5"])
     assert document["meta"]["failures"] == []
     assert "round trips/s" in proc.stdout.decode()  # the table was printed
+
+
+@pytest.mark.timeout(180)
+def test_bench_smoke_workers_compares_one_process_with_two_joined_by_redis(tmp_path: Path) -> None:
+    require_redis()
+    out = tmp_path / "bench-workers.json"
+    proc = subprocess.run(
+        [sys.executable, str(BENCH), "--smoke", "--workers", "2", "--scenarios", "S1,S2", "--json", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, _output(proc)
+    document = json.loads(out.read_text())
+    results = document["results"]
+    assert set(results) == {"S1", "S2"}
+    for scenario in ("S1", "S2"):
+        assert results[scenario], scenario
+        for row in results[scenario]:
+            for kind in ("hisock", "hisock x2"):
+                assert kind in row, (scenario, kind)
+                assert "error" not in row[kind], (scenario, kind, row[kind])
+                assert "limit" not in row[kind], (scenario, kind, row[kind])
+            assert row["hisock x2"]["workers"] == 2
+    assert document["meta"]["failures"] == []
+    assert "hisock x2" in proc.stdout.decode()  # the table was printed
 
 
 # ---------------------------------------------------------------- Locust

@@ -17,9 +17,10 @@ import sys
 import textwrap
 import time
 from pathlib import Path
-from typing import Callable, Iterator, List, Optional, Set, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Set, Tuple
 
 import pytest
+from redis_server import redis_server  # noqa: F401  (a fixture)
 from test_cli import WAIT, Program, one_shot, run  # noqa: F401  (run is a fixture)
 
 import hisock_gevent
@@ -50,6 +51,29 @@ def make_server(host="127.0.0.1", port=6969, reuse_port=False, listener=None):
     @made.on("whoami")
     def whoami(client, content):
         made.send_client(client, "iam", os.getpid())
+
+    return made
+
+
+def make_cluster(host="127.0.0.1", port=6969, reuse_port=False, listener=None, backplane=None):
+    import logging
+
+    made = hisock_gevent.HiSockServer((host, port), reuse_port=reuse_port, listener=listener, backplane=backplane)
+
+    @made.on("whoami")
+    def whoami(client, content):
+        made.send_client(client, "iam", os.getpid())
+
+    @made.on("relay")
+    def relay(client, content):
+        try:
+            made.send_client(content["to"], "msg", content["text"])
+        except hisock_gevent.ClientNotFound:
+            pass  # not known here yet: the test sends again
+
+    @made.on("leave")
+    def leave(client):
+        logging.getLogger("wk_app").warning("LEAVE %s", client.name)
 
     return made
 
@@ -406,3 +430,63 @@ def test_listen_fd_serves_an_inherited_listening_socket(app_dir, target):
                 if proc.poll() is None:
                     proc.kill()
                     proc.wait(timeout=WAIT)
+
+
+# ---------------------------------------------------------------------- with a backplane
+
+
+def test_workers_with_a_redis_backplane_act_as_one_server(start_cluster, redis_server):  # noqa: F811
+    cluster = start_cluster("--backplane", redis_server.url, target="wk_app:make_cluster")
+    # Clients stay connected until one is held by each worker.
+    by_pid: Dict[int, hisock_gevent.ThreadedHiSockClient] = {}
+    inbox: Dict[str, List[Any]] = {}
+    opened: List[hisock_gevent.ThreadedHiSockClient] = []
+    try:
+        deadline = time.monotonic() + CLIENT_LOOP_SECONDS
+        for index in range(MAX_CLIENTS):
+            if len(by_pid) == 2 or time.monotonic() > deadline:
+                break
+            name = f"user{index}"
+            client = hisock_gevent.ThreadedHiSockClient(cluster.addr, name=name)
+            opened.append(client)
+            inbox[name] = []
+            client.on("msg")(lambda text, name=name: inbox[name].append(("msg", text)))
+            client.on("client_disconnect")(lambda info, name=name: inbox[name].append(("left", info.name)))
+            # A handler, not recv(): the answer may arrive before recv() would be waiting.
+            client.on("iam")(lambda pid, name=name: inbox[name].append(("iam", pid)))
+            client.start()
+            client.send("whoami")
+            answer_deadline = time.monotonic() + WAIT
+            while not any(event[0] == "iam" for event in inbox[name]):
+                assert time.monotonic() < answer_deadline, f"{name} got no answer to whoami"
+                time.sleep(0.01)
+            pid = next(event[1] for event in inbox[name] if event[0] == "iam")
+            by_pid.setdefault(pid, client)
+        assert len(by_pid) == 2, f"clients reached only {sorted(by_pid)}"
+        (pid_a, a), (pid_b, b) = sorted(by_pid.items())
+
+        # a (on one worker) reaches b (on the other) by name, once b's worker has told Redis.
+        deadline = time.monotonic() + WAIT
+        while ("msg", "across") not in inbox[b.name]:
+            assert time.monotonic() < deadline, f"the relay never arrived; {inbox[b.name]!r}"
+            a.send("relay", {"to": b.name, "text": "across"})
+            time.sleep(0.1)
+
+        # b's worker dies: a survivor runs b's leave once, and a hears that b left.
+        os.kill(pid_b, signal.SIGKILL)
+        cluster.expect(rf"\(pid {pid_b}\) was killed by SIGKILL")
+        cluster.known_pids.add(int(cluster.expect(r"worker \d restarted: pid (\d+) serving").group(1)))
+        # Within the worker TTL (5 s) and a heartbeat, the survivor claims b.
+        cluster.expect(rf"LEAVE {b.name}$", timeout=WAIT + 10)
+        deadline = time.monotonic() + WAIT
+        while ("left", b.name) not in inbox[a.name]:
+            assert time.monotonic() < deadline, f"{a.name} never heard that {b.name} left"
+            time.sleep(0.01)
+        leaves = [line for line in cluster.program.seen["stderr"] if re.search(rf"LEAVE {b.name}$", line)]
+        assert len(leaves) == 1, leaves
+    finally:
+        for client in opened:
+            try:
+                client.close()
+            except Exception:
+                pass
