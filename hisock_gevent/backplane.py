@@ -38,6 +38,7 @@ import os
 import socket
 import time
 import uuid
+import warnings
 from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 
 import gevent
@@ -58,6 +59,7 @@ from .registry import (
     LocalDelivery,
     Peer,
     ServerLink,
+    _address_of,
     fan_out,
     frames_for,
 )
@@ -82,10 +84,10 @@ _SimpleQueue: Any = gevent.monkey.get_original("queue", "SimpleQueue")
 _RealEmpty: Any = gevent.monkey.get_original("queue", "Empty")
 
 # Message kinds on the channels; each message is a msgpack array [kind, origin, ...].
-_JOIN = "join"  # addr, name, group, msgpack_ok, announce_frame
+_JOIN = "join"  # addr, name, group, msgpack_ok, announce_frame, joined_at
 _LEAVE = "leave"  # addr, announce_frame or None
 _CHANGE = "change"  # addr, name, group
-_HERE = "here"  # addr, name, group, msgpack_ok: re-registration, nobody is told
+_HERE = "here"  # addr, name, group, msgpack_ok, joined_at: re-registration, nobody is told
 _TO = "to"  # addr, frame
 _GROUP = "group"  # group, plain_frame, extended_frame
 _ALL = "all"  # plain_frame, extended_frame
@@ -105,15 +107,17 @@ def _key_addr(key: str) -> Tuple[str, int]:
 class _RemotePeer:
     """A client held by another worker, as this worker's mirror knows it."""
 
-    __slots__ = ("info", "sock", "msgpack_ok", "worker", "backplane")
+    __slots__ = ("info", "sock", "msgpack_ok", "worker", "joined_at", "backplane")
 
-    def __init__(self, info: ClientInfo, msgpack_ok: bool, worker: str, backplane: RedisBackplane):
+    def __init__(self, info: ClientInfo, msgpack_ok: bool, worker: str, joined_at: float, backplane: RedisBackplane):
         self.info = info
         # The mirror's ClientRegistry keys HiSock's ``clients`` dict by socket: a remote
         # client's stand-in is its address.
         self.sock = info.ip
         self.msgpack_ok = msgpack_ok
         self.worker = worker
+        #: time.time() on its worker when it joined: orders clients that share a name.
+        self.joined_at = joined_at
         self.backplane = backplane
 
     def send(self, body_frame: bytes) -> None:
@@ -161,6 +165,8 @@ class RedisBackplane(Delivery):
         self._link: Optional[ServerLink] = None
         self._local: Optional[LocalDelivery] = None
         self._remote: ClientRegistry[_RemotePeer] = ClientRegistry()
+        # time.time() when each of our clients joined (for clients that share a name).
+        self._joined_at: Dict[Tuple[str, int], float] = {}
         self._hub: Any = None
         # hub -> publisher thread: (kind, payload) items; see _publisher_main.  Made by
         # start(): a real queue between threads, or gevent's between greenlets.
@@ -225,11 +231,34 @@ class RedisBackplane(Delivery):
     # ------------------------------------------------------------------ lookups
 
     def find_client(self, client: ClientRef) -> ClientInfo:
-        assert self._local is not None
+        return self._find_peer(client).info
+
+    def _find_peer(self, client: ClientRef) -> Peer:
+        """Ours or another worker's; a name several clients share means the one that joined
+        first anywhere in the cluster, as on one server.
+
+        :raises ValueError: wrong format.  :raises ClientNotFound: nobody matches.
+        """
+        registry = self._require_link().registry
+        if isinstance(client, str) and _address_of(client) is None:
+            named: List[Peer] = [*registry._by_name.get(client, ()), *self._remote._by_name.get(client, ())]
+            if len(named) > 1:
+                warnings.warn(
+                    f"{len(named)} clients are named {client!r}; using the one that joined first",
+                    UserWarning,
+                    stacklevel=5,
+                )
+                return min(named, key=self._join_order)
+            if named:
+                return named[0]
         try:
-            return self._local.find_client(client)
+            return registry.find(client)
         except ClientNotFound:
-            return self._remote.find(client).info
+            return self._remote.find(client)
+
+    def _join_order(self, peer: Peer) -> Tuple[float, str]:
+        joined_at = peer.joined_at if isinstance(peer, _RemotePeer) else self._joined_at.get(peer.info.ip, 0.0)
+        return joined_at, _addr_key(peer.info.ip)
 
     def group_members(self, group: GroupRef) -> List[ClientInfo]:
         members: List[ClientInfo] = []
@@ -254,11 +283,7 @@ class RedisBackplane(Delivery):
     # ------------------------------------------------------------------ sends
 
     def to_client(self, client: ClientRef, message: OutgoingCommand) -> None:
-        registry = self._require_link().registry
-        try:
-            peer: Peer = registry.find(client)
-        except ClientNotFound:
-            peer = self._remote.find(client)
+        peer = self._find_peer(client)
         peer.send(message.frame_for(peer.msgpack_ok))
 
     def to_group(self, group: GroupRef, message: OutgoingCommand) -> None:
@@ -302,7 +327,9 @@ class RedisBackplane(Delivery):
     def joined(self, peer: Peer, announce_frame: bytes) -> None:
         self.announce(announce_frame, exclude=peer)
         info = peer.info
-        self._outbox.put(("register", (info, peer.msgpack_ok, [_JOIN, self.worker_id, _addr_key(info.ip), info.name, info.group, peer.msgpack_ok, announce_frame])))
+        joined_at = self._joined_at[info.ip] = time.time()
+        event = [_JOIN, self.worker_id, _addr_key(info.ip), info.name, info.group, peer.msgpack_ok, announce_frame, joined_at]
+        self._outbox.put(("register", (info, self._entry(info, peer.msgpack_ok), event)))
 
     def left(self, peer: Peer, announce_frame: Optional[bytes]) -> None:
         if announce_frame is not None:
@@ -311,11 +338,17 @@ class RedisBackplane(Delivery):
             # The server is disconnecting everyone of ours: the other workers' clients
             # still hear that ours left.
             announce_frame = self._left_frame(peer.info)
+        self._joined_at.pop(peer.info.ip, None)
         self._outbox.put(("unregister", (peer.info, [_LEAVE, self.worker_id, _addr_key(peer.info.ip), announce_frame])))
 
     def changed(self, peer: Peer, old: ClientInfo) -> None:
         info = peer.info
-        self._outbox.put(("register", (info, peer.msgpack_ok, [_CHANGE, self.worker_id, _addr_key(info.ip), info.name, info.group])))
+        event = [_CHANGE, self.worker_id, _addr_key(info.ip), info.name, info.group]
+        self._outbox.put(("register", (info, self._entry(info, peer.msgpack_ok), event)))
+
+    def _entry(self, info: ClientInfo, msgpack_ok: bool) -> bytes:
+        """Our client's value in the clients hash: worker, name, group, dialect, join time."""
+        return msgpack.packb([self.worker_id, info.name, info.group, msgpack_ok, self._joined_at.get(info.ip, 0.0)])
 
     def _left_frame(self, info: ClientInfo) -> Optional[bytes]:
         link = self._require_link()
@@ -406,7 +439,8 @@ class RedisBackplane(Delivery):
             self._send_built(members, item[3], item[4])
         elif kind in (_JOIN, _HERE):
             address = _key_addr(item[2])
-            self._remember_remote(ClientInfo(address, item[3], item[4]), bool(item[5]), origin)
+            joined_at = item[7] if kind == _JOIN else item[6]
+            self._remember_remote(ClientInfo(address, item[3], item[4]), bool(item[5]), origin, joined_at)
             if kind == _JOIN and item[6]:
                 self.announce(item[6])
         elif kind == _CHANGE:
@@ -423,7 +457,7 @@ class RedisBackplane(Delivery):
         if announce_frame:
             self.announce(announce_frame)
 
-    def _remember_remote(self, info: ClientInfo, msgpack_ok: bool, worker: str) -> None:
+    def _remember_remote(self, info: ClientInfo, msgpack_ok: bool, worker: str, joined_at: float) -> None:
         if info.ip in self._require_link().registry._by_address:
             return  # ours (an old entry of a client whose address came back to us)
         existing = self._remote._by_address.get(info.ip)
@@ -433,21 +467,21 @@ class RedisBackplane(Delivery):
             if existing.info != info:
                 self._remote.update(existing, info)
             return
-        self._remote.add(_RemotePeer(info, msgpack_ok, worker, self))
+        self._remote.add(_RemotePeer(info, msgpack_ok, worker, joined_at, self))
 
     def _forget_remote(self, address: Tuple[str, int]) -> None:
         peer = self._remote._by_address.get(address)
         if peer is not None:
             self._remote.remove(peer)
 
-    def _load_snapshot(self, entries: Dict[str, Tuple[str, Optional[str], Optional[str], bool]]) -> None:
+    def _load_snapshot(self, entries: Dict[str, Tuple[str, Optional[str], Optional[str], bool, float]]) -> None:
         seen = set()
-        for key, (worker, name, group, msgpack_ok) in entries.items():
+        for key, (worker, name, group, msgpack_ok, joined_at) in entries.items():
             if worker == self.worker_id:
                 continue
             address = _key_addr(key)
             seen.add(address)
-            self._remember_remote(ClientInfo(address, name, group), msgpack_ok, worker)
+            self._remember_remote(ClientInfo(address, name, group), msgpack_ok, worker, joined_at)
         for peer in list(self._remote):
             if peer.info.ip not in seen:
                 self._remote.remove(peer)
@@ -471,8 +505,8 @@ class RedisBackplane(Delivery):
             stop = any(kind == "stop" for kind, _ in batch)
             for kind, payload in batch:
                 if kind == "register":
-                    info, msgpack_ok, _ = payload
-                    mine[_addr_key(info.ip)] = msgpack.packb([self.worker_id, info.name, info.group, msgpack_ok])
+                    info, entry, _ = payload
+                    mine[_addr_key(info.ip)] = entry
                 elif kind == "unregister":
                     mine.pop(_addr_key(payload[0].ip), None)
             try:
@@ -534,8 +568,8 @@ class RedisBackplane(Delivery):
                 pipe.publish(*payload)
                 published += 1
             elif kind == "register":
-                info, msgpack_ok, event = payload
-                pipe.hset(self._clients_key, _addr_key(info.ip), msgpack.packb([self.worker_id, info.name, info.group, msgpack_ok]))
+                info, entry, event = payload
+                pipe.hset(self._clients_key, _addr_key(info.ip), entry)
                 pipe.publish(self._all_channel, msgpack.packb(event, use_bin_type=True))
                 published += 1
             elif kind == "unregister":
@@ -567,7 +601,7 @@ class RedisBackplane(Delivery):
     def _reap(self, client: Any, dead: set) -> None:
         entries = client.hgetall(self._clients_key)
         for key, value in entries.items():
-            worker, name, group, _msgpack_ok = msgpack.unpackb(value, raw=False)
+            worker, name, group, _msgpack_ok, _joined_at = msgpack.unpackb(value, raw=False)
             if worker not in dead:
                 continue
             address_key = key.decode()
@@ -588,8 +622,8 @@ class RedisBackplane(Delivery):
         pipe.sadd(self._workers_key, self.worker_id)
         for key, value in mine.items():
             pipe.hset(self._clients_key, key, value)
-            worker, name, group, msgpack_ok = msgpack.unpackb(value, raw=False)
-            pipe.publish(self._all_channel, msgpack.packb([_HERE, self.worker_id, key, name, group, msgpack_ok], use_bin_type=True))
+            _worker, name, group, msgpack_ok, joined_at = msgpack.unpackb(value, raw=False)
+            pipe.publish(self._all_channel, msgpack.packb([_HERE, self.worker_id, key, name, group, msgpack_ok, joined_at], use_bin_type=True))
         pipe.execute()
 
     def _goodbye(self, client: Any, mine: Dict[str, bytes]) -> None:

@@ -795,10 +795,13 @@ class HiSockServer:
 
         :raises ValueError: wrong format.  :raises ClientNotFound: no such client.
         """
+        # The delivery resolves the reference (a shared name means the same client on
+        # every worker); then it is ours, or another worker's to disconnect.
+        info = self._delivery.find_client(client)
         try:
-            peer = self._registry.find(client)
+            peer = self._registry.find(info.ip)
         except ClientNotFound:
-            if self._delivery.disconnect_elsewhere(client, force, call_func):
+            if self._delivery.disconnect_elsewhere(info, force, call_func):
                 return
             raise
         self._kick(peer, force, call_func)

@@ -547,16 +547,7 @@ def test_plain_hisock_clients_get_their_own_dialect_from_other_workers(cluster: 
 
 
 @pytest.mark.filterwarnings("ignore:.*clients are named:UserWarning")
-def test_a_name_two_clients_share_means_the_one_that_joined_first_on_every_worker(
-    cluster: Cluster, request: pytest.FixtureRequest
-) -> None:
-    if cluster.clustered:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=(
-            "RedisBackplane.find_client/to_client look in the worker's own registry first "
-            "and only then in the mirror, so each worker resolves a shared name to its own "
-            "client (no UserWarning either); one HiSock server resolves it to the client "
-            "that joined first, the same answer for everyone"
-        )))
+def test_a_name_two_clients_share_means_the_one_that_joined_first_on_every_worker(cluster: Cluster) -> None:
     first = cluster.connect("twin", "red")
     cluster.wait_for_mirror(1)
     second = cluster.connect("twin", "blue")  # on another worker, when there is one
