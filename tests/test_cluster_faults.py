@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, List, Tuple
+from typing import Any, List, Optional, Tuple
 
 import pytest
 from redis_server import redis_server  # noqa: F401  (a fixture)
@@ -86,11 +86,11 @@ class Worker:
 class Inbox:
     """A ThreadedHiSockClient that records what it receives."""
 
-    def __init__(self, worker: Worker, name: str):
+    def __init__(self, worker: Worker, name: str, group: Optional[str] = None):
         self.name = name
         self.events: List[Tuple[str, Any]] = []
-        self.client = hisock_gevent.ThreadedHiSockClient(worker.addr, name=name)
-        for command in ("msg", "shout", "error"):
+        self.client = hisock_gevent.ThreadedHiSockClient(worker.addr, name=name, group=group)
+        for command in ("msg", "shout", "error", "told", "who"):
             self.client.on(command)(lambda content, command=command: self.events.append((command, content)))
         self.client.on("client_disconnect")(lambda info: self.events.append(("left", info.name)))
         self.client.on("client_connect")(lambda info: self.events.append(("joined", info.name)))
@@ -124,8 +124,8 @@ def cluster(redis_server, request):  # noqa: F811
             started.append(worker)
             return worker
 
-        def client(self, worker: Worker, name: str) -> Inbox:
-            inbox = Inbox(worker, name)
+        def client(self, worker: Worker, name: str, group: Optional[str] = None) -> Inbox:
+            inbox = Inbox(worker, name, group)
             clients.append(inbox)
             worker.expect(f"JOIN {name}$")
             return inbox
@@ -233,3 +233,32 @@ def test_a_monkey_patched_program_runs_a_cluster_in_greenlets(redis_server):  # 
     result = subprocess.run([sys.executable, str(program), redis_server.url], capture_output=True, text=True, timeout=60)
     assert result.stdout.strip().splitlines()[-1:] == ["OK"], (result.stdout, result.stderr[-2000:])
     assert result.returncode == 0
+
+
+def test_two_server_processes_on_different_ports_act_as_one_server(cluster):
+    """Two processes on their own ports stand in for two hosts sharing one Redis."""
+    host_a, host_b = cluster.worker(), cluster.worker()
+    assert host_a.addr[1] != host_b.addr[1]
+    alice = cluster.client(host_a, "alice", "red")
+    bob = cluster.client(host_b, "bob", "red")
+    carol = cluster.client(host_b, "carol", "blue")
+    relay_until_delivered(alice, bob, "named send across")
+
+    # Getters see everyone, from either side.
+    everyone = ["alice@red", "bob@red", "carol@blue"]
+    for asker in (alice, carol):
+        deadline = time.monotonic() + WAIT
+        while ("who", everyone) not in asker.events:
+            assert time.monotonic() < deadline, f"{asker.name} never saw everyone: {asker.events!r}"
+            asker.client.send("who")
+            time.sleep(0.1)
+
+    # A broadcast reaches every client once; a group send only the group, across hosts.
+    carol.client.send("tell", {"group": "red", "text": "reds only"})
+    alice.wait_for(("told", "reds only"))
+    bob.wait_for(("told", "reds only"))
+    carol.client.send("shout", "everyone")
+    for inbox in (alice, bob, carol):
+        inbox.wait_for(("shout", "everyone"))
+    assert ("told", "reds only") not in carol.events
+    assert [inbox.events.count(("shout", "everyone")) for inbox in (alice, bob, carol)] == [1, 1, 1]

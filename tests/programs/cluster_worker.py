@@ -6,7 +6,8 @@ Serves a plain (not monkey-patched) HiSockServer with a RedisBackplane whose hea
 fast, so a killed worker is noticed within a couple of seconds.  Prints one line per event
 on stdout (flushed) for the test to read: ``serving on HOST:PORT``, ``JOIN name``,
 ``LEAVE name``.  Handlers: ``relay {"to": name, "text": ...}`` sends ``msg`` to that
-client (an error is answered with ``error``), ``shout text`` sends ``shout`` to everyone, ``kick name`` disconnects that client
+client (an error is answered with ``error``), ``shout text`` sends ``shout`` to everyone, ``tell {"group": g, "text": ...}`` sends
+``told`` to a group, ``who`` answers ``who`` with every client's ``name@group``, ``kick name`` disconnects that client
 (running ``leave``).
 SIGTERM closes the server.
 """
@@ -61,6 +62,14 @@ def main() -> int:
             server.disconnect_client(content, call_func=True)
         except Exception as exc:
             server.send_client(client, "error", f"{type(exc).__name__}: {exc}")
+
+    @server.on("tell")
+    def on_tell(client, content):
+        server.send_group(content["group"], "told", content["text"])
+
+    @server.on("who")
+    def on_who(client, content):
+        server.send_client(client, "who", sorted(f"{c.name}@{c.group}" for c in server.get_all_clients()))
 
     @server.on("shout")
     def on_shout(client, content):
