@@ -371,14 +371,12 @@ def _build_server(spec: str, options: Dict[str, Any], worker: bool = False) -> H
     return server
 
 
-def _start_stats(server: HiSockServer, args: argparse.Namespace) -> Any:
-    """Serve ``server.stats()`` over HTTP when ``--stats-port`` was given; the pywsgi server or None."""
+def _start_stats(server: HiSockServer, args: argparse.Namespace) -> None:
+    """Serve ``server.stats()`` over HTTP when ``--stats-port`` was given (until the server closes)."""
     if args.stats_port is None:
-        return None
-    from .monitor import serve_stats
-
+        return
     try:
-        return serve_stats(server.stats, args.stats_host, args.stats_port)
+        server.serve_stats(args.stats_host, args.stats_port)
     except OSError as exc:
         server.close()
         raise UsageError(f"cannot serve stats on {args.stats_host}:{args.stats_port}: {exc}") from exc
@@ -392,7 +390,7 @@ def _serve(server: HiSockServer, args: argparse.Namespace, supervisor_pid: Optio
     """
     import gevent
 
-    stats_http = _start_stats(server, args)
+    _start_stats(server, args)
     signums = (signal.SIGTERM,) if supervisor_pid is not None else (signal.SIGINT, signal.SIGTERM)
     for signum in signums:
         # Runs in a new greenlet on this hub, where close() may block while it drains.
@@ -414,8 +412,6 @@ def _serve(server: HiSockServer, args: argparse.Namespace, supervisor_pid: Optio
             server.start()
         except KeyboardInterrupt:
             server.close()
-    if stats_http is not None:
-        stats_http.stop(timeout=1)
     log.info("stopped")
     return EXIT_OK
 
@@ -526,11 +522,9 @@ def cmd_chat(args: argparse.Namespace) -> int:
         chat = chat_class(args.host, args.port, **options)
     except OSError as exc:
         raise UsageError(f"cannot serve on {args.host}:{args.port}: {exc}") from exc
-    stats_http = _start_stats(chat.server, args)
+    _start_stats(chat.server, args)
     # The example's serve_forever() installs the signal handlers and logs "serving on".
     chat.serve_forever()
-    if stats_http is not None:
-        stats_http.stop(timeout=1)
     return EXIT_OK
 
 

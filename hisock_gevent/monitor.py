@@ -108,15 +108,17 @@ def stats_app(stats: StatsSource) -> Callable[[Dict[str, Any], StartResponse], I
     return app
 
 
-def serve_stats(stats: StatsSource, host: str = "127.0.0.1", port: int = 0) -> WSGIServer:
-    """Start serving :func:`stats_app` at ``(host, port)`` in this hub; returns the started
-    server (``server.address`` is the real address; ``server.stop()`` ends it).
+def serve_stats(stats: StatsSource, host: str = "127.0.0.1", port: int = 0, listener: Any = None) -> WSGIServer:
+    """Start serving :func:`stats_app` at ``(host, port)`` (or on ``listener``, a bound,
+    listening socket) in this hub; returns the started server (``server.address`` is the
+    real address; ``server.stop()`` ends it).
 
     Requests are not logged one by one: a page polling every second would fill the log.
     """
-    server = WSGIServer((host, port), stats_app(stats), log=None, error_log=logger)
+    server = WSGIServer(listener if listener is not None else (host, port), stats_app(stats), log=None, error_log=logger)
     server.start()
-    address: Optional[Tuple[str, int]] = server.address
-    assert address is not None
-    logger.info("stats at http://%s:%s/", address[0], address[1])
+    if listener is None:
+        address: Optional[Tuple[str, int]] = server.address
+        assert address is not None
+        logger.info("stats at http://%s:%s/", address[0], address[1])
     return server

@@ -252,6 +252,9 @@ class HiSockServer:
         self._pool: Optional[Pool] = None
         self._connections: Set[Connection] = set()
         self._stats = ServerStats()
+        # serve_stats(): sockets waiting for start(), and the pywsgi servers close() stops.
+        self._stats_listeners: List[_stdlib_socket.socket] = []
+        self._stats_http: List[Any] = []
         # Greenlets draining a disconnected client's queue before closing it.
         self._closers = Group()
         # The keepalive loop and its pending expiry checks.
@@ -359,6 +362,9 @@ class HiSockServer:
         self._pool = Pool(self.max_connections or None)
         self._delivery.start(ServerLink(self._registry, self.header_len, self._run_remote_leave, self._kick_for_delivery))
         self._stream_server = StreamServer(self._listener, self._serve_connection)
+        for listener in self._stats_listeners:
+            self._start_stats_http(listener)
+        self._stats_listeners.clear()
         self._stream_server.start()
         if self.keepalive:
             self._timers.spawn(self._keepalive_loop)
@@ -397,6 +403,10 @@ class HiSockServer:
         except OSError:
             pass
         self._delivery.stop()
+        for http in self._stats_http:
+            http.stop(timeout=1)
+        for listener in self._stats_listeners:
+            listener.close()
         self._home.close()
         logger.info("server at %s:%s closed", *self.addr)
         if self._stopped is not None:
@@ -728,6 +738,31 @@ class HiSockServer:
         if cluster is not None:
             snapshot["cluster"] = cluster
         return {"address": f"{self.addr[0]}:{self.addr[1]}", **snapshot}
+
+    def serve_stats(self, host: str = "127.0.0.1", port: int = 0) -> Tuple[str, int]:
+        """Serve :meth:`stats` over HTTP from this server's own hub until :meth:`close`
+        (not part of HiSock's API): a live page at ``/``, JSON at ``/stats``, Prometheus
+        text at ``/metrics`` (needs prometheus_client).  Callable from any thread, before
+        or after :meth:`start`: the port is bound at once (port 0 picks a free one, and
+        the address is returned), and served once the server serves.
+
+        The pages have no authentication: keep ``host`` on a private interface.
+        """
+        if self._closed:
+            raise RuntimeError("the server is closed")
+        listener = _bind_listener((host, port), 128, reuse_port=False)
+        address = listener.getsockname()[:2]
+        logger.info("stats at http://%s:%s/", address[0], address[1])
+        if self._stream_server is None:
+            self._stats_listeners.append(listener)  # start() serves it
+        else:
+            self._home.call(self._start_stats_http, listener)
+        return address[0], address[1]
+
+    def _start_stats_http(self, listener: _stdlib_socket.socket) -> None:
+        from .monitor import serve_stats
+
+        self._stats_http.append(serve_stats(self.stats, listener=listener))
 
     @_on_home
     def get_all_clients(self, key: Union[Callable[[ClientInfo], Any], str, None] = None) -> List[Any]:

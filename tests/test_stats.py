@@ -28,6 +28,7 @@ from hisock_gevent import (
     ClientNotFound,
     ConnectionRejected,
     HiSockServer,
+    ThreadedHiSockServer,
 )
 from hisock_gevent import stats as reasons
 from hisock_gevent.errors import (
@@ -833,3 +834,28 @@ def test_serve_stats_serves_live_stats_and_metrics_over_http(monitored, make_cli
     with pytest.raises(urllib.error.HTTPError) as posted:
         urllib.request.urlopen(urllib.request.Request(base + "/stats", data=b"{}", method="POST"), timeout=5)
     assert posted.value.code == 405
+
+
+@pytest.mark.parametrize("when", ["before start", "after start"])
+def test_server_serve_stats_runs_on_the_servers_own_hub_and_stops_with_close(make_client, when):
+    srv = ThreadedHiSockServer((LOOPBACK, 0))
+    try:
+        if when == "before start":
+            host, port = srv.serve_stats()
+            srv.start()
+        else:
+            srv.start()
+            host, port = srv.serve_stats()
+        base = f"http://{host}:{port}"
+        make_client(srv, "seen", "red")
+        clients_now(srv, 1)
+        status, _, body = fetch(base + "/stats")
+        assert status == 200
+        served = json.loads(body)
+        assert served["clients"]["groups"] == {"red": 1}
+        assert served["connections"]["now"] == 1
+    finally:
+        srv.close()
+    # close() stopped the pages too: the port refuses.
+    with pytest.raises(OSError):
+        socket.create_connection((host, port), timeout=2).close()
