@@ -14,6 +14,7 @@ import time
 from typing import Any, Callable, Iterator, List
 
 import pytest
+from rawpeer import RawPeer
 
 import hisock_gevent
 
@@ -107,3 +108,18 @@ def make_client() -> Iterator[Callable[..., hisock_gevent.HiSockClient]]:
             client.close()
         except Exception:
             pass
+
+
+@pytest.fixture
+def raw() -> Iterator[Callable[..., RawPeer]]:
+    """Factory: ``raw(server, **kw)`` -> a RawPeer connected to it; closed at teardown."""
+    peers: List[RawPeer] = []
+
+    def connect(server: Any, **kwargs: Any) -> RawPeer:
+        peer = RawPeer(server.get_addr(), **kwargs)
+        peers.append(peer)
+        return peer
+
+    yield connect
+    for peer in peers:
+        peer.close()

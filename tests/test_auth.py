@@ -13,12 +13,12 @@ import socket
 import ssl
 import threading
 import time
-from typing import Any, Callable, Iterator, List, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple
 
 import pytest
 import trustme
 from conftest import LOOPBACK, wait_until
-from rawpeer import HEADER_LEN, RawPeer, cmd_body, hello_body, install_echo, sync, wire_frame
+from rawpeer import HEADER_LEN, cmd_body, hello_body, install_echo, sync, wire_frame
 
 import hisock_gevent
 from hisock_gevent import ClientInfo, ConnectionRejected, HiSockClient
@@ -45,20 +45,6 @@ class Checker:
         with self._lock:
             self.calls.append((info, credentials))
         return self.rule(info, credentials)
-
-
-@pytest.fixture
-def raw() -> Iterator[Callable[[Any], RawPeer]]:
-    peers: List[RawPeer] = []
-
-    def connect(server: Any) -> RawPeer:
-        peer = RawPeer(server.get_addr())
-        peers.append(peer)
-        return peer
-
-    yield connect
-    for peer in peers:
-        peer.close()
 
 
 @pytest.fixture

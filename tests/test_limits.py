@@ -13,7 +13,7 @@ import logging
 import socket
 import threading
 import time
-from typing import Any, Callable, Iterator, List, Set, Tuple
+from typing import Any, Callable, List, Set, Tuple
 
 import gevent
 import msgpack
@@ -35,22 +35,7 @@ from hisock_gevent import (
 pytestmark = pytest.mark.timeout(60)
 
 
-
 # ------------------------------------------------------------------ helpers
-
-
-@pytest.fixture
-def raw() -> Iterator[Callable[..., RawPeer]]:
-    peers: List[RawPeer] = []
-
-    def connect(server: Any, **kwargs: Any) -> RawPeer:
-        peer = RawPeer(server.get_addr(), **kwargs)
-        peers.append(peer)
-        return peer
-
-    yield connect
-    for peer in peers:
-        peer.close()
 
 
 def started(make_server: Callable[..., Any], recorder: Any, **kwargs: Any) -> Any:

@@ -102,21 +102,6 @@ def frame_len(body: bytes) -> int:
     return HEADER_LEN + len(body)
 
 
-@pytest.fixture
-def raw() -> Iterator[Callable[..., RawPeer]]:
-    """Factory: ``raw(server, **kw)`` -> a RawPeer connected to it; closed at teardown."""
-    peers: List[RawPeer] = []
-
-    def connect(server: Any, **kwargs: Any) -> RawPeer:
-        peer = RawPeer(server.get_addr(), **kwargs)
-        peers.append(peer)
-        return peer
-
-    yield connect
-    for peer in peers:
-        peer.close()
-
-
 def joined_raw(raw: Callable[..., RawPeer], srv: Any, name: str, **kwargs: Any) -> Tuple[RawPeer, int]:
     """A raw peer that said hello; also the bytes of the $CLTCONN$ it read back."""
     peer = raw(srv, **kwargs)
