@@ -93,6 +93,7 @@ _GROUP = "group"  # group, plain_frame, extended_frame
 _ALL = "all"  # plain_frame, extended_frame
 _BYE = "bye"  # (to ourselves) the worker is stopping: wakes its subscriber
 _KICK = "kick"  # addr, force, call_func: disconnect_client for another worker's client
+_KINDS = frozenset({_JOIN, _LEAVE, _CHANGE, _HERE, _TO, _GROUP, _ALL, _BYE, _KICK})
 
 
 def _addr_key(address: Tuple[str, int]) -> str:
@@ -182,6 +183,7 @@ class RedisBackplane(Delivery):
         self.published = 0
         self.received = 0
         self.dropped = 0
+        self.malformed = 0
         self.redis_up = False
 
     def __repr__(self) -> str:
@@ -374,6 +376,7 @@ class RedisBackplane(Delivery):
             "published": self.published,
             "received": self.received,
             "dropped": self.dropped,
+            "malformed": self.malformed,
         }
 
     # ------------------------------------------------------------------ hub side of the inbox
@@ -405,8 +408,8 @@ class RedisBackplane(Delivery):
             for item in batch:
                 try:
                     self._apply(item)
-                except Exception:
-                    logger.exception("backplane: could not apply %r", item[:2] if isinstance(item, list) else item)
+                except Exception as exc:  # a message of the right kind with the wrong fields
+                    self._note_malformed(f"inapplicable {item[0]!r} message ({type(exc).__name__}: {exc})")
 
     def _apply(self, item: Any) -> None:
         """Act on one message from Redis (or one event from our own threads), on the hub."""
@@ -540,6 +543,14 @@ class RedisBackplane(Delivery):
                 backoff = min(backoff * 2, _BACKOFF_MAX)
                 next_beat = 0.0
                 continue
+            except Exception:  # a bug must not end the thread: the worker would go deaf
+                logger.exception("backplane: unexpected error in the publisher; %d queued item(s) dropped", len(batch))
+                self.dropped += len(batch)
+                if stop:
+                    return
+                time.sleep(backoff)
+                backoff = min(backoff * 2, _BACKOFF_MAX)
+                continue
             if stop:
                 self._goodbye(client, mine)
                 return
@@ -599,12 +610,9 @@ class RedisBackplane(Delivery):
             self._reap(client, set(dead))
 
     def _reap(self, client: Any, dead: set) -> None:
-        entries = client.hgetall(self._clients_key)
-        for key, value in entries.items():
-            worker, name, group, _msgpack_ok, _joined_at = msgpack.unpackb(value, raw=False)
+        for address_key, (worker, name, group, _msgpack_ok, _joined_at) in self._read_snapshot(client).items():
             if worker not in dead:
                 continue
-            address_key = key.decode()
             if not client.hdel(self._clients_key, address_key):
                 continue  # another worker claimed it first
             info = ClientInfo(_key_addr(address_key), name, group)
@@ -645,6 +653,40 @@ class RedisBackplane(Delivery):
 
     # ------------------------------------------------------------------ subscriber thread
 
+    def _decode(self, data: bytes) -> Optional[List[Any]]:
+        """A message from a channel, or None (logged) when it is not one of ours."""
+        try:
+            message = msgpack.unpackb(data, raw=False)
+        except Exception as exc:  # msgpack raises several kinds for garbage
+            self._note_malformed(f"undecodable message ({type(exc).__name__})")
+            return None
+        if not (isinstance(message, list) and len(message) >= 2 and message[0] in _KINDS and isinstance(message[1], str)):
+            self._note_malformed(f"unknown message {str(message)[:80]!r}")
+            return None
+        return message
+
+    def _read_snapshot(self, client: Any) -> Dict[str, Tuple[Any, ...]]:
+        """The clients hash, skipping (and logging) entries that are not ours."""
+        snapshot = {}
+        for key, value in client.hgetall(self._clients_key).items():
+            try:
+                entry = tuple(msgpack.unpackb(value, raw=False))
+                _key_addr(key.decode())
+            except Exception as exc:
+                self._note_malformed(f"unreadable entry {key[:60]!r} in {self._clients_key} ({type(exc).__name__})")
+                continue
+            if len(entry) != 5 or not isinstance(entry[0], str):
+                self._note_malformed(f"unreadable entry {key[:60]!r} in {self._clients_key}")
+                continue
+            snapshot[key.decode()] = entry
+        return snapshot
+
+    def _note_malformed(self, what: str) -> None:
+        """Count a message or entry that is not ours; log the first few, then every 1000th."""
+        self.malformed += 1
+        if self.malformed <= 10 or self.malformed % 1000 == 0:
+            logger.warning("backplane: ignoring an %s in namespace %r (%d so far)", what, self.namespace, self.malformed)
+
     def _subscriber_main(self) -> None:
         """Receive both channels and hand each message to the hub, reconnecting as needed."""
         backoff = _BACKOFF_FIRST
@@ -657,11 +699,7 @@ class RedisBackplane(Delivery):
                 pubsub.subscribe(self._all_channel, self._my_channel)
                 # Subscribed first, then read the hash: a change made in between shows in
                 # both, and applying it twice is harmless.
-                snapshot = {
-                    key.decode(): tuple(msgpack.unpackb(value, raw=False))
-                    for key, value in client.hgetall(self._clients_key).items()
-                }
-                self._to_hub(["snapshot", snapshot])
+                self._to_hub(["snapshot", self._read_snapshot(client)])
                 if backoff != _BACKOFF_FIRST or attempt:
                     logger.info("backplane: subscribed to %s again", self.url)
                 backoff = _BACKOFF_FIRST
@@ -670,11 +708,15 @@ class RedisBackplane(Delivery):
                     if message is None or message.get("type") != "message":
                         continue
                     self.received += 1
-                    self._to_hub(msgpack.unpackb(message["data"], raw=False))
-            except (self._redis_module.RedisError, OSError, ValueError) as exc:
+                    decoded = self._decode(message["data"])
+                    if decoded is not None:
+                        self._to_hub(decoded)
+            except Exception as exc:
                 if self._stopping:
                     return
-                if backoff == _BACKOFF_FIRST:
+                if not isinstance(exc, (self._redis_module.RedisError, OSError)):
+                    logger.exception("backplane: unexpected error in the subscriber; reconnecting")
+                elif backoff == _BACKOFF_FIRST:
                     logger.warning("backplane: subscription to %s lost (%s); reconnecting", self.url, exc)
                 time.sleep(backoff)
                 backoff = min(backoff * 2, _BACKOFF_MAX)

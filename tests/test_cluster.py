@@ -47,7 +47,7 @@ SECOND_HOST = "127.0.0.2"
 WAIT = 10.0
 #: How many numbered messages the ordering test relays each way.
 ORDERED_COUNT = 200
-CLUSTER_STATS_KEYS = {"worker", "redis", "remote_clients", "published", "received", "dropped"}
+CLUSTER_STATS_KEYS = {"worker", "redis", "remote_clients", "published", "received", "dropped", "malformed"}
 
 
 # ---------------------------------------------------------------- the cluster under test

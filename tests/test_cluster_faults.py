@@ -262,3 +262,43 @@ def test_two_server_processes_on_different_ports_act_as_one_server(cluster):
         inbox.wait_for(("shout", "everyone"))
     assert ("told", "reds only") not in carol.events
     assert [inbox.events.count(("shout", "everyone")) for inbox in (alice, bob, carol)] == [1, 1, 1]
+
+
+def test_junk_in_redis_is_logged_and_ignored_and_the_cluster_carries_on(cluster, request):
+    import redis
+
+    first, second, doomed = cluster.worker(), cluster.worker(), cluster.worker()
+    alice = cluster.client(first, "alice")
+    bob = cluster.client(second, "bob")
+    victim = cluster.client(doomed, "victim")
+    relay_until_delivered(alice, bob, "before the junk")
+    relay_until_delivered(alice, victim, "before the junk")
+
+    namespace = re.sub(r"\W", "_", request.node.name)
+    junk = redis.Redis.from_url(cluster.redis.url)
+    try:
+        for data in (b"\xc1not msgpack", b"\x93\x01\x02\x03", b"\x92\xa4join\xa1x", b"\x94\xa2to\xa1x\xa3a:b\xc0"):
+            junk.publish(f"{namespace}:all", data)
+        junk.hset(f"{namespace}:clients", "not-an-address", b"\xc1")
+        junk.hset(f"{namespace}:clients", "1.2.3.4:5", b"\x91\x01")
+    finally:
+        junk.close()
+
+    # Both workers say so in their logs, and nobody falls over.
+    for worker in (first, second):
+        deadline = time.monotonic() + WAIT
+        while not any("backplane: ignoring" in line for line in worker.stderr):
+            assert time.monotonic() < deadline, f"no warning logged; stderr {worker.stderr[-10:]!r}"
+            time.sleep(0.02)
+        assert not any("Traceback" in line for line in worker.stderr), worker.stderr
+    relay_until_delivered(bob, alice, "after the junk")
+    alice.client.send("shout", "still one server")
+    bob.wait_for(("shout", "still one server"))
+
+    # Claiming a dead worker's clients reads the junk entries too, and skips them.
+    doomed.kill()
+    alice.wait_for(("left", "victim"))
+    relay_until_delivered(bob, alice, "after the claim")
+    assert first.count("LEAVE victim") + second.count("LEAVE victim") == 1
+    assert first.proc.poll() is None and second.proc.poll() is None
+    assert not any("Traceback" in line for line in first.stderr + second.stderr)
