@@ -37,8 +37,10 @@ rebuilt with them like with any other option.
 
 ``--workers N`` (N > 1) runs N worker processes under a supervisor instead of serving in
 this process; see :mod:`hisock_gevent.workers`.  Each worker is this command again with
-hidden options (``--reuse-port`` or ``--listen-fd FD``, and ``--worker-index I``); in a
-worker, an instance target is refused, since every worker would bind it at import.
+hidden options (``--reuse-port`` or ``--listen-fd FD``, and ``--worker-index I``).  An
+instance target works with ``--reuse-port`` (the worker's import binds with SO_REUSEPORT
+too, and the server is rebuilt on the shared port); with ``--listen-fd`` it is refused,
+since every worker would bind it at import on its own.
 
 Exit status: 0 after a clean stop (SIGINT/SIGTERM close the server gracefully, ``send``
 succeeded, the client reached the end of its input); 1 when ``send --wait`` timed out
@@ -319,15 +321,16 @@ def _given_options(args: argparse.Namespace) -> Dict[str, Any]:
 def _build_server(spec: str, options: Dict[str, Any], worker: bool = False) -> HiSockServer:
     """The server ``MODULE:ATTR`` names, with ``options`` applied (see the module docstring).
 
-    :param worker: we are one of ``--workers``' processes: the target must be a factory.
+    :param worker: we are one of ``--workers``' processes: with an inherited socket the
+        target must be a factory.
     """
     owner, attr, target = _import_target(spec)
     if isinstance(target, HiSockServer):
-        if worker:
+        if worker and "listener" in options:
             raise UsageError(
-                f"{spec} is a server made at import, which every worker would bind on its own; "
-                "with --workers name a factory instead (a function taking host, port, reuse_port "
-                "and listener, or **kwargs, and returning the server)"
+                f"{spec} is a server made at import, which every worker would bind on its own "
+                "when they share one inherited socket (--no-reuse-port); name a factory instead "
+                "(a function taking host, port, reuse_port and listener, or **kwargs, and returning the server)"
             )
         server = target
         rest = dict(options)

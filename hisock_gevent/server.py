@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import socket as _stdlib_socket
 import ssl
 import time
@@ -93,9 +94,15 @@ def _on_home(method: _F) -> _F:
     return wrapper  # type: ignore[return-value]
 
 
+#: Set to "1" by ``serve --workers`` in its workers' environment: every server a worker
+#: makes (one made at import included) binds with SO_REUSEPORT, so all can share the port.
+REUSE_PORT_ENV = "HISOCK_GEVENT_REUSE_PORT"
+
+
 def _bind_listener(addr: Tuple[str, int], backlog: int, reuse_port: bool) -> _stdlib_socket.socket:
     """A plain listening socket: bound now (so errors and the real port show at once),
     served later by whichever thread runs start()."""
+    reuse_port = reuse_port or os.environ.get(REUSE_PORT_ENV) == "1"
     if reuse_port and not hasattr(_stdlib_socket, "SO_REUSEPORT"):
         raise ValueError("reuse_port=True needs SO_REUSEPORT, which this system does not have")
     listener = _stdlib_socket.socket(_stdlib_socket.AF_INET, _stdlib_socket.SOCK_STREAM)
@@ -166,6 +173,8 @@ class HiSockServer:
     :param backlog: pending connections the kernel may hold (``listen()``'s argument).
     :param reuse_port: set SO_REUSEPORT, so several processes serve the same port and the
         kernel spreads new connections among them (Linux, BSD; ValueError elsewhere).
+        Also on when the environment has ``HISOCK_GEVENT_REUSE_PORT=1`` (``serve --workers``
+        sets it for its workers).
     :param listener: serve on this socket, already bound and listening (one inherited from
         a supervisor that forked the workers); ``addr`` is then only informative.
 

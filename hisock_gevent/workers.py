@@ -22,9 +22,12 @@ How the workers share the port
   descriptor (``--listen-fd``, the server's ``listener=``).  Connections wait in the
   shared backlog while a worker restarts; every idle worker wakes for each connection.
 
-Either way the app's target must be a *factory* taking ``reuse_port`` and ``listener``
-(or ``**kwargs``) and passing them to :class:`~hisock_gevent.HiSockServer`: a server
-made at import would bind its port in every worker.
+The target may be a *factory* taking ``reuse_port`` and ``listener`` (or ``**kwargs``)
+and passing them to :class:`~hisock_gevent.HiSockServer`, or, with SO_REUSEPORT, a server
+made at import: the workers' environment has ``HISOCK_GEVENT_REUSE_PORT=1``, so every
+worker's import binds with SO_REUSEPORT too, and the worker rebuilds it on the shared port
+with its handlers.  With one inherited socket an instance cannot work (each import would
+bind the port on its own) and is refused.
 
 Supervision
 -----------
@@ -51,6 +54,7 @@ workers; one thread per worker reads its stderr and reports through a queue.
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import re
 import signal
@@ -60,6 +64,8 @@ import sys
 import threading
 import time
 from typing import Any, Dict, List, Optional, Sequence
+
+from .server import REUSE_PORT_ENV
 
 __all__ = ["CannotStart", "Supervisor"]
 
@@ -255,6 +261,9 @@ class Supervisor:
         try:
             proc = subprocess.Popen(
                 self._argv(slot.index),
+                # With SO_REUSEPORT every server the worker makes shares the port, even one
+                # its module makes at import (see REUSE_PORT_ENV).
+                env=dict(os.environ, **{REUSE_PORT_ENV: "1"}) if self._reuse_port else None,
                 stdin=subprocess.DEVNULL,
                 stderr=subprocess.PIPE,
                 pass_fds=() if self._reuse_port else (self._socket.fileno(),),

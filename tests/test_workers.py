@@ -331,8 +331,47 @@ def test_workers_close_themselves_when_the_supervisor_is_killed(start_cluster):
 # ---------------------------------------------------------------------- what cannot start
 
 
-def test_an_instance_target_with_workers_exits_2_with_a_one_line_error_naming_a_factory(app_dir):
-    result = one_shot("serve", "wk_app:server", "--workers", "2", "--port", "0", cwd=app_dir, timeout=STARTUP)
+def test_an_instance_target_works_with_workers_sharing_the_port(start_cluster):
+    # wk_app.server is made at import (on port 0); each worker's import binds with
+    # SO_REUSEPORT, then the worker rebuilds it on the shared port with its handlers.
+    cluster = start_cluster(target="wk_app:server")
+
+    answered = ask_until(cluster.addr, lambda pids: pids == set(cluster.pids))
+
+    assert answered == set(cluster.pids)
+
+
+def test_an_instance_made_at_import_on_the_served_port_works_with_workers(run, app_dir):  # noqa: F811
+    # The usual HiSock program: the server is made at import on a fixed port, and
+    # `serve --workers 2 --port` names that same port.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    (app_dir / "fixed_app.py").write_text(textwrap.dedent(f"""
+        import os
+        import hisock_gevent
+
+        server = hisock_gevent.start_server(("127.0.0.1", {port}))
+
+
+        @server.on("whoami")
+        def whoami(client, content):
+            server.send_client(client, "iam", os.getpid())
+    """))
+    cluster = Cluster(run("serve", "fixed_app:server", "--workers", "2", "--port", str(port), cwd=app_dir))
+    try:
+        cluster.wait_serving()
+        assert cluster.addr[1] == port
+
+        answered = ask_until(cluster.addr, lambda pids: pids == set(cluster.pids))
+
+        assert answered == set(cluster.pids)
+    finally:
+        cluster.stop()
+
+
+def test_an_instance_target_with_one_inherited_socket_exits_2_with_a_one_line_error_naming_a_factory(app_dir):
+    result = one_shot("serve", "wk_app:server", "--workers", "2", "--port", "0", "--no-reuse-port", cwd=app_dir, timeout=STARTUP)
 
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
