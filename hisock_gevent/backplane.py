@@ -263,16 +263,25 @@ class RedisBackplane(Delivery):
         return joined_at, _addr_key(peer.info.ip)
 
     def group_members(self, group: GroupRef) -> List[ClientInfo]:
-        members: List[ClientInfo] = []
-        for registry in (self._require_link().registry, self._remote):
+        local, remote = self._group_peers(group)
+        return [peer.info for peer in local + remote]
+
+    def _group_peers(self, group: GroupRef) -> Tuple[List[Peer], List[Peer]]:
+        """The group's members here and on the other workers.
+
+        :raises GroupNotFound: nobody anywhere is in it (worded by the local registry,
+            which checks the group's type too).
+        """
+        registry = self._require_link().registry
+        found: Tuple[List[Peer], List[Peer]] = ([], [])
+        for members, source in zip(found, (registry, self._remote)):
             try:
-                members.extend(peer.info for peer in registry.group(group))
+                members.extend(source.group(group))
             except GroupNotFound:
                 pass
-        if not members:
-            # Let the local registry word the error (it checks the group's type too).
-            self._require_link().registry.group(group)
-        return members
+        if not found[0] and not found[1]:
+            registry.group(group)
+        return found
 
     def all_clients(self) -> List[ClientInfo]:
         return [peer.info for peer in self._require_link().registry] + [peer.info for peer in self._remote]
@@ -289,16 +298,7 @@ class RedisBackplane(Delivery):
         peer.send(message.frame_for(peer.msgpack_ok))
 
     def to_group(self, group: GroupRef, message: OutgoingCommand) -> None:
-        registry = self._require_link().registry
-        local: List[Peer] = []
-        remote: List[Peer] = []
-        for found, source in ((local, registry), (remote, self._remote)):
-            try:
-                found.extend(source.group(group))
-            except GroupNotFound:
-                pass
-        if not local and not remote:
-            registry.group(group)  # raises the local registry's GroupNotFound
+        local, remote = self._group_peers(group)
         plain, extended = frames_for(local + remote, message)
         self._send_built(local, plain, extended)
         if remote:
