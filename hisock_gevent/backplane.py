@@ -355,7 +355,7 @@ class RedisBackplane(Delivery):
     def _left_frame(self, info: ClientInfo) -> Optional[bytes]:
         link = self._require_link()
         try:
-            return frame(PeerLeft({"ip": list(info.ip), "name": info.name, "group": info.group, "ipstr": info.ipstr}).to_body(), link.header_len)
+            return frame(PeerLeft(info.as_dict()).to_body(), link.header_len)
         except ValueError:
             return None
 

@@ -119,9 +119,6 @@ def _bind_listener(addr: Tuple[str, int], backlog: int, reuse_port: bool) -> _st
     return listener
 
 
-def _info_json(info: ClientInfo) -> Dict[str, Any]:
-    """The JSON object $CLTCONN$/$CLTDISCONN$ carry for a client."""
-    return {"ip": [info.ip[0], info.ip[1]], "name": info.name, "group": info.group, "ipstr": info.ipstr}
 
 
 class _ServerPeer:
@@ -539,7 +536,7 @@ class HiSockServer:
     def _join(self, conn: Connection, hello: Hello) -> _ServerPeer:
         info = ClientInfo(conn.peer, hello.name, hello.group)
         peer = _ServerPeer(conn, info, CAPABILITY_MSGPACK in hello.capabilities)
-        joined = _info_json(info)
+        joined = info.as_dict()
         try:
             everyone_frame = frame(PeerJoined(joined).to_body(), self.header_len)
             # Only a peer that offered capabilities hears ours: a plain HiSock client never does.
@@ -572,7 +569,7 @@ class HiSockServer:
         left_frame = None
         if notify:
             try:
-                left_frame = frame(PeerLeft(_info_json(peer.info)).to_body(), self.header_len)
+                left_frame = frame(PeerLeft(peer.info.as_dict()).to_body(), self.header_len)
             except ValueError as exc:
                 logger.warning("not announcing that %s left: %s", peer.info, exc)
         self._delivery.left(peer, left_frame)
