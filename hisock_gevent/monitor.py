@@ -73,6 +73,14 @@ def prometheus_text(stats: StatsSource) -> bytes:
             yield counter("bytes_sent", "Bytes written to clients.", snap["bytes"]["out"])
             yield by("frames_rejected", "Connections closed for breaking the protocol, by error.", "reason", snap["rejected"])
             yield gauge("uptime_seconds", "Seconds since the server was made.", snap["uptime_s"])
+            cluster = snap.get("cluster")
+            if cluster:
+                yield gauge("backplane_up", "1 while the backplane reaches Redis.", 1 if cluster["redis"] == "up" else 0)
+                yield gauge("backplane_remote_clients", "Clients held by the other workers.", cluster["remote_clients"])
+                yield counter("backplane_published", "Messages published to the other workers.", cluster["published"])
+                yield counter("backplane_received", "Messages received from the other workers.", cluster["received"])
+                yield counter("backplane_dropped", "Messages for other workers lost while Redis was away.", cluster["dropped"])
+                yield counter("backplane_malformed", "Messages or entries in Redis that were not ours.", cluster["malformed"])
 
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_Collector())

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Iterator, List
 
 import pytest
+from redis_server import redis_server  # noqa: F401  (a fixture)
 from test_cli import Program, run  # noqa: F401  (run is a fixture)
 
 import hisock_gevent
@@ -152,3 +153,27 @@ def test_the_page_says_so_when_the_server_goes_away(run, browser):  # noqa: F811
     assert chat.wait() == 0
     _wait_for(browser, "the unreachable status", lambda d: "unreachable" in _text(d, "status"))
 
+
+
+def test_the_page_of_a_cluster_worker_says_so_and_counts_the_others(browser, redis_server):  # noqa: F811
+    workers = [hisock_gevent.ThreadedHiSockServer(("127.0.0.1", 0), backplane=redis_server.url) for _ in range(2)]
+    clients = []
+    try:
+        for worker in workers:
+            worker.start()
+        host, port = workers[0].serve_stats()
+        browser.get(f"http://{host}:{port}/")
+        _wait_for(browser, "the cluster line", lambda d: "Redis up" in _text(d, "cluster"))
+        assert "0 clients on other workers" in _text(browser, "cluster")
+
+        for name in ("far1", "far2"):
+            client = hisock_gevent.ThreadedHiSockClient(workers[1].get_addr(), name=name)
+            client.start()
+            clients.append(client)
+        _wait_for(browser, "2 clients elsewhere", lambda d: "2 clients on other workers" in _text(d, "cluster"))
+        assert _text(browser, "connections") == "0"
+    finally:
+        for client in clients:
+            client.close()
+        for worker in workers:
+            worker.close()
