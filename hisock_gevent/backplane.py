@@ -39,7 +39,7 @@ import socket
 import time
 import uuid
 import warnings
-from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
+from typing import Any, Deque, Dict, List, Optional, Tuple
 
 import gevent
 import gevent.monkey
@@ -726,7 +726,3 @@ class RedisBackplane(Delivery):
                     client.close()
                 except Exception:
                     pass
-
-
-# Keep the type checkers honest about what a remote peer offers.
-_check: Callable[[_RemotePeer], Peer] = lambda peer: peer  # noqa: E731
