@@ -1,13 +1,25 @@
 """One peer's socket: frames in through a parser, frames out through a bounded, coalescing queue.
 
 The reading side is a generator, :meth:`Connection.bodies`, run by whichever greenlet owns
-the peer (the server's per-client greenlet, the client's reader).  The writing side never
-blocks its caller: :meth:`Connection.send` appends to the peer's queue, and once per pass
-of the event loop one callback per hub (:class:`_WriteBatch`) hands each dirty queue to
-the kernel with a single non-blocking ``send``.  Only when the kernel's buffer is full
-does a writer greenlet take over that peer and wait for room.  A peer that stops reading
-therefore holds up nobody but itself, and when more than ``max_queue_bytes`` wait for it
-the owner is told through ``on_overflow``.
+the peer (the server's per-client greenlet, the client's reader).  It yields to the hub
+after every :data:`FRAMES_PER_TURN` frames, so a peer that sends as fast as the network
+allows is served in turns like everyone else instead of holding the hub, and it gives a
+frame that has started :attr:`Connection.frame_timeout` seconds to finish.
+
+The writing side never blocks its caller: :meth:`Connection.send` appends to the peer's
+queue, and once per pass of the event loop one callback per hub (:class:`_WriteBatch`)
+hands each dirty queue to the kernel with a single non-blocking write.  Only when the
+kernel's buffer is full does a writer greenlet take over that peer and wait for room.
+Queued frames are the senders' own ``bytes`` objects, never copies: a broadcast frame
+queued to a thousand peers is stored once, a partial write keeps an offset, and several
+frames leave in one vectored ``sendmsg`` (or one small join).
+
+A peer that stops reading holds up nobody but itself.  When more than ``max_queue_bytes``
+wait for it (checked as each frame is queued, after giving the kernel what it will take),
+or when the server's :class:`~hisock_gevent.budget.SendBudget` is over its limit and this
+peer has one of the largest backlogs, its queue is freed at once, nothing more is queued,
+and the owner is told through ``on_overflow``, in a greenlet of its own: never inside
+the ``send`` that found it, so a broadcast reaches everyone else first.
 """
 
 from __future__ import annotations
@@ -15,24 +27,46 @@ from __future__ import annotations
 import logging
 import socket as _stdlib_socket
 import time
-from typing import Any, Callable, Iterator, List, Optional, Tuple
+from collections import deque
+from itertools import islice
+from typing import Any, Callable, Deque, Iterator, List, Optional, Tuple
 
 import gevent
 import gevent.monkey
 from gevent import socket as gsocket
 
+from .budget import SendBudget
+from .errors import FrameTimeout
 from .frames import DEFAULT_HEADER_LEN, DEFAULT_MAX_MESSAGE_SIZE, FrameParser
 from .stats import Traffic
 from .tls import TLSLayer
 
-__all__ = ["Connection", "DEFAULT_MAX_QUEUE_BYTES", "RECV_CHUNK", "set_nodelay"]
+__all__ = [
+    "Connection",
+    "DEFAULT_MAX_QUEUE_BYTES",
+    "DEFAULT_FRAME_TIMEOUT",
+    "FRAMES_PER_TURN",
+    "RECV_CHUNK",
+    "set_nodelay",
+]
 
 logger = logging.getLogger("hisock_gevent")
 
-#: Outbound bytes a peer may have waiting before it counts as not reading (64 MiB).
-DEFAULT_MAX_QUEUE_BYTES = 64 * 1024 * 1024
+#: Outbound bytes a peer may leave unread before it is dropped (16 MiB: room for one
+#: message of the largest default size; a single frame larger than the limit is still
+#: accepted into an empty queue).
+DEFAULT_MAX_QUEUE_BYTES = 16 * 1024 * 1024
+#: Seconds a frame that has started arriving has to finish.
+DEFAULT_FRAME_TIMEOUT = 60.0
 #: Bytes asked of the kernel per read.
 RECV_CHUNK = 256 * 1024
+#: Frames handed on by one reader before it lets the other greenlets run.
+FRAMES_PER_TURN = 64
+#: Queued bytes up to which several frames are joined into one write (a small copy);
+#: above it they go out as a vector of the frames themselves.
+_JOIN_LIMIT = 64 * 1024
+#: The most frames one ``sendmsg`` call is given (well under the kernel's IOV_MAX).
+_MAX_VECTORS = 256
 
 
 class _WriteBatch:
@@ -86,11 +120,13 @@ class Connection:
     """A framed, queued connection to one peer.
 
     :param sock: a connected gevent socket (owned from now on: :meth:`close` closes it).
-    :param on_overflow: called once, with this connection, when the outbound queue passes
-        ``max_queue_bytes``; the owner normally closes the connection.
+    :param on_overflow: called once, with this connection, in a greenlet of its own, when
+        the connection is overflowed (see :meth:`overflow`); the owner drops the peer.
     :param parser: continue with this parser (and whatever it has buffered).
     :param tls: a TLS session whose handshake is done: everything read is decrypted and
         everything sent encrypted through it.
+    :param budget: the server-wide limit on bytes held for backlogged peers, if any.
+    :param frame_timeout: seconds a frame that has started has to finish; None for no limit.
     """
 
     __slots__ = (
@@ -101,17 +137,21 @@ class Connection:
         "max_queue_bytes",
         "on_overflow",
         "_out",
+        "_offset",
         "_out_bytes",
         "_writer",
         "_flush_pending",
+        "_backlogged",
         "_batch",
         "_raw",
         "closed",
-        "_overflowed",
+        "overflowed",
         "tls",
         "last_received",
         "error",
         "traffic",
+        "budget",
+        "frame_timeout",
     )
 
     def __init__(
@@ -125,6 +165,8 @@ class Connection:
         parser: Optional[FrameParser] = None,
         tls: Optional[TLSLayer] = None,
         traffic: Optional[Traffic] = None,
+        budget: Optional[SendBudget] = None,
+        frame_timeout: Optional[float] = DEFAULT_FRAME_TIMEOUT,
     ):
         self.sock = sock
         self.peer = peer
@@ -133,16 +175,22 @@ class Connection:
         self.parser = parser if parser is not None else FrameParser(header_len, max_body_len)
         self.max_queue_bytes = max_queue_bytes
         self.on_overflow = on_overflow
-        self._out: List[bytes] = []
+        # Frames not yet (wholly) written, the first from _offset on; _out_bytes in all.
+        self._out: Deque[Any] = deque()
+        self._offset = 0
         self._out_bytes = 0
         self._writer: Optional[gevent.Greenlet] = None
         self._flush_pending = False
+        # True while the kernel's buffer is full and the writer greenlet waits for room;
+        # only then do the queued frames count against the budget.
+        self._backlogged = False
         # The write batch of the thread (hub) that owns this connection: it is made there.
         self._batch = _write_batch()
         # gevent sockets keep a non-blocking stdlib socket in ``_sock``: the no-wait path.
         self._raw = getattr(sock, "_sock", sock)
         self.closed = False
-        self._overflowed = False
+        #: Why the connection was overflowed ("queue" or "total"), or None.
+        self.overflowed: Optional[str] = None
         self.tls = tls
         #: time.monotonic() of the last bytes received (for idle checks).
         self.last_received = time.monotonic()
@@ -150,13 +198,18 @@ class Connection:
         self.error: Optional[str] = None
         #: Counts frames queued and bytes moved; a server shares one among its connections.
         self.traffic = traffic if traffic is not None else Traffic()
+        self.budget = budget
+        self.frame_timeout = frame_timeout
 
     # ------------------------------------------------------------------ reading
 
     def bodies(self) -> Iterator[bytes]:
         """Yield each body the peer sends, in order, until it closes the connection.
 
+        Every :data:`FRAMES_PER_TURN` bodies it lets the hub run the other greenlets.
+
         :raises RemoteProtocolError: the peer sent a bad header (the caller closes us).
+        :raises FrameTimeout: a frame took longer than :attr:`frame_timeout` to arrive.
         :raises ConnectionTruncated: never; a close in the middle of a frame just ends the
             iteration, and :attr:`FrameParser.mid_frame` tells the caller it happened.
         """
@@ -166,6 +219,9 @@ class Connection:
         tls = self.tls
         traffic = self.traffic
         monotonic = time.monotonic
+        sleep = gevent.sleep
+        turn = FRAMES_PER_TURN
+        frame_deadline: Optional[float] = None
         # Bytes that arrived before we took the socket over may already hold whole frames.
         data = b""
         while True:
@@ -173,13 +229,36 @@ class Connection:
                 data, reply = tls.receive(data)
                 if reply:
                     self._queue(reply)
-            yield from feed(data)
+            bodies = feed(data)
+            if bodies:
+                frame_deadline = None
+                if len(bodies) < turn:
+                    turn -= len(bodies)
+                    yield from bodies
+                else:
+                    for body in bodies:
+                        yield body
+                        turn -= 1
+                        if turn <= 0:
+                            # Everyone else's turn: a peer that floods waits like the rest.
+                            turn = FRAMES_PER_TURN
+                            sleep(0)
             if parser.failed:
                 feed(b"")  # raises the error found behind those bodies
             if tls is not None and tls.closed_by_peer:
                 return
+            if parser.mid_frame and self.frame_timeout is not None:
+                now = monotonic()
+                if frame_deadline is None:
+                    frame_deadline = now + self.frame_timeout
+                elif now >= frame_deadline:
+                    raise self._frame_timeout()
             try:
-                data = recv(RECV_CHUNK)
+                if frame_deadline is None:
+                    data = recv(RECV_CHUNK)
+                else:
+                    with gevent.Timeout(frame_deadline - monotonic(), self._frame_timeout()):
+                        data = recv(RECV_CHUNK)
             except OSError as exc:
                 if not self.closed and self.error is None:
                     self.error = f"connection error: {exc}"
@@ -189,6 +268,12 @@ class Connection:
             traffic.bytes_in += len(data)
             self.last_received = monotonic()
 
+    def _frame_timeout(self) -> FrameTimeout:
+        return FrameTimeout(
+            f"a frame took longer than {self.frame_timeout:g} s to arrive "
+            f"({self.parser.buffered} bytes of it received)"
+        )
+
     # ------------------------------------------------------------------ writing
 
     @property
@@ -197,79 +282,146 @@ class Connection:
         return self._out_bytes
 
     def send(self, data: bytes) -> None:
-        """Queue one or more whole frames; never blocks.  Ignored once closed.
+        """Queue one or more whole frames; never blocks, never drops anyone synchronously.
 
-        Everything queued during one pass of the event loop leaves in one ``send`` at the
-        end of that pass (see :meth:`_flush_queued`); what the kernel does not take then
-        is written by a writer greenlet that waits for the socket.
+        Ignored once closed or overflowed.  Everything queued during one pass of the event
+        loop leaves in one write at the end of that pass (see :meth:`_flush_queued`); what
+        the kernel does not take then is written by a writer greenlet that waits for room.
         """
         if self.closed or self.error is not None:
             return
         self.traffic.messages_out += 1
         if self.tls is not None:
             data = self.tls.encrypt(data)
-        # _queue(), inlined for the common case: a broadcast calls this once per client.
-        self._out.append(data)
-        self._out_bytes += len(data)
-        if self._writer is not None:
-            self._check_backlog()
-        elif not self._flush_pending:
-            self._flush_pending = True
-            self._batch.add(self)
+        self._queue(data)
 
     def _queue(self, data: bytes) -> None:
         self._out.append(data)
-        self._out_bytes += len(data)
-        if self._writer is not None:
+        queued = self._out_bytes = self._out_bytes + len(data)
+        if self._backlogged:
             # The peer is already behind: this is where an unread backlog grows.
+            if self.budget is not None:
+                self.budget.hold(data)
+            if queued > self.max_queue_bytes:
+                self._check_backlog()
+        elif queued > self.max_queue_bytes:
+            # Give the kernel what it takes now; what it leaves is the unread backlog.
+            self._flush_queued()
             self._check_backlog()
         elif not self._flush_pending:
             self._flush_pending = True
             self._batch.add(self)
 
     def _flush_queued(self) -> None:
-        """Write what is queued with one non-blocking send (runs in the hub, so never waits)."""
+        """Write what is queued without waiting; a writer greenlet takes over what is left."""
         self._flush_pending = False
-        chunks = self._out
-        if self._writer is not None or not chunks or self.closed or self.error is not None:
+        if self._backlogged or not self._out or self.closed or self.error is not None:
             return
-        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-        self._out = []
         try:
-            sent = self._raw.send(data)
+            self._write_some(self._raw)
         except BlockingIOError:
-            sent = 0
+            pass
         except OSError as exc:
             self._abort(f"write failed: {exc}")
             return
-        self._out_bytes -= sent
-        self.traffic.bytes_out += sent
-        if sent < len(data):
+        if self._out:
             # The kernel's buffer is full: a greenlet waits for room and writes the rest.
-            self._out.insert(0, data[sent:])
+            self._backlogged = True
+            if self.budget is not None:
+                self.budget.enter(self, self._out)
             self._writer = gevent.spawn(self._drain)
             self._check_backlog()
 
+    def _write_some(self, sock: Any) -> int:
+        """One write of the queue's head to ``sock``; what was written leaves the queue.
+
+        The frames themselves are handed to the kernel (a partial write keeps an offset
+        into the first), except that up to :data:`_JOIN_LIMIT` bytes of several frames
+        are joined first: one small copy is cheaper than a vector of small buffers.
+        """
+        out = self._out
+        head = out[0]
+        if self._offset:
+            head = memoryview(head)[self._offset :]
+        if len(out) == 1:
+            sent = sock.send(head)
+        elif self._out_bytes <= _JOIN_LIMIT:
+            parts = list(out)
+            parts[0] = head
+            sent = sock.send(b"".join(parts))
+        else:
+            vector = [head]
+            vector.extend(islice(out, 1, _MAX_VECTORS))
+            sent = sock.sendmsg(vector)
+        self._consume(sent)
+        return sent
+
+    def _consume(self, sent: int) -> None:
+        """Forget the first ``sent`` queued bytes (the kernel has them)."""
+        self._out_bytes -= sent
+        self.traffic.bytes_out += sent
+        out = self._out
+        offset = self._offset + sent
+        budget = self.budget if self._backlogged else None
+        while out:
+            size = len(out[0])
+            if offset < size:
+                break
+            offset -= size
+            done = out.popleft()
+            if budget is not None:
+                budget.release(done)
+        self._offset = offset
+
     def _check_backlog(self) -> None:
-        """Tell the owner, once, that more than ``max_queue_bytes`` wait unread by the peer."""
-        if self._out_bytes > self.max_queue_bytes and not self._overflowed:
-            self._overflowed = True
-            if self.on_overflow is not None:
-                self.on_overflow(self)
+        """Overflow the connection when more than ``max_queue_bytes`` wait unread.
+
+        One frame larger than the limit is accepted into an otherwise empty queue.
+        """
+        if self._out_bytes > self.max_queue_bytes and len(self._out) > 1:
+            self.overflow("queue")
+
+    def overflow(self, why: str) -> None:
+        """Give up on this peer: free its queue now, accept nothing more, and have the
+        owner drop it (``on_overflow``) in a greenlet of its own, outside the caller's stack.
+
+        :param why: ``"queue"`` (its own limit) or ``"total"`` (the server's budget).
+        """
+        if self.overflowed is not None or self.closed:
+            return
+        self.overflowed = why
+        held = self._out_bytes
+        if self.error is None:
+            self.error = (
+                f"{held} bytes queued and not read (max_queue_bytes={self.max_queue_bytes})"
+                if why == "queue"
+                else f"one of the largest backlogs ({held} bytes) while the server's unsent bytes passed its limit"
+            )
+        self._discard_queue()
+        if self.on_overflow is not None:
+            gevent.spawn(self.on_overflow, self)
+
+    def _discard_queue(self) -> None:
+        if self._backlogged:
+            self._backlogged = False
+            if self.budget is not None:
+                self.budget.leave(self, self._out)
+        self._out.clear()
+        self._offset = 0
+        self._out_bytes = 0
 
     def _drain(self) -> None:
-        sendall = self.sock.sendall
         try:
             while self._out and not self.closed and self.error is None:
-                chunks, self._out = self._out, []
-                data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-                sendall(data)
-                self._out_bytes -= len(data)
-                self.traffic.bytes_out += len(data)
+                self._write_some(self.sock)  # waits for room cooperatively
         except OSError as exc:
             self._abort(f"write failed: {exc}")
         finally:
             self._writer = None
+            if self._backlogged and not self._out:
+                self._backlogged = False
+                if self.budget is not None:
+                    self.budget.leave(self, ())
 
     def flush(self, timeout: Optional[float] = None) -> bool:
         """Write what is queued now and wait until the kernel took it all; False on timeout."""
@@ -295,8 +447,7 @@ class Connection:
         reader, which still handles what the peer sent before it went and then ends."""
         if self.error is None:
             self.error = reason
-        self._out = []
-        self._out_bytes = 0
+        self._discard_queue()
 
     def close(self, flush_timeout: float = 0.0) -> None:
         """Close the socket, first letting queued frames drain for up to ``flush_timeout`` s.
@@ -312,6 +463,7 @@ class Connection:
         if writer is not None and writer is not gevent.getcurrent():
             writer.kill(block=False)
             self._writer = None
+        self._discard_queue()
         try:
             self.sock.shutdown(gsocket.SHUT_RDWR)
         except OSError:

@@ -17,6 +17,7 @@ __all__ = [
     "HiSockError",
     "ClientException",
     "ServerException",
+    "ServerClosed",
     "ClientNotFound",
     "GroupNotFound",
     "FunctionNotFoundException",
@@ -30,6 +31,9 @@ __all__ = [
     "MessageTooLarge",
     "MalformedMessage",
     "MalformedPayload",
+    "FrameTimeout",
+    "InvalidName",
+    "ContentTooLarge",
     "HandshakeError",
     "TLSError",
     "AuthenticationFailed",
@@ -48,6 +52,11 @@ class ClientException(HiSockError):
 
 class ServerException(HiSockError):
     """A server-side operation failed (HiSock's name)."""
+
+
+class ServerClosed(ServerException):
+    """The server is closed: a call from another thread (a handler still running on a
+    worker thread, say) cannot be carried out any more."""
 
 
 class ClientNotFound(HiSockError):
@@ -103,6 +112,18 @@ class MalformedMessage(RemoteProtocolError):
 
 class MalformedPayload(RemoteProtocolError):
     """A command message's fmt string or payload cannot be decoded."""
+
+
+class FrameTimeout(RemoteProtocolError):
+    """A frame that had started did not finish within the frame timeout (a trickle or a stall)."""
+
+
+class InvalidName(RemoteProtocolError):
+    """A name or group sent by the peer is too long or not valid text."""
+
+
+class ContentTooLarge(HiSockError, ValueError):
+    """What we were asked to send makes a frame larger than the peer accepts."""
 
 
 class HandshakeError(RemoteProtocolError):

@@ -8,8 +8,7 @@ arrive and hands back complete bodies; it checks a header's length against the l
 
 from __future__ import annotations
 
-import collections
-from typing import Deque, List, Optional
+from typing import List, Optional
 
 from .errors import InvalidHeader, MessageTooLarge, RemoteProtocolError
 
@@ -72,36 +71,45 @@ def parse_header(header: bytes) -> int:
 class FrameParser:
     """Incremental frame parser: :meth:`feed` bytes in, get complete bodies out.
 
-    Received chunks are kept as they arrived (no growing buffer) and read with an offset:
-    a body is copied once, when it is complete, however many reads it took to arrive.  A
-    peer trickling a frame byte by byte therefore costs linear time, and a header
-    announcing too much is refused before any of its body is kept.
+    Whole frames that arrive in one piece are sliced straight out of the received bytes.
+    Only an incomplete frame is kept, in one ``bytearray`` that grows as its bytes come:
+    a peer trickling a frame byte by byte costs about the frame's own size in memory and
+    linear time, not an object per read.  A header announcing too much is refused before
+    any of its body is kept.
 
     :param header_len: the header width both peers agreed on.
     :param max_body_len: the largest body accepted; a header announcing more raises
         :class:`MessageTooLarge` before anything of that body is kept.
+    :param first_body_limit: a smaller limit for the first body only (a server's limit on
+        the hello of a connection it knows nothing about yet); later bodies get
+        ``max_body_len``.
     """
 
-    __slots__ = ("header_len", "max_body_len", "_chunks", "_offset", "_pending", "_body_len", "_error")
+    __slots__ = ("header_len", "max_body_len", "_buf", "_body_len", "_error", "_first_limit")
 
-    def __init__(self, header_len: int = DEFAULT_HEADER_LEN, max_body_len: int = DEFAULT_MAX_MESSAGE_SIZE):
+    def __init__(
+        self,
+        header_len: int = DEFAULT_HEADER_LEN,
+        max_body_len: int = DEFAULT_MAX_MESSAGE_SIZE,
+        first_body_limit: Optional[int] = None,
+    ):
         if header_len < 1:
             raise ValueError("header_len must be at least 1")
         self.header_len = header_len
         self.max_body_len = max_body_len
-        # Received bytes not yet consumed: whole chunks, the first one read from _offset.
-        self._chunks: Deque[bytes] = collections.deque()
-        self._offset = 0
-        self._pending = 0
-        # Length of the body whose header was already consumed, or -1 between frames.
+        # Received bytes that are not yet a complete frame (the header too, until the
+        # body is complete).
+        self._buf = bytearray()
+        # Length of the body whose header was already read, or -1 between frames.
         self._body_len = -1
         # A protocol error found behind complete bodies: raised by the next feed().
         self._error: Optional[RemoteProtocolError] = None
+        self._first_limit = first_body_limit
 
     @property
     def buffered(self) -> int:
         """Bytes received that are not yet part of a complete frame."""
-        return self._pending
+        return len(self._buf)
 
     @property
     def failed(self) -> bool:
@@ -111,40 +119,47 @@ class FrameParser:
     @property
     def mid_frame(self) -> bool:
         """True when a frame has started but not finished (a close now truncates it)."""
-        return self._body_len >= 0 or self._pending > 0
+        return self._body_len >= 0 or len(self._buf) > 0
 
     def feed(self, data: bytes) -> List[bytes]:
         """Add received bytes; return every body completed by them, in order.
 
         :raises InvalidHeader: a header is not a decimal number.
-        :raises MessageTooLarge: a header announces more than ``max_body_len``.
+        :raises MessageTooLarge: a header announces more than the limit.
         Bodies completed before the bad header are returned first; the error is then
         raised by the next call (see :attr:`failed`).  After it, close the connection.
         """
         if self._error is not None:
             raise self._error
-        if not self._pending and self._body_len < 0 and type(data) is bytes:
+        if not self._buf and type(data) is bytes and self._first_limit is None:
             return self._feed_at_boundary(data)
+        buf = self._buf
         if data:
-            self._chunks.append(bytes(data) if type(data) is not bytes else data)
-            self._pending += len(data)
+            buf += data
         bodies: List[bytes] = []
         header_len = self.header_len
         while True:
             body_len = self._body_len
-            need = header_len if body_len < 0 else body_len
-            if self._pending < need:
-                return bodies
-            piece = self._take(need)
             if body_len >= 0:
-                bodies.append(piece)
+                end = header_len + body_len
+                if len(buf) < end:
+                    return bodies
+                # One copy out of the buffer, then the buffer forgets the frame.
+                with memoryview(buf) as view:
+                    bodies.append(view[header_len:end].tobytes())
+                del buf[:end]
                 self._body_len = -1
+                self._first_limit = None
                 continue
+            if len(buf) < header_len:
+                return bodies
             try:
-                self._body_len = self._read_header(piece)
+                self._body_len = self._read_header(bytes(buf[:header_len]))
             except RemoteProtocolError as exc:
-                # Once failed, always failed: every later feed() raises the same error.
+                # Once failed, always failed: every later feed() raises the same error,
+                # and nothing behind the bad header is kept.
                 self._error = exc
+                del buf[:]
                 if not bodies:
                     raise
                 return bodies
@@ -172,52 +187,20 @@ class FrameParser:
                     if not bodies:
                         raise
                     return bodies
-            pos += header_len
-            if end - pos < body_len:
+            if end - pos - header_len < body_len:
+                # The header is checked; the frame waits (header included) in the buffer.
                 self._body_len = body_len
                 break
+            pos += header_len
             bodies.append(data[pos : pos + body_len])
             pos += body_len
         if pos < end:
-            self._chunks.append(data[pos:] if pos else data)
-            self._pending = end - pos
+            self._buf += memoryview(data)[pos:] if pos else data
         return bodies
-
-    def _take(self, size: int) -> bytes:
-        """Remove and return the next ``size`` received bytes (the caller checked they are there)."""
-        if size == 0:
-            return b""
-        chunks = self._chunks
-        first = chunks[0]
-        start = self._offset
-        available = len(first) - start
-        self._pending -= size
-        if available >= size:
-            end = start + size
-            if end == len(first):
-                chunks.popleft()
-                self._offset = 0
-                return first if start == 0 else first[start:]
-            self._offset = end
-            return first[start:end]
-        # Spread over several chunks: one join of exactly the bytes needed.
-        parts = [first[start:] if start else first]
-        chunks.popleft()
-        self._offset = 0
-        missing = size - available
-        while missing:
-            chunk = chunks[0]
-            if len(chunk) <= missing:
-                parts.append(chunks.popleft())
-                missing -= len(chunk)
-            else:
-                parts.append(chunk[:missing])
-                self._offset = missing
-                missing = 0
-        return b"".join(parts)
 
     def _read_header(self, header: bytes) -> int:
         body_len = parse_header(header)
-        if body_len > self.max_body_len:
-            raise MessageTooLarge(f"frame announces {body_len} bytes, more than the {self.max_body_len}-byte limit")
+        limit = self.max_body_len if self._first_limit is None else self._first_limit
+        if body_len > limit:
+            raise MessageTooLarge(f"frame announces {body_len} bytes, more than the {limit}-byte limit")
         return body_len

@@ -14,6 +14,7 @@ import logging
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 import gevent
+from gevent.pool import Group
 
 from .home import Home
 from .messages import is_reserved_command
@@ -170,6 +171,9 @@ class HandlerRunner:
         self.home = home
         self.owner = owner
         self.error_handler: Optional[Callable[[BaseException], Any]] = None
+        #: The greenlets running handlers (``threaded=True`` in a monkey-patched program),
+        #: so that the owner can end them when it closes.
+        self.greenlets = Group()
 
     def call(self, entry: Dict[str, Any], args: Tuple[Any, ...], context: Context) -> None:
         """Call a registered handler with the first ``num_args`` of ``args``.
@@ -187,9 +191,9 @@ class HandlerRunner:
             except Exception as exc:  # a user handler failed: report, keep serving
                 self.report(exc, context)
         elif self.home.program_is_patched():
-            gevent.spawn(self._guarded, func, call_args, context)
+            self.greenlets.spawn(self._guarded, func, call_args, context)
         else:
-            self.home.threadpool().spawn(self._on_worker, func, call_args, context)
+            self.home.workers().submit(self._on_worker, func, call_args, context)
 
     def _on_worker(self, func: Callable[..., Any], args: Tuple[Any, ...], context: Context) -> None:
         # While a worker runs a handler, close() called from it must not wait for the

@@ -4,6 +4,11 @@ gevent objects belong to the hub of the thread that made them.  A plain (not
 monkey-patched) program that runs a threaded server or client, or a ``threaded=True``
 handler on a worker thread, calls our methods from *other* OS threads; :meth:`Home.call`
 runs such a call in a greenlet on the home hub and hands the result (or exception) back.
+
+:class:`WorkerThreads` runs those blocking handlers: real daemon threads, started as they
+are needed up to a limit, that never outlive their usefulness to the hub (a handler still
+running when its owner closes finishes on its own, and nothing it does afterwards touches
+the hub that is gone).
 """
 
 from __future__ import annotations
@@ -16,22 +21,24 @@ import gevent
 import gevent.monkey
 from gevent._hub_local import get_hub_if_exists
 from gevent.event import Event
-from gevent.threadpool import ThreadPool
+from gevent.lock import Semaphore
 
-__all__ = ["Home", "DEFAULT_HANDLER_THREADS"]
+__all__ = ["Home", "WorkerThreads", "DEFAULT_HANDLER_THREADS"]
 
 logger = logging.getLogger("hisock_gevent")
 
-#: Worker threads available to ``threaded=True`` handlers in a plain program.
-DEFAULT_HANDLER_THREADS = 64
+#: Worker threads available to ``threaded=True`` handlers in a plain program at once;
+#: more handlers wait (and so does the connection that sent their messages).
+DEFAULT_HANDLER_THREADS = 256
+#: Seconds an idle worker thread waits for work before it ends.
+_WORKER_IDLE_SECONDS = 30.0
 
 # The real primitives, whether or not the program monkey-patched threading.
 _get_ident: Callable[[], int] = gevent.monkey.get_original("_thread", "get_ident")
 _allocate_lock: Callable[[], Any] = gevent.monkey.get_original("_thread", "allocate_lock")
 _RealThread: Any = gevent.monkey.get_original("threading", "Thread")
-
-# How long a home thread waits, as it ends, for handler workers to finish.
-_POOL_STOP_TIMEOUT = 10.0
+_RealSimpleQueue: Any = gevent.monkey.get_original("queue", "SimpleQueue")
+_RealEmpty: Any = gevent.monkey.get_original("queue", "Empty")
 # How often a caller on another thread checks that the home is still alive while waiting.
 _LIVENESS_POLL = 0.25
 
@@ -46,10 +53,12 @@ class Home:
     def __init__(self) -> None:
         self.hub: Optional[Any] = None
         self.ident: Optional[int] = None
-        self._pool: Optional[ThreadPool] = None
+        self._workers: Optional[WorkerThreads] = None
         self._thread: Optional[Any] = None
         self._worker_idents: Set[int] = set()
-        self._pool_killer: Optional[gevent.Greenlet] = None
+        # Held while checking ``alive`` and scheduling on the hub from another thread, and
+        # while clearing ``alive``: nothing is scheduled on a hub that is being torn down.
+        self._alive_lock = _allocate_lock()
         self.alive = False
 
     @staticmethod
@@ -128,11 +137,20 @@ class Home:
         woken.clear()
         return bool(done.acquire(False))
 
-    def threadpool(self) -> ThreadPool:
+    def workers(self) -> WorkerThreads:
         """The worker threads for blocking handlers (created on first use, on the home hub)."""
-        if self._pool is None:
-            self._pool = ThreadPool(DEFAULT_HANDLER_THREADS, hub=self.hub)
-        return self._pool
+        if self._workers is None:
+            self._workers = WorkerThreads(self, DEFAULT_HANDLER_THREADS)
+        return self._workers
+
+    def call_soon_threadsafe(self, func: Callable[[], Any]) -> bool:
+        """Have the home hub run ``func()`` soon, from any thread; False (and nothing is
+        done) once the home has closed."""
+        with self._alive_lock:
+            if not self.alive or self.hub is None:
+                return False
+            self.hub.loop.run_callback_threadsafe(func)
+            return True
 
     @contextlib.contextmanager
     def worker_thread(self) -> Iterator[None]:
@@ -166,13 +184,9 @@ class Home:
         adopted.acquire()
 
     def _shutdown_thread_hub(self) -> None:
-        # Workers hand their results back through this hub: let them finish before it goes.
-        if self._pool is not None:
-            self._pool.kill()
-            self._pool = None
-        if self._pool_killer is not None:
-            self._pool_killer.join(_POOL_STOP_TIMEOUT)
-            self._pool_killer = None
+        # Handler workers are not waited for: they never touch this hub once it is closed.
+        with self._alive_lock:
+            self.alive = False
         hub = gevent.get_hub()
         try:
             hub.destroy(destroy_loop=True)
@@ -191,15 +205,91 @@ class Home:
             thread.join(timeout)
 
     def close(self) -> None:
-        """The owner closed: release the handler thread pool (on the home thread), without
-        waiting for it, and stop routing calls here.
+        """The owner closed: stop routing calls here.
 
-        Stopping the pool waits for its workers, and close() may be running on behalf of
-        one of them: a background greenlet does the waiting.
+        Later calls from other threads run where they are made (the owner refuses them)
+        instead of waiting on a hub that may end with its thread; worker threads still
+        running a handler finish on their own, their idle peers end.
         """
-        if self._pool is not None:
-            self._pool_killer = gevent.spawn(self._pool.kill)
-            self._pool = None
-        # The owner is closed: later calls from other threads run where they are made
-        # instead of waiting on a hub that may have ended with its thread.
-        self.alive = False
+        with self._alive_lock:
+            self.alive = False
+        if self._workers is not None:
+            self._workers.stop()
+
+
+class WorkerThreads:
+    """Real daemon threads for ``threaded=True`` handlers of a program that is not
+    monkey-patched, started as they are needed, at most ``limit`` busy at once.
+
+    :meth:`submit` is called on the home hub; when ``limit`` handlers are already running
+    it waits, cooperatively, so the connection whose messages they are is the one held
+    back.  A worker that finishes frees its slot through :meth:`Home.call_soon_threadsafe`,
+    which does nothing once the home has closed: a handler that outlives its server never
+    touches the hub again.  Idle workers end after a while, and all of them at :meth:`stop`.
+    """
+
+    def __init__(self, home: Home, limit: int):
+        self.home = home
+        self.limit = limit
+        self._slots = Semaphore(limit)
+        self._tasks = _RealSimpleQueue()
+        self._lock = _allocate_lock()
+        self._threads = 0
+        self._idle = 0
+        self._stopped = False
+
+    @property
+    def threads(self) -> int:
+        """Worker threads alive now."""
+        return self._threads
+
+    def submit(self, func: Callable[..., Any], *args: Any) -> None:
+        """Run ``func(*args)`` on a worker thread; waits for a free slot first."""
+        self._slots.acquire()
+        with self._lock:
+            if self._idle > 0:
+                self._idle -= 1
+                start = False
+            else:
+                self._threads += 1
+                start = True
+        self._tasks.put((func, args))
+        if start:
+            _RealThread(target=self._work, name="hisock-handler", daemon=True).start()
+
+    def stop(self) -> None:
+        """Let every idle worker end (busy ones end after their handler)."""
+        with self._lock:
+            self._stopped = True
+            idle = self._idle
+        for _ in range(idle):
+            self._tasks.put(None)
+
+    def _work(self) -> None:
+        while True:
+            try:
+                task = self._tasks.get(timeout=_WORKER_IDLE_SECONDS)
+            except _RealEmpty:
+                with self._lock:
+                    if self._idle > 0:  # nobody is about to hand this thread work
+                        self._idle -= 1
+                        self._threads -= 1
+                        return
+                continue
+            if task is None:
+                with self._lock:
+                    self._idle -= 1
+                    self._threads -= 1
+                return
+            func, args = task
+            try:
+                func(*args)
+            except BaseException:  # the handler's runner reports; never let a worker die
+                logger.debug("a handler worker's task raised", exc_info=True)
+            finally:
+                self.home.call_soon_threadsafe(self._slots.release)
+            with self._lock:
+                if self._stopped:
+                    self._threads -= 1
+                    return
+                self._idle += 1

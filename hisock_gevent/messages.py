@@ -35,6 +35,7 @@ __all__ = [
     "command_prefix",
     "fmt_length_field",
     "is_reserved_command",
+    "name_problem",
     "CAPABILITY_MSGPACK",
     "GETCLT_COMMAND",
     "NO_SUCH_CLIENT",
@@ -260,6 +261,25 @@ def _text(payload: bytes, what: str) -> str:
         return payload.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise MalformedMessage(f"{what} is not utf-8") from exc
+
+
+def name_problem(value: Optional[str], what: str, max_length: int) -> Optional[str]:
+    """Why ``value`` cannot be a client's name (or group), or None when it can.
+
+    A name is echoed to every client in ``$CLTCONN$``/``$CLTDISCONN$`` and looked up by
+    others, so it must be text that UTF-8 can carry (JSON's ``"\\ud800"`` escape can smuggle
+    in a lone surrogate, which cannot be encoded again) and at most ``max_length``
+    characters long.
+    """
+    if value is None:
+        return None
+    if len(value) > max_length:
+        return f"{what} is {len(value)} characters long, more than the {max_length} allowed"
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return f"{what} is not valid text (it holds a lone surrogate)"
+    return None
 
 
 def _parse_hello(payload: bytes) -> Hello:

@@ -15,18 +15,27 @@ import os
 import socket as _stdlib_socket
 import ssl
 import time
+from collections import Counter
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple, TypeVar, Union
 
 import gevent
 from gevent.event import Event
-from gevent.pool import Group, Pool
+from gevent.pool import Group
 from gevent.server import StreamServer
 
 from . import stats as reasons
 from . import typecast
-from .connection import DEFAULT_MAX_QUEUE_BYTES, Connection, set_nodelay
-from .errors import ClientNotFound, HandshakeError, RemoteProtocolError, TLSError
-from .frames import DEFAULT_HEADER_LEN, DEFAULT_MAX_MESSAGE_SIZE, frame
+from .budget import SendBudget, default_total_queue_bytes
+from .connection import DEFAULT_FRAME_TIMEOUT, DEFAULT_MAX_QUEUE_BYTES, Connection, set_nodelay
+from .errors import (
+    ClientNotFound,
+    HandshakeError,
+    InvalidName,
+    RemoteProtocolError,
+    ServerClosed,
+    TLSError,
+)
+from .frames import DEFAULT_HEADER_LEN, DEFAULT_MAX_MESSAGE_SIZE, FrameParser, frame
 from .handlers import SERVER_RESERVED, SERVER_UNRESERVED_ARGS, HandlerRunner, HandlerTable
 from .home import Home, _get_ident
 from .messages import (
@@ -44,6 +53,7 @@ from .messages import (
     PeerJoined,
     PeerLeft,
     UserClose,
+    name_problem,
     parse_client_body,
 )
 from .outgoing import OutgoingCommand
@@ -74,22 +84,47 @@ DEFAULT_HANDSHAKE_TIMEOUT = 10.0
 DEFAULT_CLOSE_TIMEOUT = 2.0
 #: Pending connections the kernel may hold for us.
 DEFAULT_BACKLOG = 4096
+#: The largest first frame (the hello) accepted from a connection we know nothing about.
+DEFAULT_MAX_HELLO_SIZE = 64 * 1024
+#: Connections accepted whose hello has not been accepted yet, at most (a limit apart
+#: from ``max_connections``, so that silent sockets cannot lock real clients out).
+DEFAULT_MAX_PENDING = 4096
+#: The longest name or group, in characters.
+DEFAULT_MAX_NAME_LENGTH = 256
 
 _DISCONNECT_FRAME_BODY = Disconnect().to_body()
 _F = TypeVar("_F", bound=Callable[..., Any])
 
 
 def _on_home(method: _F) -> _F:
-    """Run the method on the server's home thread, whichever thread calls it."""
+    """Run the method on the server's home thread, whichever thread calls it.
+
+    Once the server is closed, a call from another thread (a handler still running on a
+    worker thread) runs where it is made: lookups see an empty server, and the methods
+    marked with :func:`_acts` raise :class:`ServerClosed`.
+    """
 
     @functools.wraps(method)
     def wrapper(self: HiSockServer, *args: Any, **kwargs: Any) -> Any:
         home = self._home
-        if home.ident is None or home.ident == _get_ident() or not home.alive:
+        ident = home.ident
+        if ident is None or ident == _get_ident() or not home.alive:
             return method(self, *args, **kwargs)
         if kwargs:
-            return self._home.call(functools.partial(method, self, *args, **kwargs))
-        return self._home.call(method, self, *args)
+            return home.call(functools.partial(method, self, *args, **kwargs))
+        return home.call(method, self, *args)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _acts(method: _F) -> _F:
+    """A method that sends or disconnects: on a closed server it raises ServerClosed."""
+
+    @functools.wraps(method)
+    def wrapper(self: HiSockServer, *args: Any, **kwargs: Any) -> Any:
+        if self._closed:
+            raise ServerClosed(f"the server at {self.addr[0]}:{self.addr[1]} is closed")
+        return method(self, *args, **kwargs)
 
     return wrapper  # type: ignore[return-value]
 
@@ -143,8 +178,10 @@ class HiSockServer:
     """The server class for HiSock.
 
     :param addr: ``(ip, port)`` to serve at; port 0 picks a free port (see :meth:`get_addr`).
-    :param max_connections: connections accepted at once; 0 for no limit.  A client over
-        the limit is sent ``$DISCONN$`` and closed at once; ``join`` does not run.
+    :param max_connections: joined clients at once; 0 for no limit.  A connection made
+        while the limit is reached, or whose hello arrives when it is, is sent
+        ``$DISCONN$`` and closed; ``join`` does not run.  Connections still in their
+        handshake do not count (see ``max_pending``).
     :param header_len: width of every frame header; clients must use the same.
     :param cache_size: -1 or below for no message cache, 0 for an unlimited one, N for the
         last N messages (:class:`~hisock_gevent.utils.MessageCacheMember` items in ``cache``).
@@ -155,7 +192,26 @@ class HiSockServer:
     :param handshake_timeout: seconds a new connection has to send its hello (default 10).
     :param max_message_size: the largest frame body accepted from a client; a header
         announcing more closes that connection before anything is read.
-    :param max_queue_bytes: outbound bytes a client may leave unread before it is dropped.
+    :param max_queue_bytes: outbound bytes a client may leave unread before it is dropped
+        (with ``leave``); default 16 MiB.  Checked as each frame is queued, after the
+        kernel took what it would; one frame larger than the limit is still accepted into
+        an empty queue.
+    :param max_total_queue_bytes: outbound bytes held for all slow clients together
+        (a broadcast frame that many hold counts once); when passed, the clients with the
+        largest backlogs are dropped first.  Default: 1 GiB, or a quarter of the machine's
+        memory if that is less.
+    :param frame_timeout: seconds a frame that has started arriving has to finish (a
+        client trickling or stalling in the middle of a frame is dropped); None for no
+        limit.  Default 60.
+    :param max_hello_size: the largest first frame (the hello) accepted from a new
+        connection; default 64 KiB.
+    :param max_pending: connections accepted whose hello is not yet accepted, at most;
+        more are refused with ``$DISCONN$``.  Default 4096.
+    :param max_connections_per_ip: open connections (joined or not) from one IP address,
+        at most; 0 (default) for no limit.
+    :param max_name_length: the longest name or group accepted, in characters (default
+        256); a longer one, or one that is not valid text, is refused at the hello and at a
+        name or group change.
     :param idle_timeout: drop (running ``leave``) a client that sends nothing for this many
         seconds; None (default) for never.  Keepalive answers count as traffic.
     :param max_nesting: deepest container nesting accepted in a received payload.
@@ -205,6 +261,12 @@ class HiSockServer:
         authenticate: Optional[Callable[[ClientInfo, Any], bool]] = None,
         delivery: Optional[Delivery] = None,
         backlog: int = DEFAULT_BACKLOG,
+        max_total_queue_bytes: Optional[int] = None,
+        frame_timeout: Optional[float] = DEFAULT_FRAME_TIMEOUT,
+        max_hello_size: int = DEFAULT_MAX_HELLO_SIZE,
+        max_pending: int = DEFAULT_MAX_PENDING,
+        max_connections_per_ip: int = 0,
+        max_name_length: int = DEFAULT_MAX_NAME_LENGTH,
         reuse_port: bool = False,
         listener: Optional[_stdlib_socket.socket] = None,
         backplane: Union[str, Delivery, None] = None,
@@ -230,6 +292,25 @@ class HiSockServer:
         self.idle_timeout = idle_timeout
         self.max_nesting = max_nesting
         self.max_items = max_items
+        for label, value in (
+            ("max_hello_size", max_hello_size),
+            ("max_pending", max_pending),
+            ("max_name_length", max_name_length),
+            ("max_queue_bytes", max_queue_bytes),
+        ):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{label} must be a positive int")
+        if max_connections_per_ip < 0:
+            raise ValueError("max_connections_per_ip must be 0 (no limit) or positive")
+        if frame_timeout is not None and frame_timeout <= 0:
+            raise ValueError("frame_timeout must be positive, or None for no limit")
+        self.frame_timeout = frame_timeout
+        self.max_hello_size = max_hello_size
+        self.max_pending = max_pending
+        self.max_connections_per_ip = max_connections_per_ip
+        self.max_name_length = max_name_length
+        self.max_total_queue_bytes = max_total_queue_bytes if max_total_queue_bytes is not None else default_total_queue_bytes()
+        self._budget = SendBudget(self.max_total_queue_bytes, self._budget_exceeded)
         if ssl_context is None and certfile is not None:
             ssl_context = server_context(certfile, keyfile)
         self.ssl_context = ssl_context
@@ -255,8 +336,12 @@ class HiSockServer:
         self._callback: Optional[Dict[str, Any]] = None
 
         self._stream_server: Optional[StreamServer] = None
-        self._pool: Optional[Pool] = None
+        # The greenlet of every open connection, joined or not.
+        self._serving = Group()
         self._connections: Set[Connection] = set()
+        # Connections whose hello is not accepted yet, oldest first; open connections per IP.
+        self._pending: Dict[Connection, None] = {}
+        self._per_ip: Counter[str] = Counter()
         self._stats = ServerStats()
         # serve_stats(): sockets waiting for start(), and the pywsgi servers close() stops.
         self._stats_listeners: List[_stdlib_socket.socket] = []
@@ -365,9 +450,8 @@ class HiSockServer:
             return
         self._home.adopt_current_thread()
         self._stopped = Event()
-        self._pool = Pool(self.max_connections or None)
         self._delivery.start(ServerLink(self._registry, self.header_len, self._run_remote_leave, self._kick_for_delivery))
-        self._stream_server = StreamServer(self._listener, self._serve_connection)
+        self._stream_server = StreamServer(self._listener, self._serve_connection, spawn=self._serving.spawn)
         for listener in self._stats_listeners:
             self._start_stats_http(listener)
         self._stats_listeners.clear()
@@ -384,33 +468,40 @@ class HiSockServer:
 
         New connections are refused at once; each client's queued frames get up to
         ``timeout`` seconds to drain, followed by ``$DISCONN$``; then every socket is
-        closed and every greenlet of the server has ended.  Blocks until that is done;
-        calling it again does nothing.
+        closed and every greenlet of the server (handlers started with ``threaded=True``
+        in a monkey-patched program included) has ended.  Blocks until that is done,
+        ``timeout`` plus about a second at most; calling it again does nothing.
+        ``leave`` does not run for the clients it disconnects.
+
+        A ``threaded=True`` handler still running on a worker thread (a program that is
+        not monkey-patched) is not waited for: it runs to its end on its own, and a call
+        it makes into the server from then on raises :class:`ServerClosed`.
         """
         if self._closed:
             return
         self._closed = True
+        deadline = time.monotonic() + timeout
         if self._stream_server is not None:
             self._stream_server.close()
         self._timers.kill(block=False)
         self._disconnect_everyone(force=False, drain_timeout=timeout)
         # Let each client's queue drain and its $DISCONN$ go out.
-        self._closers.join(timeout=timeout + 0.5)
-        self._closers.kill(block=True, timeout=1)
+        self._closers.join(timeout=max(0.0, deadline - time.monotonic()))
+        self._closers.kill(block=True, timeout=0.2)
         for conn in list(self._connections):
             conn.close()  # whatever is left: connections still in their handshake
-        if self._pool is not None:
-            # close() may run inside a handler, i.e. in one of these greenlets: spare it.
-            me = gevent.getcurrent()
-            others = [greenlet for greenlet in list(self._pool) if greenlet is not me]
-            gevent.killall(others, block=True, timeout=max(timeout, 1.0))
+        # close() may run inside a handler, i.e. in one of these greenlets: spare it.
+        me = gevent.getcurrent()
+        for group in (self._serving, self._runner.greenlets):
+            others = [greenlet for greenlet in list(group) if greenlet is not me]
+            gevent.killall(others, block=True, timeout=0.5)
         try:
             self._listener.close()
         except OSError:
             pass
         self._delivery.stop()
         for http in self._stats_http:
-            http.stop(timeout=1)
+            http.stop(timeout=0.2)
         for listener in self._stats_listeners:
             listener.close()
         self._home.close()
@@ -422,35 +513,37 @@ class HiSockServer:
 
     def _serve_connection(self, sock: Any, address: Tuple[str, int]) -> None:
         """Greenlet per accepted connection: handshake, then messages until it ends."""
-        if self._closed:
-            sock.close()
-            return
-        assert self._pool is not None
-        if self.max_connections and self._pool.full():
-            logger.warning("refusing %s:%s: max_connections (%d) reached", address[0], address[1], self.max_connections)
-            self._stats.accepted += 1
-            self._stats.refused[reasons.SERVER_FULL] += 1
-            conn = Connection(sock, address, self.header_len)
-            conn.send_now(frame(_DISCONNECT_FRAME_BODY, self.header_len))
-            conn.close()
-            return
-        self._pool.add(gevent.getcurrent())
-        set_nodelay(sock)
         address = (address[0], address[1])
+        refusal = self._refusal_at_accept(address[0])
+        if refusal is not None:
+            self._refuse_at_once(sock, address, refusal)
+            return
+        set_nodelay(sock)
         stats = self._stats
         traffic = stats.traffic
         conn = Connection(
-            sock, address, self.header_len, self.max_message_size, self.max_queue_bytes, self._on_overflow, traffic=traffic
+            sock, address, self.header_len,
+            max_queue_bytes=self.max_queue_bytes,
+            on_overflow=self._on_overflow,
+            parser=FrameParser(self.header_len, self.max_message_size, first_body_limit=self.max_hello_size),
+            traffic=traffic,
+            budget=self._budget,
+            frame_timeout=self.frame_timeout,
         )
         self._connections.add(conn)
+        self._pending[conn] = None
+        self._per_ip[address[0]] += 1
         stats.connection_opened(len(self._connections))
         peer: Optional[_ServerPeer] = None
         end_reason = reasons.LEFT
         try:
             if self.ssl_context is not None:
-                conn.tls = self._tls_handshake(sock)
+                conn.tls = self._tls_handshake(conn)
+                if conn.tls is None:
+                    return
             bodies = conn.bodies()
             hello = self._read_hello(conn, bodies)
+            del self._pending[conn]
             if hello is None or not self._admit(conn, hello):
                 return
             peer = self._join(conn, hello)
@@ -462,17 +555,67 @@ class HiSockServer:
                 if self._dispatch[type(message)](peer, message):
                     break
             else:
-                if self._log_unclean_end(conn):
+                # (A client dropped meanwhile, as a slow reader say, was logged already.)
+                if not peer.gone and self._log_unclean_end(conn):
                     end_reason = reasons.CONNECTION_LOST
         except RemoteProtocolError as exc:
             logger.warning("closing %s:%s: %s", address[0], address[1], exc)
             stats.rejected[rejection_reason(exc)] += 1
             end_reason = reasons.PROTOCOL_ERROR
+            if peer is not None and peer.msgpack_ok and not peer.gone:
+                # A hisock_gevent client is told why before the connection closes.
+                conn.send_now(frame(Disconnect({"reason": str(exc)}).to_body(), self.header_len))
+        except Exception:
+            # A bug of ours (or a failing hook): this connection ends, logged, like a
+            # protocol error; the others and the serving loop carry on.
+            logger.exception("closing %s:%s: unexpected error while serving it", address[0], address[1])
+            stats.rejected["internal_error"] += 1
+            end_reason = reasons.PROTOCOL_ERROR
         finally:
             self._connections.discard(conn)
+            self._pending.pop(conn, None)
+            self._forget_ip(address[0])
             if peer is not None:
                 self._drop(peer, call_leave=True, notify=True, reason=end_reason)
             conn.close()
+
+    def _refusal_at_accept(self, ip: str) -> Optional[str]:
+        """Why a new connection from ``ip`` is refused before it says anything, or None."""
+        if self._closed:
+            return reasons.SERVER_CLOSED
+        if self.max_connections and len(self._registry) >= self.max_connections:
+            return reasons.SERVER_FULL
+        if len(self._pending) >= self.max_pending:
+            return reasons.TOO_MANY_PENDING
+        if self.max_connections_per_ip and self._per_ip[ip] >= self.max_connections_per_ip:
+            return reasons.TOO_MANY_FROM_IP
+        return None
+
+    def _refuse_at_once(self, sock: Any, address: Tuple[str, int], reason: str) -> None:
+        """Send a new connection ``$DISCONN$`` and close it, without reading anything."""
+        if reason == reasons.SERVER_CLOSED:
+            sock.close()
+            return
+        self._stats.accepted += 1
+        self._stats.refused[reason] += 1
+        logger.warning("refusing %s:%s: %s", address[0], address[1], self._refusal_text(reason))
+        conn = Connection(sock, address, self.header_len)
+        conn.send_now(frame(_DISCONNECT_FRAME_BODY, self.header_len))
+        conn.close()
+
+    def _refusal_text(self, reason: str) -> str:
+        if reason == reasons.SERVER_FULL:
+            return f"max_connections ({self.max_connections}) reached"
+        if reason == reasons.TOO_MANY_PENDING:
+            return f"max_pending ({self.max_pending}) connections are still in their handshake"
+        return f"max_connections_per_ip ({self.max_connections_per_ip}) reached"
+
+    def _forget_ip(self, ip: str) -> None:
+        count = self._per_ip[ip] - 1
+        if count > 0:
+            self._per_ip[ip] = count
+        else:
+            del self._per_ip[ip]
 
     @staticmethod
     def _log_unclean_end(conn: Connection) -> bool:
@@ -487,32 +630,56 @@ class HiSockServer:
         logger.warning("closing %s:%s: %s", conn.peer[0], conn.peer[1], "; ".join(reasons))
         return True
 
-    def _tls_handshake(self, sock: Any) -> TLSLayer:
+    def _tls_handshake(self, conn: Connection) -> Optional[TLSLayer]:
+        """The TLS session of a new connection, or None when the peer went away during it
+        (logged in one line: a reset mid-handshake is a client's business, not a traceback)."""
         assert self.ssl_context is not None
         layer = TLSLayer(self.ssl_context, server_side=True)
-        with gevent.Timeout(self.handshake_timeout, TLSError(f"no TLS handshake within {self.handshake_timeout} s")):
-            perform_handshake(layer, sock.recv, sock.sendall)
+        sock = conn.sock
+        try:
+            with gevent.Timeout(self.handshake_timeout, TLSError(f"no TLS handshake within {self.handshake_timeout} s")):
+                perform_handshake(layer, sock.recv, sock.sendall)
+        except OSError as exc:
+            logger.warning("closing %s:%s: the connection failed during the TLS handshake: %s", conn.peer[0], conn.peer[1], exc)
+            self._stats.rejected["tls_error"] += 1
+            return None
         return layer
 
     def _admit(self, conn: Connection, hello: Hello) -> bool:
-        """Run the authentication check, if any; a refused client is told ``$DISCONN$``."""
-        if self.authenticate is None:
+        """Check a hello (names, room, the authentication check); a refused client is told
+        ``$DISCONN$``, with the reason when it is a hisock_gevent client."""
+        refusal = None
+        reason = None
+        for what, value in (("name", hello.name), ("group", hello.group)):
+            problem = name_problem(value, what, self.max_name_length)
+            if problem is not None:
+                refusal, reason = problem, reasons.INVALID_NAME
+                break
+        if refusal is None and self.max_connections and len(self._registry) >= self.max_connections:
+            refusal, reason = f"max_connections ({self.max_connections}) reached", reasons.SERVER_FULL
+        if refusal is None and self.authenticate is not None and not self._authenticated(conn, hello):
+            refusal, reason = "authentication failed", reasons.AUTH_FAILED
+        if refusal is None:
             return True
-        candidate = ClientInfo(conn.peer, hello.name, hello.group)
-        try:
-            accepted = bool(self.authenticate(candidate, hello.extra.get("auth")))
-        except Exception:
-            logger.exception("authentication check failed for %s; refusing it", candidate)
-            accepted = False
-        if accepted:
-            return True
-        logger.warning("refusing %s: authentication failed", candidate)
-        self._stats.refused[reasons.AUTH_FAILED] += 1
+        assert reason is not None
+        # The client as it asked to be known, unless its name itself is the problem.
+        who = f"{conn.peer[0]}:{conn.peer[1]}" if reason == reasons.INVALID_NAME else ClientInfo(conn.peer, hello.name, hello.group)
+        logger.warning("refusing %s: %s", who, refusal)
+        self._stats.refused[reason] += 1
         # A hisock_gevent client is told why; a plain HiSock client gets the bare $DISCONN$.
-        reason = {"reason": "authentication failed"} if CAPABILITY_MSGPACK in hello.capabilities else None
-        conn.send(frame(Disconnect(reason).to_body(), self.header_len))
+        details = {"reason": refusal} if CAPABILITY_MSGPACK in hello.capabilities else None
+        conn.send(frame(Disconnect(details).to_body(), self.header_len))
         conn.close(DEFAULT_CLOSE_TIMEOUT)
         return False
+
+    def _authenticated(self, conn: Connection, hello: Hello) -> bool:
+        assert self.authenticate is not None
+        candidate = ClientInfo(conn.peer, hello.name, hello.group)
+        try:
+            return bool(self.authenticate(candidate, hello.extra.get("auth")))
+        except Exception:
+            logger.exception("authentication check failed for %s; refusing it", candidate)
+            return False
 
     def _read_hello(self, conn: Connection, bodies: Any) -> Optional[Hello]:
         body = None
@@ -547,6 +714,7 @@ class HiSockServer:
             )
         except ValueError as exc:
             raise HandshakeError(f"the client's announcement does not fit header_len {self.header_len}: {exc}") from exc
+        conn.on_overflow = functools.partial(self._peer_overflowed, peer)
         self._registry.add(peer)
         self._stats.joins += 1
         self._delivery.joined(peer, everyone_frame)
@@ -579,9 +747,13 @@ class HiSockServer:
         return True
 
     def _run_remote_leave(self, info: ClientInfo) -> None:
-        """``leave`` for a client another process held, which went without it saying so."""
+        """``leave`` for a client another process held, which went without it saying so.
+
+        Run in a greenlet of its own: the delivery may call this from anywhere on the hub,
+        and a ``leave`` handler may block cooperatively.
+        """
         logger.debug("%s left with its worker", info)
-        self._call_reserved("leave", info)
+        self._runner.greenlets.spawn(self._call_reserved, "leave", info)
 
     def _close_peer(self, peer: _ServerPeer, send_disconnect: bool, drain_timeout: float = DEFAULT_CLOSE_TIMEOUT) -> None:
         """Close a client's connection, after ``$DISCONN$`` and its queue drain when asked."""
@@ -593,14 +765,30 @@ class HiSockServer:
         self._closers.spawn(conn.close, drain_timeout)
 
     def _on_overflow(self, conn: Connection) -> None:
-        logger.warning(
-            "dropping %s:%s: %d bytes queued and not read (max_queue_bytes=%d)",
-            conn.peer[0], conn.peer[1], conn.queued_bytes, conn.max_queue_bytes,
-        )
-        for peer in self._registry:
-            if peer.conn is conn:
-                self._drop(peer, call_leave=True, notify=True, reason=reasons.SLOW_READER)
+        """A connection not (or no longer) joined was overflowed: close it."""
         conn.close()
+
+    def _peer_overflowed(self, peer: _ServerPeer, conn: Connection) -> None:
+        """A joined client was overflowed (by its own backlog or the server's budget); this
+        runs in a greenlet of its own, after the send that found it has returned."""
+        logger.warning("dropping %s: %s", peer.info, conn.error)
+        conn.close()
+        reason = reasons.SLOW_READER if conn.overflowed == "queue" else reasons.MEMORY_LIMIT
+        self._drop(peer, call_leave=True, notify=True, reason=reason)
+
+    def _budget_exceeded(self) -> None:
+        # Called from inside a send: the shedding happens afterwards, in a greenlet.
+        gevent.spawn(self._shed)
+
+    def _shed(self) -> None:
+        held = self._budget.held
+        dropped = self._budget.shed()
+        if dropped:
+            logger.warning(
+                "%d bytes held for slow clients, more than max_total_queue_bytes=%d: "
+                "dropping the %d with the largest backlogs",
+                held, self._budget.limit, len(dropped),
+            )
 
     # ------------------------------------------------------------------ messages
 
@@ -643,7 +831,13 @@ class HiSockServer:
     def _on_user_close(self, peer: _ServerPeer, message: UserClose) -> bool:
         return True
 
+    def _check_name(self, value: Optional[str], what: str) -> None:
+        problem = name_problem(value, what, self.max_name_length)
+        if problem is not None:
+            raise InvalidName(problem)
+
     def _on_change_name(self, peer: _ServerPeer, message: ChangeName) -> bool:
+        self._check_name(message.name, "name")
         new_name = message.name or peer.connect_name
         old = self._registry.update(peer, ClientInfo(peer.info.ip, new_name, peer.info.group))
         self._delivery.changed(peer, old)
@@ -651,6 +845,7 @@ class HiSockServer:
         return False
 
     def _on_change_group(self, peer: _ServerPeer, message: ChangeGroup) -> bool:
+        self._check_name(message.group, "group")
         new_group = message.group or peer.connect_group
         old = self._registry.update(peer, ClientInfo(peer.info.ip, peer.info.name, new_group))
         self._delivery.changed(peer, old)
@@ -800,6 +995,7 @@ class HiSockServer:
 
     # ------------------------------------------------------------------ sending
 
+    @_acts
     @_on_home
     def send_client(self, client: ClientRef, command: str, content: Sendable = None) -> None:
         """Send ``command`` and ``content`` to one client.
@@ -811,6 +1007,7 @@ class HiSockServer:
         """
         self._delivery.to_client(client, OutgoingCommand(command, content, self.header_len))
 
+    @_acts
     @_on_home
     def send_group(self, group: GroupRef, command: str, content: Sendable = None) -> None:
         """Send ``command`` and ``content`` to every client of a group.
@@ -819,6 +1016,7 @@ class HiSockServer:
         """
         self._delivery.to_group(group, OutgoingCommand(command, content, self.header_len))
 
+    @_acts
     @_on_home
     def send_all_clients(self, command: str, content: Sendable = None) -> None:
         """Send ``command`` and ``content`` to every connected client; the frame is built once."""
@@ -826,6 +1024,7 @@ class HiSockServer:
 
     # ------------------------------------------------------------------ disconnecting
 
+    @_acts
     @_on_home
     def disconnect_client(self, client: ClientRef, force: bool = False, call_func: bool = False) -> None:
         """Disconnect one client; the others hear ``$CLTDISCONN$``.
@@ -859,6 +1058,7 @@ class HiSockServer:
             return  # it left meanwhile
         self._kick(peer, force, call_func)
 
+    @_acts
     @_on_home
     def disconnect_all_clients(self, force: bool = False) -> None:
         """Disconnect every client (``leave`` does not run)."""
@@ -897,9 +1097,11 @@ class ThreadedHiSockServer(HiSockServer):
             self._home.start_thread(lambda: HiSockServer.start(self, callback, error_handler), "hisock-server")
 
     def close(self, timeout: float = DEFAULT_CLOSE_TIMEOUT) -> None:
-        """Close the server (see :meth:`HiSockServer.close`) and block until its thread has ended."""
+        """Close the server (see :meth:`HiSockServer.close`) and block until its thread has
+        ended: ``timeout`` plus about a second at most."""
+        deadline = time.monotonic() + timeout + 1.0
         super().close(timeout)
-        self._home.join_thread(timeout * 2 + 5)
+        self._home.join_thread(max(0.1, deadline - time.monotonic()))
 
     def join(self, timeout: Optional[float] = None) -> None:
         """Block until the server has been closed."""

@@ -26,6 +26,10 @@ __all__ = [
     "KEEPALIVE_TIMEOUT",
     "KICKED",
     "SERVER_CLOSED",
+    "MEMORY_LIMIT",
+    "TOO_MANY_PENDING",
+    "TOO_MANY_FROM_IP",
+    "INVALID_NAME",
     "SERVER_FULL",
     "AUTH_FAILED",
     "NO_HELLO",
@@ -41,6 +45,9 @@ CONNECTION_LOST = "connection_lost"
 PROTOCOL_ERROR = "protocol_error"
 #: It left more than ``max_queue_bytes`` unread.
 SLOW_READER = "slow_reader"
+#: The server held more than ``max_total_queue_bytes`` for slow clients, and this one
+#: had one of the largest backlogs.
+MEMORY_LIMIT = "memory_limit"
 #: It sent nothing for ``idle_timeout`` seconds.
 IDLE_TIMEOUT = "idle_timeout"
 #: It did not answer a keepalive in time.
@@ -57,6 +64,12 @@ SERVER_FULL = "server_full"
 AUTH_FAILED = "auth_failed"
 #: No hello arrived within ``handshake_timeout``.
 NO_HELLO = "no_hello"
+#: ``max_pending`` connections were still in their handshake.
+TOO_MANY_PENDING = "too_many_pending"
+#: ``max_connections_per_ip`` connections were already open from its address.
+TOO_MANY_FROM_IP = "too_many_from_ip"
+#: Its name or group was too long or not valid text.
+INVALID_NAME = "invalid_name"
 
 
 def rejection_reason(exc: BaseException) -> str:

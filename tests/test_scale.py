@@ -327,7 +327,10 @@ def test_port_probes_interleaved_with_real_clients_cost_them_nothing_and_never_j
 # ---------------------------------------------------------------- slow readers
 
 
-def test_client_that_never_reads_does_not_delay_broadcasts_to_the_others(server, make_client, raw_peers):
+def test_client_that_never_reads_does_not_delay_broadcasts_to_the_others(make_server, make_client, raw_peers):
+    # Room for everything the sloth leaves unread (~25 MiB): it stays, queued, in nobody's way.
+    server = make_server(max_queue_bytes=64 * 1024 * 1024)
+    server.start()
     broadcasts = 400
     size = 64 * 1024
     readers = 3

@@ -1089,7 +1089,7 @@ def test_leave_runs_for_a_client_whose_info_no_longer_fits_the_header(make_serve
 
 def test_getclt_answer_too_long_for_the_header_does_not_disconnect_the_asker(make_server, raw, recorder):
     got = recorder()
-    srv = make_server(header_len=3)
+    srv = make_server(header_len=3, max_name_length=1000)
     srv.on("x")(got)
     srv.start()
     asker = raw(srv, header_len=3)
