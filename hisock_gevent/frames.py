@@ -1,4 +1,4 @@
-"""HiSock frames: a fixed-width decimal header followed by a body; no sockets here.
+"""HiSock frames (PROTOCOL.md section 1): a fixed-width decimal header followed by a body; no sockets here.
 
 A frame is ``header`` (``header_len`` bytes: the body length in ASCII decimal, padded on
 the right with spaces) followed by the body.  :class:`FrameParser` is fed whatever bytes

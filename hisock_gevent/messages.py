@@ -1,4 +1,5 @@
-"""Frame bodies <-> message objects: HiSock's reserved ``$WORD$`` messages and command messages.
+"""Frame bodies <-> message objects: HiSock's reserved ``$WORD$`` messages and command messages
+(PROTOCOL.md section 2).
 
 Pure functions and small immutable classes; no sockets.  Parsing a body from the network
 raises only :class:`~hisock_gevent.errors.MalformedMessage` (or its sibling

@@ -5,7 +5,9 @@ Two codecs share one entry point each way:
 * **native letters** -- HiSock's own format, understood by every HiSock 3.x peer.  ``fmt``
   is a tiny grammar (``l1i2s``, ``d1s2[1i1i]``) telling how to cut the payload, which is
   the primitives' bytes laid end to end.  It carries str, bytes, int, float and nested
-  lists, tuples and dicts of those.
+  lists, tuples and dicts of those.  HiSock reads a float with ``struct.unpack("!f")``,
+  which takes exactly 4 bytes, so floats for a plain peer are written as 4-byte singles
+  (rounded, as HiSock always did); between hisock_gevent peers they stay exact.
 * **msgpack** (``fmt == b"m"``, an hisock_gevent extension) -- the payload is one
   MessagePack document, with ext types for what msgpack lacks (tuple, ClientInfo, ints
   beyond 64 bits).  It carries every Sendable exactly, and the C codec is much faster
@@ -26,6 +28,7 @@ Nothing here touches sockets or gevent.
 
 from __future__ import annotations
 
+import math
 import re
 import struct
 import threading
@@ -76,6 +79,10 @@ _PACKER_KEEP_BYTES = 1 << 20
 
 _NoneType = type(None)
 _pack_double = struct.Struct(">d").pack
+_pack_single = struct.Struct(">f").pack
+#: What a float too large for single precision is sent as to a plain peer (see _single).
+_SINGLE_INF = _pack_single(math.inf)
+_SINGLE_MINUS_INF = _pack_single(-math.inf)
 _unpack_double_from = struct.Struct(">d").unpack_from
 _unpack_single_from = struct.Struct(">f").unpack_from
 
@@ -91,11 +98,21 @@ def encode(content: Any, *, msgpack_ok: bool = False) -> Tuple[Fmt, Payload]:
 
     * ``None`` -> ``(b"", b"")``.
     * A top-level str, bytes-like, int or float always uses a native letter, so any peer
-      can read it: ``"hi"`` -> ``(b"2s", b"hi")``; floats are 8-byte big-endian doubles.
+      can read it: ``"hi"`` -> ``(b"2s", b"hi")``.
     * A list, tuple or dict uses msgpack (``fmt == b"m"``) when ``msgpack_ok`` is true, and
       the native grammar otherwise: ``[1, "ab"]`` -> ``(b"l1i2s", b"1ab")``.
     * A bool, a ClientInfo, or a container holding something the native letters cannot
       carry (None, bool or ClientInfo inside it) needs msgpack.
+
+    Floats depend on the peer.  With ``msgpack_ok`` (a hisock_gevent peer) a top-level
+    float is an 8-byte big-endian double, ``(b"8f", ...)``, and floats in containers go
+    inside the msgpack document: both exact.  Without it (a plain HiSock 3.x peer, which
+    reads ``f`` with ``struct.unpack("!f", ...)`` and cannot take 8 bytes) every float,
+    top-level or inside a container, is a 4-byte big-endian single, ``(b"4f", ...)``:
+    rounded to the nearest single, as HiSock itself always sent floats.  A finite float
+    that rounds past the largest single (about 3.4028235e38) is sent as infinity of its
+    sign (where ``struct.pack("!f")`` would raise OverflowError), one too small for a
+    single as a zero of its sign; infinities and NaN stay what they are.
 
     Subclasses of the supported types are sent as their base type: an ``IntEnum`` member
     arrives as an int, a namedtuple as a tuple, an OrderedDict as a dict.
@@ -127,7 +144,9 @@ def encode(content: Any, *, msgpack_ok: bool = False) -> Tuple[Fmt, Payload]:
     if kind is bytes:
         return b"%db" % len(content), content
     if kind is float:
-        return b"8f", _pack_double(content)
+        if msgpack_ok:
+            return b"8f", _pack_double(content)
+        return b"4f", _single(content)
     if content is None:
         return b"", b""
     if kind is list or kind is tuple or kind is dict:
@@ -143,18 +162,32 @@ def encode(content: Any, *, msgpack_ok: bool = False) -> Tuple[Fmt, Payload]:
 
 
 def is_native(content: Any) -> bool:
-    """Tell whether the native letters can carry ``content`` exactly.
+    """Tell whether the native letters can carry ``content`` (to a plain HiSock peer).
 
     True exactly when ``encode(content, msgpack_ok=False)`` succeeds: None, str, bytes,
     int and float, and lists, tuples and dicts of those nested at most
     :data:`DEFAULT_MAX_DEPTH` deep.  False for a bool or ClientInfo anywhere, None inside
-    a container, and for anything that is not Sendable at all.  It costs one native encode.
+    a container, and for anything that is not Sendable at all.  Everything it accepts
+    arrives with its type and value, except that floats arrive rounded to single
+    precision (see :func:`encode`).  It costs one native encode.
     """
     try:
         encode(content, msgpack_ok=False)
     except InvalidTypeCast:
         return False
     return True
+
+
+def _single(value: float) -> bytes:
+    """``value`` as a 4-byte big-endian single, the only float a plain HiSock peer reads.
+
+    Rounded to the nearest single; a finite value too large for one (``struct`` raises
+    OverflowError) is sent as infinity of the same sign, the nearest thing a single holds.
+    """
+    try:
+        return _pack_single(value)
+    except OverflowError:
+        return _SINGLE_INF if value > 0 else _SINGLE_MINUS_INF
 
 
 def _not_utf8(exc: UnicodeEncodeError) -> InvalidTypeCast:
@@ -221,7 +254,11 @@ _BYTES_TOKENS = [b"%db" % n for n in range(_CACHED_LENS)]
 
 
 def _encode_native_container(content: Union[list, tuple, dict]) -> Tuple[Fmt, Payload]:
-    """Native encoding of a top-level list, tuple or dict."""
+    """Native encoding of a top-level list, tuple or dict.
+
+    Only a plain HiSock peer gets containers in native letters (a hisock_gevent peer gets
+    msgpack), so every float inside is a 4-byte single, the width HiSock reads.
+    """
     kind = type(content)
     fmt: List[bytes] = [_TOP_LETTERS[kind]]
     payload: List[bytes] = []
@@ -271,9 +308,9 @@ def _encode_native_items(
             n = len(data)
             add_token(_BYTES_TOKENS[n] if n < _CACHED_LENS else b"%db" % n)
         elif kind is float:
-            data = _pack_double(item)
-            n = 8
-            add_token(b"8f")
+            data = _single(item)
+            n = 4
+            add_token(b"4f")
         elif kind is list or kind is tuple or kind is dict:
             if depth >= DEFAULT_MAX_DEPTH:
                 raise InvalidTypeCast(f"containers nest deeper than {DEFAULT_MAX_DEPTH} levels")
@@ -484,7 +521,8 @@ def decode(
     Accepts both codecs: the native grammar (``b""``, ``b"<n><s|i|b|f>"``, or
     ``l``/``t``/``d`` followed by items) and ``b"m"`` + one MessagePack document.  A native
     ``b`` always decodes to ``bytes``; a 4-byte ``f`` is read as a single-precision float
-    (as upstream HiSock sent them), an 8-byte one as a double.  msgpack's own timestamp
+    (what HiSock peers send, and what :func:`encode` sends them), an 8-byte one as a
+    double (what hisock_gevent peers send each other), any other width is malformed.  msgpack's own timestamp
     extension, which hisock_gevent never sends, arrives as a float (seconds).
 
     This is the receiving end of a network protocol: whatever the bytes, it either returns

@@ -7,9 +7,12 @@ none of them depends on the library's own framing to check the library.
 from __future__ import annotations
 
 import json
+import math
+import re
 import socket
+import struct
 import time
-from typing import Any, Callable, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple
 
 HEADER_LEN = 16
 
@@ -27,6 +30,62 @@ def hello_body(name: Optional[str] = "raw", group: Optional[str] = None, **extra
 def cmd_body(command: str, fmt: bytes, payload: bytes) -> bytes:
     fmt_len = str(len(fmt)).encode("ascii")
     return b"$CMD$" + command.encode() + b"$MSG$" + fmt_len + b" " * (8 - len(fmt_len)) + fmt + payload
+
+
+#: One (LEN, mark) token of a native fmt, after its top-level letter.
+_FMT_TOKEN = re.compile(rb"(\d*)([sibf\[\](){}])")
+
+
+def hisock_floats(fmt: bytes, payload: bytes) -> List[float]:
+    """Every float of a native ``(fmt, payload)``, in order, read by HiSock 3.x's own rule:
+    ``struct.unpack("!f", <the float's bytes>)``, which raises ``struct.error`` unless the
+    float is exactly 4 bytes (HiSock's receive loop dies on anything else)."""
+    found: List[float] = []
+    if fmt[:1] not in (b"l", b"t", b"d"):
+        if fmt.endswith(b"f"):
+            (value,) = struct.unpack("!f", payload)
+            found.append(value)
+        return found
+    pos = 0
+    for digits, mark in _FMT_TOKEN.findall(fmt[1:]):
+        if mark in b"sibf":
+            size = int(digits)
+            if mark == b"f":
+                (value,) = struct.unpack("!f", payload[pos : pos + size])
+                found.append(value)
+            pos += size
+    assert pos == len(payload), f"fmt {fmt!r} does not cover the payload"
+    return found
+
+
+def as_single(value: Any) -> Any:
+    """``value`` as a plain HiSock peer gets it: every float rounded to a 4-byte single
+    (infinity of its sign past the single range), all else unchanged."""
+    kind = type(value)
+    if kind is float:
+        try:
+            return struct.unpack(">f", struct.pack(">f", value))[0]
+        except OverflowError:
+            return math.copysign(math.inf, value)
+    if kind is list:
+        return [as_single(item) for item in value]
+    if kind is tuple:
+        return tuple(as_single(item) for item in value)
+    if kind is dict:
+        return {as_single(key): as_single(item) for key, item in value.items()}
+    return value
+
+
+def floats_in(value: Any) -> List[float]:
+    """The floats of a value in the order the native grammar lays them out (dict keys
+    before their values, depth first)."""
+    if type(value) is float:
+        return [value]
+    if type(value) in (list, tuple):
+        return [found for item in value for found in floats_in(item)]
+    if type(value) is dict:
+        return [found for pair in value.items() for item in pair for found in floats_in(item)]
+    return []
 
 
 def install_echo(server: Any) -> None:

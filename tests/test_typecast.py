@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import math
 import struct
+import sys
 import threading
 import time
 from collections import OrderedDict, namedtuple
@@ -14,6 +15,7 @@ import msgpack
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from rawpeer import as_single, hisock_floats
 
 from hisock_gevent.errors import InvalidTypeCast, MalformedPayload
 from hisock_gevent.typecast import (
@@ -157,7 +159,9 @@ sendables = st.recursive(
         ({"k": {"x": 1}}, b"d1s2{1s1i}", b"kx1"),
         (-42, b"3i", b"-42"),
         (b"\x00\xff", b"2b", b"\x00\xff"),
-        (1.5, b"8f", struct.pack(">d", 1.5)),
+        (1.5, b"4f", struct.pack(">f", 1.5)),
+        ([1.5, "a"], b"l4f1s", struct.pack(">f", 1.5) + b"a"),
+        ({"x": -0.25}, b"d1s4f", b"x" + struct.pack(">f", -0.25)),
         ([], b"l", b""),
         ([[]], b"l0[]", b""),
         ({}, b"d", b""),
@@ -176,16 +180,86 @@ def test_four_byte_float_decodes_as_single_precision():
     assert_same(decode(b"l4f", struct.pack(">f", -0.25)), [-0.25])
 
 
-def test_float_is_sent_as_eight_bytes_and_round_trips_exactly():
-    value = 0.1
-    fmt, payload = encode(value)
-    assert fmt == b"8f" and len(payload) == 8
+def test_eight_byte_float_decodes_as_a_double_at_top_level_and_inside_containers():
+    assert_same(decode(b"8f", struct.pack(">d", 0.1)), 0.1)
+    assert_same(decode(b"l8f1s", struct.pack(">d", 0.1) + b"a"), [0.1, "a"])
+
+
+# --------------------------------------------------------------------------- floats by dialect
+
+
+def test_float_to_a_plain_peer_is_a_four_byte_single():
+    fmt, payload = encode(0.1, msgpack_ok=False)
+    assert (fmt, payload) == (b"4f", struct.pack(">f", 0.1))
+    assert struct.unpack("!f", payload) == (struct.unpack(">f", struct.pack(">f", 0.1))[0],)
+    assert_same(decode(fmt, payload), as_single(0.1))
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        [0.1, "x", -2.5],
+        (1.5, (0.1,)),
+        {"k": 0.1},
+        {0.1: "float key", "nested": [[3.25], {"x": (1e-3,)}]},
+        [1e300, -1e300, float("inf"), 0.0, -0.0],
+    ],
+    ids=["list", "tuple", "dict-value", "key-and-nested", "extremes"],
+)
+def test_floats_inside_containers_to_a_plain_peer_are_singles_hisock_can_unpack(value):
+    fmt, payload = encode(value, msgpack_ok=False)
+    assert b"8f" not in fmt
+    floats = hisock_floats(fmt, payload)
+    assert len(floats) == fmt.count(b"f") > 0
+    assert_same(decode(fmt, payload), as_single(value))
+
+
+def test_floats_between_hisock_gevent_peers_stay_exact():
+    # A top-level float keeps a native letter even in the extended dialect: 8 bytes, exact.
+    fmt, payload = encode(0.1, msgpack_ok=True)
+    assert (fmt, payload) == (b"8f", struct.pack(">d", 0.1))
+    assert_same(decode(fmt, payload), 0.1)
+    # Floats in containers travel inside the msgpack document, as doubles.
+    value = [0.1, {"k": (1e300, -1e-300)}, {0.1: "key"}]
+    fmt, payload = encode(value, msgpack_ok=True)
+    assert fmt == MSGPACK_LETTER
     assert_same(decode(fmt, payload), value)
 
 
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_a_float_past_the_single_range_reaches_a_plain_peer_as_infinity_of_its_sign(sign):
+    largest_single = struct.unpack(">f", b"\x7f\x7f\xff\xff")[0]
+    half_ulp = 2.0 ** (127 - 24)
+    rounds_to_infinity = sign * (largest_single + half_ulp)
+    with pytest.raises(OverflowError):  # what struct alone would do
+        struct.pack("!f", rounds_to_infinity)
+    for value in (sign * 1e300, rounds_to_infinity, sign * sys.float_info.max):
+        assert encode(value) == (b"4f", struct.pack(">f", sign * math.inf))
+        assert_same(decode(*encode([value])), [sign * math.inf])
+    # Just below the rounding point it is still the largest single, not infinity.
+    assert_same(decode(*encode(math.nextafter(rounds_to_infinity, 0.0))), sign * largest_single)
+
+
+def test_tiny_floats_keep_their_sign_and_nan_stays_nan_for_a_plain_peer():
+    assert_same(decode(*encode(-1e-300)), -0.0)
+    assert_same(decode(*encode(1e-300)), 0.0)
+    assert math.isnan(decode(*encode(float("nan"))))
+    assert_same(decode(*encode([float("-inf")])), [float("-inf")])
+
+
+@PROPERTY
+@given(st.floats())
+def test_every_float_to_a_plain_peer_is_the_nearest_single(value):
+    fmt, payload = encode(value)
+    assert fmt == b"4f" and len(payload) == 4
+    assert_same(decode(fmt, payload), as_single(value))
+    assert_same(decode(*encode(value, msgpack_ok=True)), value)
+
+
 def test_top_level_primitives_stay_native_when_msgpack_is_allowed():
-    for value in ("hi", 7, b"x", 2.5, None):
+    for value in ("hi", 7, b"x", None):
         assert encode(value, msgpack_ok=True) == encode(value)
+    assert encode(2.5, msgpack_ok=True)[0] == b"8f"
 
 
 def test_containers_use_msgpack_when_allowed():
@@ -231,16 +305,16 @@ def test_every_sendable_round_trips_exactly_through_msgpack(value):
 
 @PROPERTY
 @given(native_values | st.none())
-def test_native_values_round_trip_exactly_without_msgpack(value):
+def test_native_values_round_trip_without_msgpack_with_floats_as_singles(value):
     assert is_native(value)
-    assert_same(decode(*encode(value, msgpack_ok=False)), value)
+    assert_same(decode(*encode(value, msgpack_ok=False)), as_single(value))
 
 
 @PROPERTY
 @given(sendables)
 def test_without_msgpack_a_value_round_trips_or_is_refused(value):
     if is_native(value):
-        assert_same(decode(*encode(value)), value)
+        assert_same(decode(*encode(value)), as_single(value))
     else:
         with pytest.raises(InvalidTypeCast):
             encode(value)

@@ -8,12 +8,15 @@ interoperability with HiSock 3.x programs is tested by bytes, not assumed.
 from __future__ import annotations
 
 import json
+import queue
 import socket
 import struct
+import threading
 import time
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import pytest
+from rawpeer import as_single, floats_in, hisock_floats
 
 import hisock_gevent
 from hisock_gevent import ClientNotFound, InvalidTypeCast
@@ -588,8 +591,9 @@ SERVER_TO_PLAIN = [
     ("zero", 0, b"1i", b"0"),
     ("big int", 10**20, b"21i", b"100000000000000000000"),
     ("bytes", b"\x00\xff$MSG$", b"7b", b"\x00\xff$MSG$"),
-    ("float is a big-endian double", 1.5, b"8f", struct.pack(">d", 1.5)),
-    ("float 0.1", 0.1, b"8f", b"\x3f\xb9\x99\x99\x99\x99\x99\x9a"),
+    ("float is a big-endian single", 1.5, b"4f", struct.pack(">f", 1.5)),
+    ("float 0.1 rounded to a single", 0.1, b"4f", b"\x3d\xcc\xcc\xcd"),
+    ("float past the single range", -1e300, b"4f", b"\xff\x80\x00\x00"),
     ("list", [1, "ab"], b"l1i2s", b"1ab"),
     ("tuple", (1, "ab"), b"t1i2s", b"1ab"),
     ("dict", {"a": [1, 2]}, b"d1s2[1i1i]", b"a12"),
@@ -599,7 +603,8 @@ SERVER_TO_PLAIN = [
     ("nested tuple and dict", [(1, 2), {"k": "v"}], b"l2(1i1i)2{1s1s}", b"12kv"),
     ("nested dict", {"k": {"x": 1}}, b"d1s2{1s1i}", b"kx1"),
     ("deep list", [[["deep"]]], b"l4[4[4s]]", b"deep"),
-    ("float and bytes in list", [1.5, b"z"], b"l8f1b", struct.pack(">d", 1.5) + b"z"),
+    ("float and bytes in list", [1.5, b"z"], b"l4f1b", struct.pack(">f", 1.5) + b"z"),
+    ("float key and value", {0.5: -2.0}, b"d4f4f", struct.pack(">f", 0.5) + struct.pack(">f", -2.0)),
     ("int key", {1: "one"}, b"d1i3s", b"1one"),
     ("none", None, b"", b""),
 ]
@@ -616,8 +621,9 @@ def test_send_client_to_plain_peer_writes_exact_native_bytes(server, raw, conten
 
     body = peer.read_frame()
     assert body == cmd_body("x", fmt, payload)
-    # And what a HiSock 3.x peer would rebuild from those bytes is the value sent.
-    assert same_value(decode(fmt, payload), content)
+    # And what a HiSock 3.x peer would rebuild from those bytes is the value sent (its
+    # floats rounded to singles, as HiSock always sent them).
+    assert same_value(decode(fmt, payload), as_single(content))
 
 
 def test_send_client_dict_example_from_the_protocol_is_byte_exact(server, raw):
@@ -717,6 +723,174 @@ def test_msgpack_peer_receives_values_the_letters_cannot_carry(server, raw):
     command, fmt, payload = split_cmd(peer.read_frame())
     assert command == "x"
     assert same_value(decode(fmt, payload), {"a": None, "b": [True, (1, 2)]})
+
+
+# ------------------------------------------------------------------ floats: singles for plain peers
+
+
+FLOATS_TO_PLAIN = [
+    ("top-level", 0.1),
+    ("negative top-level", -2.75),
+    ("in a list", [0.1, "x", -2.5]),
+    ("in a tuple", (1.5, 3)),
+    ("dict key and value", {"k": 0.1, 2.5: "v"}),
+    ("nested", {"a": [(1.5, [1e-3])], "b": {0.25: 1e300}}),
+]
+
+
+@pytest.mark.parametrize(
+    "content", [case[1] for case in FLOATS_TO_PLAIN], ids=[case[0] for case in FLOATS_TO_PLAIN]
+)
+def test_floats_to_a_plain_peer_unpack_with_hisocks_own_rule(server, raw, content):
+    peer = raw(server)
+    assert "caps" not in peer.hello("raw", "g")  # a plain HiSock hello: no caps offered
+
+    server.send_client("raw", "x", content)
+
+    command, fmt, payload = split_cmd(peer.read_frame())
+    assert command == "x" and set(fmt) <= NATIVE_FMT_BYTES
+    # struct.unpack("!f", ...) on each float's bytes, as HiSock 3.x does: exactly 4 each.
+    assert hisock_floats(fmt, payload) == [as_single(value) for value in floats_in(content)]
+    assert same_value(decode(fmt, payload), as_single(content))
+
+
+def test_float_broadcast_gives_plain_peers_singles_and_extended_peers_exact_doubles(server, raw):
+    plain = raw(server)
+    plain.hello("plain", "g")
+    extended = raw(server)
+    assert extended.hello("extended", "g", caps=["msgpack"])["caps"] == ["msgpack"]
+    assert plain.read_frame().startswith(b"$CLTCONN$")
+
+    server.send_all_clients("x", 0.1)
+    server.send_all_clients("y", [0.1, {"k": 0.1}])
+
+    assert plain.read_frame() == cmd_body("x", b"4f", struct.pack(">f", 0.1))
+    _, fmt, payload = split_cmd(plain.read_frame())
+    assert hisock_floats(fmt, payload) == [as_single(0.1)] * 2
+    assert extended.read_frame() == cmd_body("x", b"8f", struct.pack(">d", 0.1))
+    _, fmt, payload = split_cmd(extended.read_frame())
+    assert fmt == b"m" and same_value(decode(fmt, payload), [0.1, {"k": 0.1}])
+
+
+class PlainHiSockServer:
+    """A HiSock 3.x server made of a listening stdlib socket, for one client.
+
+    It answers the client's hello with the client's ``$CLTCONN$`` (``caps`` in it only if
+    given, as a hisock_gevent server would) and queues every body the client sends next.
+    """
+
+    def __init__(self, caps: Optional[List[str]] = None):
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(READ_TIMEOUT)
+        self.addr: Tuple[str, int] = self.listener.getsockname()[:2]
+        self.caps = caps
+        self.hello: Optional[Dict[str, Any]] = None
+        self.bodies: queue.Queue[bytes] = queue.Queue()
+        self._conn: Optional[socket.socket] = None
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _recv_exact(self, conn: socket.socket, count: int) -> bytes:
+        data = bytearray()
+        while len(data) < count:
+            chunk = conn.recv(count - len(data))
+            if not chunk:
+                raise EOFError
+            data += chunk
+        return bytes(data)
+
+    def _read_body(self, conn: socket.socket) -> bytes:
+        return self._recv_exact(conn, int(self._recv_exact(conn, HEADER_LEN)))
+
+    def _serve(self) -> None:
+        try:
+            conn, address = self.listener.accept()
+        except OSError:
+            return
+        self._conn = conn
+        conn.settimeout(READ_TIMEOUT * 2)
+        try:
+            hello = self._read_body(conn)
+            if not hello.startswith(b"$CLTHELLO$"):
+                return  # self.hello stays None: the test fails on it
+            self.hello = json.loads(hello[len(b"$CLTHELLO$") :])
+            info: Dict[str, Any] = {"ip": [address[0], address[1]], "name": self.hello.get("name"),
+                                    "group": self.hello.get("group"), "ipstr": f"{address[0]}:{address[1]}"}
+            if self.caps is not None:
+                info["caps"] = self.caps
+            conn.sendall(wire_frame(b"$CLTCONN$" + json.dumps(info).encode()))
+            while True:
+                self.bodies.put(self._read_body(conn))
+        except (OSError, EOFError):
+            pass
+
+    def next_command(self, timeout: float = READ_TIMEOUT) -> Tuple[str, bytes, bytes]:
+        """(command, fmt, payload) of the next command message the client sent."""
+        return split_cmd(self.bodies.get(timeout=timeout))
+
+    def close(self) -> None:
+        self.listener.close()
+        if self._conn is not None:
+            self._conn.close()
+        self._thread.join(READ_TIMEOUT)
+
+
+@pytest.fixture
+def plain_server() -> Iterator[Callable[..., PlainHiSockServer]]:
+    made: List[PlainHiSockServer] = []
+
+    def factory(caps: Optional[List[str]] = None) -> PlainHiSockServer:
+        made.append(PlainHiSockServer(caps))
+        return made[-1]
+
+    yield factory
+    for fake in made:
+        fake.close()
+
+
+@pytest.mark.parametrize("use_msgpack", [True, False], ids=["offering-msgpack", "plain-client"])
+def test_client_writes_four_byte_floats_to_a_plain_hisock_server(plain_server, make_client, use_msgpack):
+    fake = plain_server()
+    client = make_client(fake.addr, "me", use_msgpack=use_msgpack)
+    assert ("caps" in fake.hello) is use_msgpack  # offered or not, the server did not accept it
+    assert client.msgpack_ok is False
+
+    sent = [0.1, [0.1, "x", {"k": -2.5, 1.5: (1e300,)}]]
+    for value in sent:
+        client.send("x", value)
+
+    for value in sent:
+        command, fmt, payload = fake.next_command()
+        assert command == "x" and set(fmt) <= NATIVE_FMT_BYTES
+        assert hisock_floats(fmt, payload) == [as_single(item) for item in floats_in(value)]
+
+
+def test_client_writes_exact_floats_to_a_server_that_accepts_msgpack(plain_server, make_client):
+    fake = plain_server(caps=["msgpack"])
+    client = make_client(fake.addr, "me")
+    assert client.msgpack_ok is True
+
+    client.send("x", 0.1)
+    client.send("x", [0.1, {"k": 1e300}])
+
+    assert fake.next_command() == ("x", b"8f", struct.pack(">d", 0.1))
+    _, fmt, payload = fake.next_command()
+    assert fmt == b"m" and same_value(decode(fmt, payload), [0.1, {"k": 1e300}])
+
+
+def test_plain_dialect_client_floats_reach_our_server_as_singles(server, make_client, recorder):
+    got = recorder()
+    server.on("*")(got)
+    client = make_client(server, "plain", use_msgpack=False)
+
+    client.send("x", 0.1)
+    client.send("y", [0.1, {"k": 1e300}])
+
+    items = got.wait_for(2)
+    assert [(command, content) for _client, command, content in items] == [
+        ("x", as_single(0.1)),
+        ("y", [as_single(0.1), {"k": float("inf")}]),
+    ]
 
 
 # ------------------------------------------------------------------ plain peer -> server: the letters
