@@ -348,7 +348,9 @@ class HiSockClient:
         kind = type(message)
         if kind is Command:
             assert isinstance(message, Command)
-            content = typecast.decode(message.fmt, message.payload, max_depth=self.max_nesting, max_items=self.max_items)
+            content = typecast.decode(
+                message.fmt, message.payload, max_depth=self.max_nesting, max_items=self.max_items, pause=gevent.sleep
+            )
             if message.command == GETCLT_COMMAND and self._getclt_waiters:
                 self._getclt_waiters.popleft().set(content)
             else:

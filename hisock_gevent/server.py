@@ -793,11 +793,20 @@ class HiSockServer:
     # ------------------------------------------------------------------ messages
 
     def _on_command(self, peer: _ServerPeer, message: Command) -> bool:
-        content = typecast.decode(message.fmt, message.payload, max_depth=self.max_nesting, max_items=self.max_items)
         command = message.command
         info = peer.info
         entry = self._handlers.command_handler(command)
         catch_all = None if entry is not None else self._handlers.reserved_handler("*")
+        on_message = self._handlers.reserved_handler("message")
+        if entry is None and catch_all is None and on_message is None and self.cache_size < 0:
+            # Nobody will look at the content: it is not decoded at all.
+            if self._callback is not None:
+                self._runner.call(self._callback, (), ("callback", None, None))
+            return False
+        # A long payload is decoded in slices with a yield between them (typecast.decode).
+        content = typecast.decode(
+            message.fmt, message.payload, max_depth=self.max_nesting, max_items=self.max_items, pause=gevent.sleep
+        )
         if self.cache_size >= 0:
             # Cached before the handlers run, so a reply can never overtake the cache entry.
             called = entry is not None or catch_all is not None
@@ -815,7 +824,6 @@ class HiSockServer:
                     self._runner.report(exc, ("", command, info))
         elif catch_all is not None:
             self._runner.call(catch_all, (info, command, content), ("*", command, info))
-        on_message = self._handlers.reserved_handler("message")
         if on_message is not None:
             args = (info, command, content) if on_message["num_args"] == 3 else (info, content)
             self._runner.call(on_message, args, ("message", command, info))

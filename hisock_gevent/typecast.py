@@ -22,6 +22,10 @@ Decoding takes bytes from the network, so it is bounded in every direction: cont
 nesting (:data:`DEFAULT_MAX_DEPTH`, never by recursing on the input), the number of values
 (:data:`DEFAULT_MAX_ITEMS`), digits in an int (:data:`MAX_INT_DIGITS`) or a LEN
 (:data:`MAX_LEN_DIGITS`), and dict keys crafted to share a hash (:data:`MAX_HASH_COLLISIONS`).
+It is also bounded in time per slice: given a ``pause`` callable, a payload of more than
+:data:`PAUSE_ABOVE` bytes is decoded in slices of :data:`PAUSE_EVERY` values with
+``pause()`` called between them (the server passes a yield to its event loop), so one
+expensive payload cannot hold up everyone else.
 
 Nothing here touches sockets or gevent.
 """
@@ -32,7 +36,7 @@ import math
 import re
 import struct
 import threading
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 import msgpack
 
@@ -54,6 +58,11 @@ MSGPACK_LETTER = b"m"
 DEFAULT_MAX_DEPTH = 64
 #: How many values (primitives and containers, dict keys included) one payload may hold.
 DEFAULT_MAX_ITEMS = 1_000_000
+#: Payloads longer than this (fmt and payload together) are decoded in slices when a
+#: ``pause`` is given: smaller ones cannot take long enough to matter.
+PAUSE_ABOVE = 64 * 1024
+#: Values decoded between two calls of ``pause`` (a few milliseconds of work).
+PAUSE_EVERY = 4096
 
 #: msgpack ext type codes (0..127 are the application's; -1 is msgpack's timestamp).
 EXT_TUPLE = 1
@@ -464,25 +473,33 @@ def _may_nest_deeper(document: bytes, max_depth: int) -> bool:
     return len(document) - len(document.translate(None, _NESTING_BYTES)) > max_depth
 
 
-def _shape_problem(root: Any, max_depth: int, max_items: Optional[int]) -> Optional[str]:
+def _shape_problem(
+    root: Any, max_depth: int, max_items: Optional[int], pause: Optional[Callable[[], Any]] = None
+) -> Optional[str]:
     """Why ``root`` nests deeper than ``max_depth`` or holds more than ``max_items`` values
     (dict keys and containers included), or None if it does neither.
 
     The walk goes one nesting level at a time without recursion.  Within a container, a
     run of leaves is cleared by one C-level ``issuperset`` over the item types; only
     containers holding containers are looked at item by item.  Subclasses of list, tuple
-    and dict (possible when sending) are found by isinstance.
+    and dict (possible when sending) are found by isinstance.  ``pause()``, when given, is
+    called every :data:`PAUSE_EVERY` containers.
     """
     if not isinstance(root, (list, tuple, dict)):
         return None
     level = [root]
     depth = 1
     count = 1
+    boxes = 0
     while True:
         if depth > max_depth:
             return f"containers nest deeper than {max_depth} levels"
         below = []
         for box in level:
+            if pause is not None:
+                boxes += 1
+                if boxes % PAUSE_EVERY == 0:
+                    pause()
             if isinstance(box, dict):
                 count += 2 * len(box)
                 parts: Tuple[Any, ...] = (box.keys(), box.values())
@@ -515,6 +532,7 @@ def decode(
     *,
     max_depth: int = DEFAULT_MAX_DEPTH,
     max_items: int = DEFAULT_MAX_ITEMS,
+    pause: Optional[Callable[[], Any]] = None,
 ) -> Any:
     """Rebuild the value that ``encode`` turned into ``(fmt, payload)``.
 
@@ -534,11 +552,15 @@ def decode(
     :param payload: the bytes it describes.
     :param max_depth: most levels of container nesting (the outermost container is 1).
     :param max_items: most values, dict keys and containers included, in the payload.
+    :param pause: called every :data:`PAUSE_EVERY` values while decoding a payload of
+        more than :data:`PAUSE_ABOVE` bytes (to let other work run); None never pauses.
     :raises MalformedPayload: the fmt is not valid, the payload does not match it, or a
         limit is exceeded.
     """
     try:
         data = payload if type(payload) is bytes else bytes(payload)
+        if pause is not None and len(data) + len(fmt) > PAUSE_ABOVE:
+            return _decode_in_slices(fmt, data, max_depth, max_items, pause)
         if fmt == MSGPACK_LETTER:
             # _decode_msgpack, inlined: this is the hot path between hisock_gevent peers.
             value = msgpack.unpackb(
@@ -574,6 +596,67 @@ def _malformed(reason: str) -> MalformedPayload:
     return MalformedPayload(f"malformed payload: {reason}")
 
 
+def _decode_in_slices(fmt: bytes, data: bytes, max_depth: int, max_items: int, pause: Callable[[], Any]) -> Any:
+    """:func:`decode` of a long payload, calling ``pause()`` every :data:`PAUSE_EVERY` values.
+
+    Native letters: the token loop pauses as it goes.  msgpack: the C unpacker calls back
+    for every array and map it completes; those callbacks count the values (so a document
+    with too many is refused as soon as the count passes ``max_items``, not after it was
+    all built) and pause.  A single array or map longer than ``max_items`` is refused by
+    its header alone.
+    """
+    if fmt != MSGPACK_LETTER:
+        return _decode_native(bytes(fmt), data, max_depth, max_items, pause)
+    tally = _Tally(max_items, pause)
+    value = msgpack.unpackb(
+        data,
+        strict_map_key=False,
+        list_hook=tally.array,
+        object_pairs_hook=tally.map,
+        ext_hook=_ext_hooks.get(max_depth) or _ext_hook_for(max_depth),
+        timestamp=1,
+        max_array_len=max_items,
+        max_map_len=max_items // 2,
+    )
+    if len(data) > max_depth and _may_nest_deeper(data, max_depth):
+        problem = _shape_problem(value, max_depth, max_items, pause)
+        if problem:
+            raise _malformed(problem)
+    return value
+
+
+class _Tally:
+    """Counts the values of a msgpack document as the unpacker completes its containers,
+    and the work done (values plus containers built: a thousand empty arrays are work
+    too), pausing every :data:`PAUSE_EVERY` of it."""
+
+    __slots__ = ("count", "work", "max_items", "pause", "next_pause")
+
+    def __init__(self, max_items: int, pause: Callable[[], Any]):
+        self.count = 1  # the document's own top-level value; a container counts in its parent
+        self.work = 0
+        self.max_items = max_items
+        self.pause = pause
+        self.next_pause = PAUSE_EVERY
+
+    def _add(self, values: int) -> None:
+        self.count += values
+        if self.count > self.max_items:
+            raise _malformed(f"more than {self.max_items} values")
+        self.work += values + 1
+        if self.work >= self.next_pause:
+            self.next_pause = self.work + PAUSE_EVERY
+            self.pause()
+
+    def array(self, items: List[Any]) -> List[Any]:
+        self._add(len(items))
+        return items
+
+    def map(self, pairs: List[Tuple[Any, Any]]) -> dict:
+        self._add(2 * len(pairs))
+        return _dict_from_pairs(pairs)
+
+
 # ----- native grammar
 
 #: Splitting a fmt on its letters and brackets leaves each one's LEN just before it:
@@ -589,7 +672,30 @@ _CLOSER_OF = {b"[": b"]", b"(": b")", b"{": b"}"}
 _LEN_VALUES = {b"%d" % n: n for n in range(_CACHED_LENS)}
 
 
-def _decode_native(fmt: bytes, data: bytes, max_depth: int, max_items: int) -> Any:
+_MARK = re.compile(rb"[sibf\[({\])}]")
+
+
+def _paced_tokens(body: bytes, pause: Callable[[], Any]) -> Iterator[bytes]:
+    """The tokens of ``_MARK_SPLIT(body)`` but its last, made a slice of the fmt at a time
+    (each cut just after a letter or bracket, so no LEN is cut in two), with ``pause()``
+    between slices: splitting a long fmt at once takes long itself."""
+    size = 2 * PAUSE_EVERY  # about PAUSE_EVERY tokens of the shortest kind ("0[")
+    start = 0
+    while start < len(body):
+        mark = _MARK.search(body, min(start + size, len(body)) - 1)
+        end = mark.end() if mark is not None else len(body)
+        parts = _MARK_SPLIT(body[start:end])
+        if mark is not None:
+            del parts[-1]  # the empty text after the slice's last mark
+        yield from parts
+        start = end
+        if start < len(body):
+            pause()
+
+
+def _decode_native(
+    fmt: bytes, data: bytes, max_depth: int, max_items: int, pause: Optional[Callable[[], Any]] = None
+) -> Any:
     if not fmt:
         if data:
             raise _malformed("empty fmt (None) with a non-empty payload")
@@ -605,10 +711,13 @@ def _decode_native(fmt: bytes, data: bytes, max_depth: int, max_items: int) -> A
     # refused before a list is built for it.
     if 1 + len(fmt) - len(fmt.translate(None, _VALUE_MARKS)) > max_items:
         raise _malformed(f"more than {max_items} values")
-    parts = _MARK_SPLIT(fmt[1:])
-    if parts[-1]:
+    if pause is None:
+        parts = _MARK_SPLIT(fmt[1:])
+        if parts[-1]:
+            raise _malformed(f"fmt {_clip(fmt)!r} ends with a LEN and no letter")
+        del parts[-1]
+    elif not _MARK.match(fmt[-1:]):
         raise _malformed(f"fmt {_clip(fmt)!r} ends with a LEN and no letter")
-    del parts[-1]
 
     lens = _LEN_VALUES
     end_of_data = len(data)
@@ -619,7 +728,7 @@ def _decode_native(fmt: bytes, data: bytes, max_depth: int, max_items: int) -> A
     add = items.append
     stack: List[Tuple[List[Any], Optional[bytes], int, bytes]] = []  # enclosing containers
     kind = top
-    tokens = iter(parts)
+    tokens = iter(parts) if pause is None else _paced_tokens(fmt[1:], pause)
     for digits, mark in zip(tokens, tokens):
         n = lens.get(digits)
         if n is None:
