@@ -20,9 +20,12 @@ Typed lines:
 
 Non-interactive use, e.g. from scripts and tests::
 
-    python examples/chat_client.py --name bot --say "hello" --count 3   # say it 3 times, leave
+    python examples/chat_client.py --name bot --say "hello" --count 3   # say it 3 times, see it come back 3 times, leave
     printf 'hi\n/who\n' | python examples/chat_client.py --name bot    # run the lines, leave at EOF
     printf '/who\n' | python examples/chat_client.py --name bot --linger 1   # ...and print answers for 1 s
+
+With ``--say`` the client waits (up to 5 s) until the server has sent each of its lines
+back to it, so they are printed before it leaves; ``--linger`` adds time for other answers.
 
 Exit status: 0 after /quit or end of input, 1 when the server closed the connection,
 2 when the server cannot be reached.
@@ -35,11 +38,14 @@ import signal
 import sys
 import threading
 import time
+from collections import Counter
 from typing import Any, List, Optional
 
 import hisock_gevent
 
 HELP = "commands: text | /nick NAME | /join ROOM | /w NAME text | /who | /quit"
+#: With --say, the longest wait for the server to send our own lines back to us.
+ECHO_WAIT = 5.0
 
 
 def stamp() -> str:
@@ -97,6 +103,11 @@ class ChatClient:
         self.client = hisock_gevent.threaded_connect((host, port), name=name, group=room)
         self.quitting = False
         self.server_gone = threading.Event()
+        # How others see us (the chat server shows the address of a client without a name),
+        # and what the server has sent back of our own lines, by text.
+        self.me = name or hisock_gevent.iptup_to_str(self.client.get_client_addr())
+        self._own_lines: Counter[str] = Counter()
+        self._heard = threading.Condition()
         on = self.client.on
         on("said")(self.on_said)
         on("whisper")(self.on_whisper)
@@ -112,6 +123,10 @@ class ChatClient:
         room = text_of(content, "room")
         where = f"@{room}" if room else ""
         show(f"<{text_of(content, 'from')}{where}> {text_of(content, 'text')}")
+        if text_of(content, "from") == self.me:
+            with self._heard:
+                self._own_lines[text_of(content, "text")] += 1
+                self._heard.notify_all()
 
     def on_whisper(self, content: Any) -> None:
         show(f"*{text_of(content, 'from')} whispers* {text_of(content, 'text')}")
@@ -180,6 +195,8 @@ class ChatClient:
         if self.quitting:
             return
         self.server_gone.set()
+        with self._heard:
+            self._heard.notify_all()
         show("connection closed")
         wake_main_thread()
 
@@ -189,6 +206,13 @@ class ChatClient:
         except hisock_gevent.ClientDisconnected:
             self.server_gone.set()
             return False
+
+    def wait_for_own_lines(self, text: str, count: int, timeout: float) -> int:
+        """Wait until the server has sent ``count`` of our lines saying ``text`` back to us,
+        the connection ends, or ``timeout`` seconds pass; how many came back."""
+        with self._heard:
+            self._heard.wait_for(lambda: self._own_lines[text] >= count or self.server_gone.is_set(), timeout)
+            return self._own_lines[text]
 
     def close(self) -> None:
         self.quitting = True
@@ -228,18 +252,25 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (hisock_gevent.ServerNotRunning, hisock_gevent.ConnectionRejected) as exc:
         print(f"cannot connect: {exc}", file=sys.stderr)
         return 2
-    me = args.name or hisock_gevent.iptup_to_str(chat.client.get_client_addr())
-    show(f"connected to {args.host}:{args.port} as {me}" + (f" in room {args.room!r}" if args.room else ""))
+    show(f"connected to {args.host}:{args.port} as {chat.me}" + (f" in room {args.room!r}" if args.room else ""))
     install_wakeup()
     chat.start()
 
     try:
         if args.say is not None:
             input_ended = True
+            sent = 0
             for _ in range(args.count):
                 if not chat.send_line(args.say):
                     input_ended = False
                     break
+                sent += 1
+            # The server strips what we say, and answers a blank line with an error.
+            said = args.say.strip()
+            if input_ended and said and not said.startswith("/"):
+                heard = chat.wait_for_own_lines(said, sent, ECHO_WAIT)
+                if heard < sent and not chat.server_gone.is_set():
+                    show(f"! only {heard} of {sent} lines came back within {ECHO_WAIT:g} s")
         else:
             input_ended = read_lines(chat)
         if input_ended and args.linger > 0:

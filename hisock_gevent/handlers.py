@@ -94,6 +94,14 @@ def _positional_range(func: Callable[..., Any]) -> Tuple[int, float]:
     return least, most
 
 
+def _argument_counts(allowed: Tuple[int, ...]) -> str:
+    """``(0, 1, 2)`` -> ``"0, 1 or 2 positional arguments"``; ``(1,)`` -> ``"1 positional argument"``."""
+    numbers = [str(n) for n in allowed]
+    counts = numbers[0] if len(numbers) == 1 else f"{', '.join(numbers[:-1])} or {numbers[-1]}"
+    noun = "argument" if tuple(allowed) == (1,) else "arguments"
+    return f"{counts} positional {noun}"
+
+
 class HandlerTable:
     """The handlers registered with ``on()``, keyed by command or reserved event name.
 
@@ -128,10 +136,9 @@ class HandlerTable:
         fitting = [n for n in allowed if least <= n <= most]
         if not fitting:
             kind = f"reserved event {command!r}" if is_reserved else f"command {command!r}"
-            counts = " or ".join(str(n) for n in allowed)
             raise TypeError(
-                f"handler {getattr(func, '__name__', func)!r} for {kind} must take {counts} "
-                f"positional argument(s)"
+                f"handler {getattr(func, '__name__', func)!r} for {kind} must take "
+                f"{_argument_counts(allowed)}"
             )
         entry = {
             "func": func,

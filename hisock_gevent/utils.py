@@ -173,6 +173,13 @@ class ClientInfo:
 
     Immutable and hashable, so it can key ``clients_rev``; a name or group change makes a
     new ClientInfo.  ``info["name"]`` works as well as ``info.name``, as in HiSock.
+
+    It prints one way: ``str(info)`` and ``repr(info)`` both give HiSock's
+    ``<ClientInfo: IP: 10.0.0.1:80, Name: alice, Group: red>``, so a list of clients (or an
+    error message naming one) reads like ``print(info)``.  HiSock 3.0 showed the dataclass
+    form ``ClientInfo(ip=..., ...)`` inside containers; that second form is gone on purpose.
+    A missing name or group prints as ``None``: read the fields (or :meth:`as_dict`) to tell
+    it from a client really named ``"None"``.
     """
 
     ip: Tuple[str, int]
@@ -195,6 +202,9 @@ class ClientInfo:
 
     def __str__(self) -> str:
         return f"<ClientInfo: IP: {self.ipstr}, Name: {self.name}, Group: {self.group}>"
+
+    # The one printed form (see the class docstring); the dataclass keeps a __repr__ it finds.
+    __repr__ = __str__
 
     def as_dict(self) -> Dict[str, Any]:
         """The info as the wire's JSON object: ``ip`` (list form there), ``name``, ``group``, ``ipstr``."""

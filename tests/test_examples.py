@@ -571,6 +571,19 @@ def test_chat_client_script_say_mode_sends_count_lines_then_leaves(
     assert [m for m in bob.received("said") if m["from"] == "bot"] == [{"from": "bot", "room": "", "text": "beep"}] * 3
 
 
+def test_chat_client_script_say_mode_prints_its_own_lines_before_it_leaves(
+    chat_server: ExampleServer, run_script: Callable[..., ExampleProcess]
+) -> None:
+    bot = run_script("chat_client.py", "--port", str(chat_server.port), "--name", "bot", "--say", "hello", "--count", "3")
+    assert bot.wait() == 0, bot.output
+    lines = bot.output.splitlines()
+    echoes = [n for n, line in enumerate(lines) if re.fullmatch(rf"{TIMESTAMP} <bot> hello", line)]
+    assert len(echoes) == 3, bot.output
+    bye = [n for n, line in enumerate(lines) if re.fullmatch(rf"{TIMESTAMP} bye", line)]
+    assert bye and bye[0] > echoes[-1], bot.output
+    assert "came back" not in bot.output
+
+
 def test_chat_client_script_exits_1_when_the_server_stops(
     chat_server: ExampleServer, run_script: Callable[..., ExampleProcess]
 ) -> None:

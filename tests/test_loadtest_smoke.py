@@ -58,7 +58,17 @@ def test_bench_smoke_runs_every_scenario_against_both_servers(tmp_path: Path) ->
                 assert "limit" not in row[server], (scenario, server, row[server])
     assert results["S5"] and all("speedup" in row for row in results["S5"])
     assert document["meta"]["failures"] == []
-    assert "round trips/s" in proc.stdout.decode()  # the table was printed
+    printed = proc.stdout.decode()
+    assert "round trips/s" in printed  # the table was printed
+    # Every ratio in the table says which way is better.
+    ratios = [line.rsplit(" | ", 1)[1].strip() for line in printed.splitlines() if line.count(" | ") == 5]
+    figures = [cell for cell in ratios[1:] if re.match(r"[\d.]+x", cell)]
+    assert figures and all(re.search(r"\((\w+; )?(higher|lower) is better\)$", cell) for cell in figures), ratios
+    # Targets its tiny cases cannot reach are not judged (S3 wants 10,000 clients).
+    assert "Targets (informative" in printed and "from the issue" not in printed
+    assert document["targets"] and not [line for line in document["targets"] if line.startswith(("S2", "S3"))]
+    assert [line.split()[0] for line in document["targets_out_of_reach"]] == ["S2", "S3"]
+    assert "10,000 clients held" not in printed
 
 
 @pytest.mark.timeout(180)

@@ -10,6 +10,8 @@ itself; for hisock_gevent clients (msgpack dialect) bytes are checked as lower b
 from __future__ import annotations
 
 import json
+import logging
+import re
 import socket
 import struct
 import threading
@@ -18,8 +20,10 @@ import urllib.request
 from typing import Any, Callable, Dict, Iterator, List, Tuple
 
 import gevent
+import gevent.event
 import pytest
 from conftest import LOOPBACK, wait_until
+from gevent.pywsgi import WSGIServer
 from prometheus_client.parser import text_string_to_metric_families
 from rawpeer import HEADER_LEN, RawPeer, cmd_body, hello_body, wire_frame
 
@@ -38,6 +42,7 @@ from hisock_gevent.errors import (
     MessageTooLarge,
     TLSError,
 )
+from hisock_gevent.history import StatsHistory
 from hisock_gevent.monitor import serve_stats, stats_app
 from hisock_gevent.stats import rejection_reason
 
@@ -626,17 +631,42 @@ FAKE_STATS: Dict[str, Any] = {
 }
 
 
-def call_app(path: str, method: str = "GET", stats: Callable[[], Dict[str, Any]] = lambda: FAKE_STATS) -> Tuple[str, Dict[str, str], bytes]:
+def call_app(
+    path: str,
+    method: str = "GET",
+    stats: Callable[[], Dict[str, Any]] = lambda: FAKE_STATS,
+    history: Any = None,
+    query: str = "",
+) -> Tuple[str, Dict[str, str], bytes]:
     """Run stats_app for one request; (status, headers, body)."""
     started: List[Tuple[str, List[Tuple[str, str]]]] = []
 
     def start_response(status: str, headers: List[Tuple[str, str]]) -> None:
         started.append((status, headers))
 
-    body = b"".join(stats_app(stats)({"PATH_INFO": path, "REQUEST_METHOD": method}, start_response))
+    environ = {"PATH_INFO": path, "REQUEST_METHOD": method, "QUERY_STRING": query}
+    body = b"".join(stats_app(stats, history)(environ, start_response))
     assert len(started) == 1
     status, headers = started[0]
     return status, dict(headers), body
+
+
+_INITIAL_DATA = re.compile(rb'<script id="initial-data" type="application/json">(.*?)</script>', re.S)
+
+
+def initial_data(page: bytes) -> Any:
+    """The figures a stats page was served with (its initial-data script element)."""
+    found = _INITIAL_DATA.search(page)
+    assert found, "the page has no initial-data element"
+    return json.loads(found.group(1))
+
+
+def fed_history(seconds: int, points: int = 300) -> StatsHistory:
+    """A history fed ``seconds`` + 1 snapshots, one a second, 5 messages in each second."""
+    history = StatsHistory(points)
+    for second in range(seconds + 1):
+        history.record(dict(FAKE_STATS, messages={"in": 5 * second, "out": 0}), float(second), 1_800_000_000.0 + second)
+    return history
 
 
 def metric_samples(text: str) -> Dict[Tuple[str, Tuple[Tuple[str, str], ...]], float]:
@@ -709,11 +739,12 @@ def test_app_other_paths_are_404(path):
 
 
 @pytest.mark.parametrize("method", ["POST", "PUT", "DELETE", "PATCH"])
-def test_app_methods_other_than_get_are_405(method):
-    for path in ("/stats", "/metrics", "/", "/nope"):
-        status, headers, _ = call_app(path, method)
+def test_app_methods_other_than_get_are_405_and_say_what_is_allowed(method):
+    for path in ("/stats", "/metrics", "/history", "/", "/nope"):
+        status, headers, _ = call_app(path, method, history=StatsHistory())
         assert status == "405 Method Not Allowed"
         assert headers["Content-Type"] == "text/plain"
+        assert headers["Allow"] == "GET, HEAD"
 
 
 def test_app_does_not_read_stats_for_a_refused_request():
@@ -721,8 +752,84 @@ def test_app_does_not_read_stats_for_a_refused_request():
         raise AssertionError("stats() read for a request that does not need it")
 
     assert call_app("/stats", "POST", never)[0].startswith("405")
+    assert call_app("/", "POST", never)[0].startswith("405")
     assert call_app("/nope", "GET", never)[0].startswith("404")
-    assert call_app("/", "GET", never)[0].startswith("200")
+    assert call_app("/history", "GET", never, history=StatsHistory())[0].startswith("200")
+
+
+def test_app_root_comes_with_the_figures_of_the_moment_read_once():
+    calls: List[int] = []
+
+    def counting() -> Dict[str, Any]:
+        calls.append(1)
+        return FAKE_STATS
+
+    status, _, body = call_app("/", stats=counting, history=fed_history(3))
+    assert status == "200 OK"
+    assert len(calls) == 1
+    data = initial_data(body)
+    assert data["stats"] == FAKE_STATS
+    assert data["history"]["latest"] == 3
+    assert [sample["messages_in_per_s"] for sample in data["history"]["samples"]] == [5.0, 5.0, 5.0]
+    assert isinstance(data["served_at"], float)
+
+
+def test_app_root_without_a_history_says_so_in_its_figures():
+    assert initial_data(call_app("/")[2])["history"] is None
+
+
+HOSTILE_NAMES = ["<img src=x onerror=alert(1)>", "</script><script>window.pwned=1</script>", "<!--", "a&amp;b", "\u2028\\"]
+
+
+def test_app_root_escapes_client_chosen_names_inside_its_script():
+    groups = {name: n for n, name in enumerate(HOSTILE_NAMES, 1)}
+    hostile = dict(FAKE_STATS, clients=dict(FAKE_STATS["clients"], groups=groups), address="</script>")
+    status, _, body = call_app("/", stats=lambda: hostile)
+    assert status == "200 OK"
+    script = _INITIAL_DATA.search(body)
+    assert script is not None
+    # Nothing a client chose can end the element or open a tag or a comment in it.
+    assert not re.search(rb"[<>&]", script.group(1))
+    assert initial_data(body)["stats"]["clients"]["groups"] == groups
+    assert initial_data(body)["stats"]["address"] == "</script>"
+    # The page around the data is the page: the same number of script elements as always.
+    assert body.count(b"</script>") == call_app("/")[2].count(b"</script>") == 2
+
+
+def test_app_root_is_served_without_figures_when_stats_fails(caplog):
+    def broken() -> Dict[str, Any]:
+        raise RuntimeError("no stats today")
+
+    with caplog.at_level(logging.ERROR, logger="hisock_gevent"):
+        status, _, body = call_app("/", stats=broken)
+    assert status == "200 OK"
+    assert initial_data(body)["stats"] is None
+    assert "no stats today" in caplog.text
+
+
+def test_app_history_page_is_the_history_as_json():
+    status, headers, body = call_app("/history", history=fed_history(400))
+    assert status == "200 OK"
+    assert headers["Content-Type"] == "application/json"
+    assert headers["Cache-Control"] == "no-store"
+    answer = json.loads(body)
+    assert (answer["interval_s"], answer["points"], answer["latest"]) == (1.0, 300, 400)
+    assert [sample["seq"] for sample in answer["samples"]] == list(range(101, 401))
+
+
+def test_app_history_since_gives_only_the_newer_samples():
+    answer = json.loads(call_app("/history", history=fed_history(10), query="since=7")[2])
+    assert [sample["seq"] for sample in answer["samples"]] == [8, 9, 10]
+    assert answer["latest"] == 10
+
+
+@pytest.mark.parametrize("query", ["since=x", "since=1.5", "since="])
+def test_app_history_with_a_bad_since_is_400(query):
+    assert call_app("/history", history=fed_history(2), query=query)[0] == "400 Bad Request"
+
+
+def test_app_history_without_a_history_is_404():
+    assert call_app("/history")[0] == "404 Not Found"
 
 
 # ------------------------------------------------------------------ serve_stats over HTTP
@@ -844,6 +951,128 @@ def test_server_serve_stats_runs_on_the_servers_own_hub_and_stops_with_close(mak
     # close() stopped the pages too: the port refuses.
     with pytest.raises(OSError):
         socket.create_connection((host, port), timeout=2).close()
+
+
+def in_own_hub(body: Callable[[], Any]) -> Any:
+    """Run ``body`` on a fresh thread (so a fresh hub) and return what it returned."""
+    box: Dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["result"] = body()
+        except BaseException as exc:  # handed to the test thread
+            box["error"] = exc
+        finally:
+            gevent.get_hub().destroy(destroy_loop=True)
+
+    thread = threading.Thread(target=run, name="own-hub", daemon=True)
+    thread.start()
+    thread.join(20)
+    assert not thread.is_alive(), "the hub's work did not end"
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
+
+
+def test_serve_stats_samples_into_a_bounded_history_until_it_stops():
+    def body() -> Dict[str, Any]:
+        calls: List[int] = []
+        enough = gevent.event.Event()
+
+        def source() -> Dict[str, Any]:
+            calls.append(1)
+            if len(calls) >= 12:
+                enough.set()
+            return dict(FAKE_STATS, messages={"in": 10 * len(calls), "out": 0})
+
+        http = serve_stats(source, LOOPBACK, 0, history_points=4, history_interval=0.01)
+        sampler = http.sampler
+        assert enough.wait(10), "the sampler did not sample"
+        kept = http.history.as_dict()
+        http.stop(timeout=1)
+        return {
+            "kept": kept,
+            "sampler_dead": sampler is not None and sampler.dead,
+            "sampler_after": http.sampler,
+            # Nothing of the pages or the sampler is left to keep this hub's loop going.
+            "loop_finished": gevent.wait(timeout=2),
+        }
+
+    outcome = in_own_hub(body)
+    kept = outcome["kept"]
+    assert len(kept["samples"]) == 4 and kept["points"] == 4 and kept["interval_s"] == 0.01
+    assert kept["latest"] >= 11
+    assert [sample["seq"] for sample in kept["samples"]] == list(range(kept["latest"] - 3, kept["latest"] + 1))
+    assert all(sample["messages_in_per_s"] > 0 for sample in kept["samples"])
+    assert outcome["sampler_dead"] and outcome["sampler_after"] is None
+    assert outcome["loop_finished"] is True
+
+
+def test_the_sampler_alone_does_not_keep_a_hub_running():
+    def body() -> Tuple[bool, bool]:
+        http = serve_stats(lambda: FAKE_STATS, LOOPBACK, 0, history_interval=0.05)
+        sampler = http.sampler
+        assert sampler is not None
+        # Close only the pages (pywsgi's own close), leaving the sampler asleep.
+        WSGIServer.close(http)
+        finished = gevent.wait(timeout=3)
+        alive = not sampler.dead
+        sampler.kill()
+        return finished, alive
+
+    finished, sampler_was_alive = in_own_hub(body)
+    assert sampler_was_alive and finished is True
+
+
+def test_a_failing_stats_is_logged_once_and_sampling_goes_on(caplog):
+    def body() -> int:
+        calls: List[int] = []
+        recovered = gevent.event.Event()
+
+        def flaky() -> Dict[str, Any]:
+            calls.append(1)
+            if len(calls) <= 5:
+                raise RuntimeError("stats broke")
+            if len(calls) >= 8:
+                recovered.set()
+            return FAKE_STATS
+
+        http = serve_stats(flaky, LOOPBACK, 0, history_interval=0.01)
+        try:
+            assert recovered.wait(10), "sampling stopped after stats() failed"
+            return len(http.history)
+        finally:
+            http.stop(timeout=1)
+
+    with caplog.at_level(logging.ERROR, logger="hisock_gevent"):
+        kept = in_own_hub(body)
+    assert kept >= 1
+    failures = [record for record in caplog.records if "stats() failed" in record.getMessage()]
+    assert len(failures) == 1 and "stats broke" in caplog.text
+
+
+def test_server_serve_stats_keeps_a_history_of_the_traffic(make_client):
+    srv = ThreadedHiSockServer((LOOPBACK, 0))
+    try:
+        srv.start()
+        host, port = srv.serve_stats()
+        base = f"http://{host}:{port}"
+        talker = make_client(srv, "talker", "red")
+        clients_now(srv, 1)
+
+        def busy_samples() -> List[Dict[str, Any]]:
+            talker.send("x", "hi")
+            answer = json.loads(fetch(base + "/history")[2])
+            return [s for s in answer["samples"] if s["messages_in_per_s"] > 0 and s["connections"] == 1]
+
+        wait_until(busy_samples, timeout=10, interval=0.05)
+        answer = json.loads(fetch(base + "/history")[2])
+        assert (answer["points"], answer["interval_s"]) == (300, 1.0)
+        page = initial_data(fetch(base + "/")[2])
+        assert page["stats"]["clients"]["groups"] == {"red": 1}
+        assert page["history"]["latest"] >= answer["latest"] >= 1
+    finally:
+        srv.close()
 
 
 def test_app_metrics_page_has_the_backplane_counters_of_a_cluster_worker():

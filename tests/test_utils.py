@@ -114,6 +114,19 @@ def test_clientinfo_str_mentions_address_name_and_group():
     assert "10.0.0.1:80" in text and "alice" in text and "red" in text
 
 
+def test_clientinfo_prints_hisocks_form():
+    assert str(ClientInfo(("10.0.0.1", 80), "alice", "red")) == "<ClientInfo: IP: 10.0.0.1:80, Name: alice, Group: red>"
+    assert str(ClientInfo(("10.0.0.1", 80))) == "<ClientInfo: IP: 10.0.0.1:80, Name: None, Group: None>"
+
+
+def test_clientinfo_repr_is_its_str_so_containers_print_it_the_same_way():
+    info = ClientInfo(("10.0.0.1", 80), "alice", "red")
+    assert repr(info) == str(info)
+    assert str([info]) == f"[{info}]"
+    assert str({"who": info}) == f"{{'who': {info}}}"
+    assert f"{info!r}" == f"{info}"
+
+
 # ---------------------------------------------------------------- MessageCacheMember
 
 
