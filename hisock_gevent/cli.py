@@ -1,10 +1,10 @@
-"""The ``hisock-gevent`` command: serve an app, run the chat example, talk to a server.
+"""The ``hisock-gevent`` command: serve an app, run the chat server, talk to a server.
 
 Subcommands (``hisock-gevent SUBCOMMAND --help`` for each one's options)::
 
     hisock-gevent serve MODULE:ATTR [--host H] [--port P] ...   serve your server, like ``gunicorn app:app``
     hisock-gevent serve MODULE:ATTR --port P --workers N          N supervised worker processes on one port
-    hisock-gevent chat [--host H] [--port P]                      run examples/chat_server.py
+    hisock-gevent chat [--host H] [--port P]                      the chat server in hisock_gevent/chat.py
     hisock-gevent client HOST:PORT [--name N] [--group G]         interactive terminal client, like wscat
     hisock-gevent send HOST:PORT COMMAND [PAYLOAD] [--wait R]     one message, for scripts and health checks
 
@@ -53,7 +53,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import inspect
 import json
 import logging
@@ -63,7 +62,6 @@ import socket
 import sys
 import threading
 import time
-from pathlib import Path
 from types import ModuleType
 from typing import Any, Callable, Dict, List, NoReturn, Optional, Sequence, Tuple
 
@@ -496,39 +494,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------- chat
 
 
-def _chat_example_path() -> Path:
-    return Path(__file__).resolve().parent.parent / "examples" / "chat_server.py"
-
-
 def cmd_chat(args: argparse.Namespace) -> int:
-    path = _chat_example_path()
-    if not path.is_file():
-        raise UsageError(f"the chat example is not installed (no {path}); run it from a source checkout")
-    spec = importlib.util.spec_from_file_location("hisock_gevent_chat_server", path)
-    if spec is None or spec.loader is None:
-        raise UsageError(f"cannot load {path}")
-    module = importlib.util.module_from_spec(spec)
-    try:
-        spec.loader.exec_module(module)
-    except Exception as exc:
-        log.debug("loading %s failed", path, exc_info=True)
-        raise UsageError(f"loading {path} failed: {type(exc).__name__}: {exc}") from exc
-    chat_class = getattr(module, "ChatServer", None)
-    if chat_class is None:
-        raise UsageError(f"{path} has no ChatServer class")
+    from .chat import make_server
+
     options: Dict[str, Any] = {}
     if args.max_connections is not None:
         options["max_connections"] = args.max_connections
     if args.keepalive:
         options["keepalive"] = True
     try:
-        chat = chat_class(args.host, args.port, **options)
+        server = make_server(args.host, args.port, **options)
     except OSError as exc:
         raise UsageError(f"cannot serve on {args.host}:{args.port}: {exc}") from exc
-    _start_stats(chat.server, args)
-    # The example's serve_forever() installs the signal handlers and logs "serving on".
-    chat.serve_forever()
-    return EXIT_OK
+    return _serve(server, args)
 
 
 # ---------------------------------------------------------------------- client
@@ -743,8 +721,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=cmd_serve, default_level="INFO", command_parser=serve)
 
     chat = sub.add_parser(
-        "chat", parents=[common], help="run the chat example server (examples/chat_server.py)",
-        description="Run examples/chat_server.py from the source checkout this package lives in.  "
+        "chat", parents=[common], help="run the chat server (rooms, names, whispers)",
+        description="Serve the chat server that ships in the package (hisock_gevent.chat, the same rules as "
+        "examples/chat_server.py).  SIGINT/SIGTERM close it gracefully.  "
         "Talk to it with `client HOST:PORT` (commands: say TEXT, who, whisper {\"to\":..,\"text\":..}).",
     )
     chat.add_argument("--host", default=DEFAULT_HOST, help=f"address to serve at (default {DEFAULT_HOST})")
