@@ -685,8 +685,9 @@ def build_parser() -> argparse.ArgumentParser:
         "reuse_port) are passed to it; other given options rebuild the server on a new socket with its "
         "handlers copied over (and replace MODULE.ATTR).  SIGINT/SIGTERM close the server gracefully "
         "(exit status 0).  Logs 'serving on HOST:PORT' once listening.  With --workers N, N worker "
-        "processes serve the port under a supervisor that restarts any that dies; ATTR must then be a "
-        "factory taking reuse_port and listener (or **kwargs).",
+        "processes serve the port under a supervisor that restarts any that dies; ATTR may be a server "
+        "made at import (each worker binds the port with SO_REUSEPORT and rebuilds it) or a factory "
+        "taking reuse_port and listener (or **kwargs), which --no-reuse-port requires.",
     )
     serve.add_argument("target", metavar="MODULE:ATTR", help="e.g. app:server or app:make_server")
     serve.add_argument("--host", default=None, help="address to serve at (default: the server's own)")
@@ -703,7 +704,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--workers", metavar="N", type=_positive_int, default=1,
         help="serve with N worker processes on one port, supervised: a worker that dies is restarted "
-        "(default 1: serve in this process).  Needs --port and a factory taking reuse_port and listener",
+        "(default 1: serve in this process).  Needs --port.  MODULE:ATTR may be a server made at import "
+        "(it is rebuilt on the shared port with its handlers) or a factory taking reuse_port and "
+        "listener (or **kwargs); with --no-reuse-port only such a factory works",
     )
     serve.add_argument(
         "--reuse-port", action="store_true", default=None,

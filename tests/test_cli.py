@@ -260,6 +260,16 @@ def test_bad_arguments_give_a_one_line_error_and_exit_status_2(app_dir, args):
     assert len(lines) == 1 and "error" in lines[0], result.stderr
 
 
+def test_serve_help_says_workers_take_a_server_made_at_import_as_well_as_a_factory():
+    result = one_shot("serve", "--help")
+
+    text = " ".join(result.stdout.split())
+    assert result.returncode == 0
+    assert "MODULE:ATTR may be a server made at import" in text
+    assert "with --no-reuse-port only such a factory works" in text
+    assert "Needs --port and a factory" not in text
+
+
 def test_help_describes_every_subcommand():
     result = one_shot("--help")
 
