@@ -75,6 +75,7 @@ def test_the_wheel_carries_the_chat_server_and_no_examples(tmp_path: Path) -> No
     names = zipfile.ZipFile(_build_wheel(tmp_path)).namelist()
 
     assert "hisock_gevent/chat.py" in names
+    assert "hisock_gevent/console.py" in names and "hisock_gevent/lines.py" in names
     assert not [name for name in names if name.startswith("examples/")]
 
 
