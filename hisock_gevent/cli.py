@@ -1,14 +1,16 @@
-"""The ``hisock-gevent`` command: serve an app, run the chat example, talk to a server.
+"""The ``hisock-gevent`` command: serve an app, run the chat server, talk to a server.
 
 Subcommands (``hisock-gevent SUBCOMMAND --help`` for each one's options)::
 
     hisock-gevent serve MODULE:ATTR [--host H] [--port P] ...   serve your server, like ``gunicorn app:app``
     hisock-gevent serve MODULE:ATTR --port P --workers N          N supervised worker processes on one port
-    hisock-gevent chat [--host H] [--port P]                      run examples/chat_server.py
-    hisock-gevent client HOST:PORT [--name N] [--group G]         interactive terminal client, like wscat
+    hisock-gevent chat [--host H] [--port P]                      the chat server in hisock_gevent/chat.py
+    hisock-gevent client HOST:PORT [--name N] [--group G]         interactive terminal client (hisock_gevent.console)
     hisock-gevent send HOST:PORT COMMAND [PAYLOAD] [--wait R]     one message, for scripts and health checks
 
-``python -m hisock_gevent`` is the same command.
+``python -m hisock_gevent`` is the same command.  What ``client`` does with a typed line,
+and the payload rule it shares with ``send``, are in :mod:`hisock_gevent.lines`; the
+prompt itself is :mod:`hisock_gevent.console`; the chat server is :mod:`hisock_gevent.chat`.
 
 How ``serve`` applies its options
 ---------------------------------
@@ -43,8 +45,8 @@ too, and the server is rebuilt on the shared port); with ``--listen-fd`` it is r
 since every worker would bind it at import on its own.
 
 Exit status: 0 after a clean stop (SIGINT/SIGTERM close the server gracefully, ``send``
-succeeded, the client reached the end of its input); 1 when ``send --wait`` timed out
-or the server closed the connection; 2 for wrong input (bad ``HOST:PORT``, unknown
+succeeded, the client reached the end of its input); 1 when ``send --wait`` got an
+``error`` reply or timed out, or the server closed the connection; 2 for wrong input (bad ``HOST:PORT``, unknown
 module or attribute, not a server, cannot bind, a worker that cannot start) or an
 unreachable server.
 """
@@ -53,21 +55,19 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import inspect
-import json
 import logging
 import os
+import queue
 import signal
 import socket
 import sys
 import threading
 import time
-from pathlib import Path
 from types import ModuleType
 from typing import Any, Callable, Dict, List, NoReturn, Optional, Sequence, Tuple
 
-from .client import HiSockClient, ThreadedHiSockClient
+from .client import ThreadedHiSockClient
 from .errors import (
     ClientDisconnected,
     ConnectionRejected,
@@ -75,8 +75,8 @@ from .errors import (
     ServerNotRunning,
     TLSError,
 )
+from .lines import LineError, format_content, parse_payload, visible
 from .server import DEFAULT_BACKLOG, HiSockServer, ThreadedHiSockServer
-from .utils import ClientInfo
 
 __all__ = ["main", "parse_hostport", "parse_payload"]
 
@@ -179,45 +179,6 @@ def _seconds(text: str) -> float:
     if not value > 0:
         raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, not {text!r}")
     return value
-
-
-def parse_payload(text: Optional[str]) -> Any:
-    """A payload typed on the command line: its JSON value when it parses, else the text."""
-    if text is None:
-        return None
-    try:
-        return json.loads(text)
-    except ValueError:
-        return text
-
-
-def format_content(content: Any) -> str:
-    """Content as JSON when JSON can carry it, else its repr."""
-    try:
-        return json.dumps(content, ensure_ascii=False)
-    except (TypeError, ValueError):
-        return repr(content)
-
-
-def _stamp() -> str:
-    return time.strftime("%H:%M:%S")
-
-
-_print_lock = threading.Lock()
-
-
-def _show(line: str) -> None:
-    """One timestamped line on stdout; safe from the client's thread and the main thread."""
-    with _print_lock:
-        sys.stdout.write(f"[{_stamp()}] {line}\n")
-        sys.stdout.flush()
-
-
-def _describe_client(info: ClientInfo) -> str:
-    label = info.name if info.name else info.ipstr
-    extra = f" ({info.ipstr})" if info.name else ""
-    group = f" in group {info.group!r}" if info.group else ""
-    return f"{label}{extra}{group}"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -496,129 +457,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------- chat
 
 
-def _chat_example_path() -> Path:
-    return Path(__file__).resolve().parent.parent / "examples" / "chat_server.py"
-
-
 def cmd_chat(args: argparse.Namespace) -> int:
-    path = _chat_example_path()
-    if not path.is_file():
-        raise UsageError(f"the chat example is not installed (no {path}); run it from a source checkout")
-    spec = importlib.util.spec_from_file_location("hisock_gevent_chat_server", path)
-    if spec is None or spec.loader is None:
-        raise UsageError(f"cannot load {path}")
-    module = importlib.util.module_from_spec(spec)
-    try:
-        spec.loader.exec_module(module)
-    except Exception as exc:
-        log.debug("loading %s failed", path, exc_info=True)
-        raise UsageError(f"loading {path} failed: {type(exc).__name__}: {exc}") from exc
-    chat_class = getattr(module, "ChatServer", None)
-    if chat_class is None:
-        raise UsageError(f"{path} has no ChatServer class")
+    from .chat import make_server
+
     options: Dict[str, Any] = {}
     if args.max_connections is not None:
         options["max_connections"] = args.max_connections
     if args.keepalive:
         options["keepalive"] = True
     try:
-        chat = chat_class(args.host, args.port, **options)
+        server = make_server(args.host, args.port, **options)
     except OSError as exc:
         raise UsageError(f"cannot serve on {args.host}:{args.port}: {exc}") from exc
-    _start_stats(chat.server, args)
-    # The example's serve_forever() installs the signal handlers and logs "serving on".
-    chat.serve_forever()
-    return EXIT_OK
+    return _serve(server, args)
 
 
 # ---------------------------------------------------------------------- client
-
-
-class _ServerGone(Exception):
-    """Raised in the main thread (blocked in input()) when the connection ends on its own."""
-
-
-class _InteractiveClient:
-    """A ThreadedHiSockClient printing everything it receives; the main thread reads stdin."""
-
-    def __init__(self, client: ThreadedHiSockClient):
-        self.client = client
-        self.quitting = False
-        self.gone = threading.Event()
-        self.in_input = False
-        client.on("*")(self.on_any)
-        client.on("client_connect")(self.on_join)
-        client.on("client_disconnect")(self.on_leave)
-        client.on("force_disconnect")(self.on_force_disconnect)
-
-    def on_any(self, command: str, content: Any) -> None:
-        _show(f"{command} {format_content(content)}")
-
-    def on_join(self, info: ClientInfo) -> None:
-        _show(f"+ joined: {_describe_client(info)}")
-
-    def on_leave(self, info: ClientInfo) -> None:
-        _show(f"- left: {_describe_client(info)}")
-
-    def on_force_disconnect(self) -> None:
-        _show("! the server disconnected us")
-
-    def _raise_gone(self, signum: int, frame: Any) -> None:
-        if self.in_input:
-            raise _ServerGone()
-
-    def _watch(self) -> None:
-        self.client.join()
-        if self.quitting:
-            return
-        self.gone.set()
-        if hasattr(signal, "pthread_kill") and hasattr(signal, "SIGUSR1"):
-            # A signal aimed at the main thread interrupts its blocking read at once.
-            signal.pthread_kill(threading.main_thread().ident, signal.SIGUSR1)  # type: ignore[arg-type]
-
-    def run(self) -> int:
-        if hasattr(signal, "SIGUSR1"):
-            signal.signal(signal.SIGUSR1, self._raise_gone)
-        self.client.start()
-        threading.Thread(target=self._watch, name="hisock-cli-watch", daemon=True).start()
-        status = EXIT_OK
-        try:
-            while not self.gone.is_set():
-                self.in_input = True
-                try:
-                    line = input()
-                except EOFError:
-                    break
-                finally:
-                    self.in_input = False
-                if not self.send_line(line):
-                    break
-        except (KeyboardInterrupt, _ServerGone):
-            pass
-        finally:
-            self.quitting = True
-            if self.gone.is_set():
-                print(f"{PROG}: the server closed the connection", file=sys.stderr)
-                status = EXIT_FAILED
-            self.client.close()
-        return status
-
-    def send_line(self, line: str) -> bool:
-        """Send one ``command [payload]`` line; False when the connection is gone."""
-        line = line.strip()
-        if not line:
-            return True
-        command, _, rest = line.partition(" ")
-        rest = rest.strip()
-        payload = parse_payload(rest) if rest else None
-        try:
-            self.client.send(command, payload)
-        except ClientDisconnected:
-            self.gone.set()
-            return False
-        except (ValueError, TypeError, InvalidTypeCast) as exc:
-            print(f"{PROG}: cannot send {command!r}: {exc}", file=sys.stderr)
-        return True
 
 
 def _connect(cls: type, args: argparse.Namespace, **extra: Any) -> Any:
@@ -633,20 +487,52 @@ def _connect(cls: type, args: argparse.Namespace, **extra: Any) -> Any:
 
 
 def cmd_client(args: argparse.Namespace) -> int:
+    from .console import Console
+
     client = _connect(ThreadedHiSockClient, args)
     host, port = args.address
-    print(f"{PROG}: connected to {host}:{port}; type `command [payload]`, Ctrl-D to leave", file=sys.stderr)
-    return _InteractiveClient(client).run()
+    print(f"{PROG}: connected to {host}:{port}; type `command [payload]`, /help for more, Ctrl-D leaves", file=sys.stderr)
+    return Console(client, json_mode=args.json).run()
 
 
 # ---------------------------------------------------------------------- send
 
 
+#: The command a server answers with when it refuses a request (the chat server's
+#: convention): ``send --wait`` stops at it and exits 1 with its content as the reason.
+ERROR_COMMAND = "error"
+#: How many of the other replies a failed ``send --wait`` lists.
+_REPLIES_LISTED = 5
+#: Put in the reply queue when the connection has ended.
+_ENDED = ("", None)
+
+
+def _one_line(content: Any, limit: int = 200) -> str:
+    text = visible(content if isinstance(content, str) else format_content(content))
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def cmd_send(args: argparse.Namespace) -> int:
-    client: HiSockClient = _connect(HiSockClient, args, connect_timeout=args.timeout, answer_timeout=args.timeout)
     try:
+        content = parse_payload(args.payload, args.json)
+    except LineError as exc:
+        raise UsageError(f"PAYLOAD {args.payload!r} is {exc}") from exc
+    replies: queue.Queue[Tuple[str, Any]] = queue.Queue()
+    client: ThreadedHiSockClient = _connect(
+        ThreadedHiSockClient, args, connect_timeout=args.timeout, answer_timeout=args.timeout
+    )
+    try:
+        if args.wait is not None:
+            client.on("*")(lambda command, content: replies.put((command, content)))
+
+            def watch() -> None:
+                client.join()
+                replies.put(_ENDED)
+
+            client.start()
+            threading.Thread(target=watch, name="hisock-send-watch", daemon=True).start()
         try:
-            client.send(args.command, parse_payload(args.payload))
+            client.send(args.command, content)
         except (ValueError, TypeError, InvalidTypeCast) as exc:
             raise UsageError(f"cannot send {args.command!r}: {exc}") from exc
         except ClientDisconnected as exc:
@@ -654,19 +540,37 @@ def cmd_send(args: argparse.Namespace) -> int:
             return EXIT_FAILED
         if args.wait is None:
             return EXIT_OK
-        try:
-            content = client.recv(args.wait, timeout=args.timeout)
-        except TimeoutError:
-            print(f"{PROG}: no {args.wait!r} within {args.timeout:g} s", file=sys.stderr)
-            return EXIT_FAILED
-        except ClientDisconnected:
-            print(f"{PROG}: the server closed the connection before {args.wait!r} came", file=sys.stderr)
-            return EXIT_FAILED
-        sys.stdout.write(format_content(content) + "\n")
-        sys.stdout.flush()
-        return EXIT_OK
+        return _wait_for_reply(replies, args.wait, args.timeout)
     finally:
         client.close()
+
+
+def _wait_for_reply(replies: queue.Queue[Tuple[str, Any]], wanted: str, timeout: float) -> int:
+    """Print the content of the first ``wanted`` reply; report an error reply, a timeout or the end."""
+    deadline = time.monotonic() + timeout
+    others: List[str] = []
+    while True:
+        try:
+            command, content = replies.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            failure = f"no {wanted!r} within {timeout:g} s"
+            break
+        if (command, content) == _ENDED:
+            failure = f"the server closed the connection before {wanted!r} came"
+            break
+        if command == wanted:
+            sys.stdout.write(format_content(content) + "\n")
+            sys.stdout.flush()
+            return EXIT_OK
+        if command == ERROR_COMMAND:
+            print(f"{PROG}: the server answered {ERROR_COMMAND}: {_one_line(content)}", file=sys.stderr)
+            return EXIT_FAILED
+        others.append(f"{_one_line(command, 40)} {_one_line(content, 100)}")
+    if others:
+        listed = "; ".join(others[:_REPLIES_LISTED]) + ("; ..." if len(others) > _REPLIES_LISTED else "")
+        failure += f" (it sent {len(others)} other message(s): {listed})"
+    print(f"{PROG}: {failure}", file=sys.stderr)
+    return EXIT_FAILED
 
 
 # ---------------------------------------------------------------------- the parser
@@ -682,7 +586,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog=PROG,
         description="HiSock's server and client on gevent, from the command line.",
-        epilog="Exit status: 0 ok; 1 send --wait timed out or the server closed the connection; "
+        epilog="Exit status: 0 ok; 1 send --wait got an error reply or timed out, or the server closed the connection; "
         "2 wrong input or server unreachable.  `%(prog)s SUBCOMMAND --help` for details.",
     )
     from . import __version__
@@ -707,8 +611,9 @@ def build_parser() -> argparse.ArgumentParser:
         "reuse_port) are passed to it; other given options rebuild the server on a new socket with its "
         "handlers copied over (and replace MODULE.ATTR).  SIGINT/SIGTERM close the server gracefully "
         "(exit status 0).  Logs 'serving on HOST:PORT' once listening.  With --workers N, N worker "
-        "processes serve the port under a supervisor that restarts any that dies; ATTR must then be a "
-        "factory taking reuse_port and listener (or **kwargs).",
+        "processes serve the port under a supervisor that restarts any that dies; ATTR may be a server "
+        "made at import (each worker binds the port with SO_REUSEPORT and rebuilds it) or a factory "
+        "taking reuse_port and listener (or **kwargs), which --no-reuse-port requires.",
     )
     serve.add_argument("target", metavar="MODULE:ATTR", help="e.g. app:server or app:make_server")
     serve.add_argument("--host", default=None, help="address to serve at (default: the server's own)")
@@ -725,7 +630,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--workers", metavar="N", type=_positive_int, default=1,
         help="serve with N worker processes on one port, supervised: a worker that dies is restarted "
-        "(default 1: serve in this process).  Needs --port and a factory taking reuse_port and listener",
+        "(default 1: serve in this process).  Needs --port.  MODULE:ATTR may be a server made at import "
+        "(it is rebuilt on the shared port with its handlers) or a factory taking reuse_port and "
+        "listener (or **kwargs); with --no-reuse-port only such a factory works",
     )
     serve.add_argument(
         "--reuse-port", action="store_true", default=None,
@@ -743,8 +650,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=cmd_serve, default_level="INFO", command_parser=serve)
 
     chat = sub.add_parser(
-        "chat", parents=[common], help="run the chat example server (examples/chat_server.py)",
-        description="Run examples/chat_server.py from the source checkout this package lives in.  "
+        "chat", parents=[common], help="run the chat server (rooms, names, whispers)",
+        description="Serve the chat server that ships in the package (hisock_gevent.chat, the same rules as "
+        "examples/chat_server.py).  SIGINT/SIGTERM close it gracefully.  "
         "Talk to it with `client HOST:PORT` (commands: say TEXT, who, whisper {\"to\":..,\"text\":..}).",
     )
     chat.add_argument("--host", default=DEFAULT_HOST, help=f"address to serve at (default {DEFAULT_HOST})")
@@ -760,26 +668,40 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--group", default=None, help="the group to join")
         p.add_argument("--cafile", default=None, help="connect with TLS, trusting this CA certificate (PEM)")
 
+    payload_rule = (
+        "Payloads are sent as text (`say 42` sends the string \"42\"), except a JSON object or array "
+        "({...} or [...]), which is sent as a dict or list.  With --json every payload is JSON "
+        "(42 is an int, \"42\" a string, null None) and one that is not JSON is refused."
+    )
     client = sub.add_parser(
         "client", parents=[common], help="interactive terminal client (like wscat)",
-        description="Each line of input is `command [payload]`; the payload is sent as JSON when it parses "
-        "as JSON, else as a string.  Everything received (commands, joins, leaves, force disconnects) is "
-        "printed with a timestamp.  End of input (Ctrl-D) leaves cleanly, exit status 0; exit status 1 "
-        "when the server closes the connection.",
+        description="Each line you type is `command [payload]`, sent to the server.  " + payload_rule + "  "
+        "Lines starting with / are for the client itself: /help, /name NAME, /group GROUP, /json (switch "
+        "JSON mode), /quit.  On a terminal the prompt has line editing and a history (up/down), and what "
+        "arrives (commands, joins, leaves, force disconnects) is printed with a timestamp above the line "
+        "being typed.  With stdin from a pipe or file, each line is read and sent the same way.  End of "
+        "input (Ctrl-D) leaves cleanly, exit status 0; exit status 1 when the server closes the connection.",
     )
     add_connect_options(client)
+    client.add_argument("--json", action="store_true", help="start in JSON mode: every payload is JSON")
     client.set_defaults(func=cmd_client, default_level="WARNING")
 
     send = sub.add_parser(
         "send", parents=[common], help="send one message (optionally wait for a reply)",
-        description="Connect, send COMMAND with PAYLOAD (JSON when it parses, else a string), optionally "
-        "wait for REPLY_COMMAND and print its content as JSON (repr when JSON cannot carry it).  Exit "
-        "status 0 on success, 1 on timeout, 2 when the server is unreachable.",
+        description="Connect, send COMMAND with PAYLOAD, optionally wait for REPLY_COMMAND and print its "
+        "content as JSON (repr when JSON cannot carry it).  " + payload_rule + "  While waiting, an "
+        f"{ERROR_COMMAND!r} reply from the server ends the wait: its content is printed on stderr as the "
+        "reason, exit status 1.  Exit status 0 on success; 1 on an error reply, a timeout (the message "
+        "lists what else the server sent) or a closed connection; 2 for wrong input or an unreachable server.",
     )
     add_connect_options(send)
     send.add_argument("command", metavar="COMMAND", help="the command to send")
     send.add_argument("payload", metavar="PAYLOAD", nargs="?", default=None, help="its content (default: none)")
-    send.add_argument("--wait", metavar="REPLY_COMMAND", default=None, help="wait for this command and print its content")
+    send.add_argument("--json", action="store_true", help="PAYLOAD is JSON, whatever it looks like")
+    send.add_argument(
+        "--wait", metavar="REPLY_COMMAND", default=None,
+        help=f"wait for this command and print its content; an {ERROR_COMMAND!r} reply fails at once",
+    )
     send.add_argument("--timeout", type=_seconds, default=DEFAULT_SEND_TIMEOUT, help=f"seconds to connect and to wait (default {DEFAULT_SEND_TIMEOUT:g})")
     send.set_defaults(func=cmd_send, default_level="WARNING")
     return parser

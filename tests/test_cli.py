@@ -3,29 +3,21 @@
 from __future__ import annotations
 
 import json
-import os
-import queue
-import re
 import signal
 import socket
-import subprocess
-import sys
 import textwrap
-import threading
 import time
 import urllib.request
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import List, Optional
 
 import pytest
+from cliprogram import HOST, WAIT, Program, hostport, one_shot
 
 import hisock_gevent
 
 pytestmark = pytest.mark.timeout(60)
 
-HOST = "127.0.0.1"
-WAIT = 10.0
-SERVING_RE = re.compile(r"serving on ([\d.]+):(\d+)")
 
 APP = '''
 import hisock_gevent
@@ -53,65 +45,6 @@ not_a_server = 42
 '''
 
 
-def command() -> List[str]:
-    script = os.path.join(os.path.dirname(sys.executable), "hisock-gevent")
-    if os.path.exists(script):
-        return [script]
-    return [sys.executable, "-m", "hisock_gevent"]
-
-
-class Program:
-    """A running hisock-gevent process whose stdout and stderr are read line by line."""
-
-    def __init__(self, args: List[str], cwd: Optional[Path] = None, stdin: bool = False):
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        self.proc = subprocess.Popen(
-            command() + args,
-            cwd=str(cwd) if cwd else None,
-            env=env,
-            stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        self.lines: Dict[str, queue.Queue[str]] = {"stdout": queue.Queue(), "stderr": queue.Queue()}
-        self.seen: Dict[str, List[str]] = {"stdout": [], "stderr": []}
-        for name in ("stdout", "stderr"):
-            threading.Thread(target=self._pump, args=(name,), daemon=True).start()
-
-    def _pump(self, name: str) -> None:
-        for line in getattr(self.proc, name):
-            self.lines[name].put(line)
-
-    def expect(self, pattern: str, stream: str = "stdout", timeout: float = WAIT) -> re.Match:
-        """The first (new) line of ``stream`` matching ``pattern``; fails after ``timeout``."""
-        deadline = time.monotonic() + timeout
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise AssertionError(f"no line matching {pattern!r} on {stream}; saw {self.seen[stream]!r}")
-            try:
-                line = self.lines[stream].get(timeout=remaining)
-            except queue.Empty:
-                continue
-            self.seen[stream].append(line)
-            match = re.search(pattern, line)
-            if match:
-                return match
-
-    def address(self) -> Tuple[str, int]:
-        match = self.expect(SERVING_RE.pattern, "stderr")
-        return match.group(1), int(match.group(2))
-
-    def wait(self, timeout: float = WAIT) -> int:
-        return self.proc.wait(timeout=timeout)
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=WAIT)
-
-
 @pytest.fixture
 def run():
     """Start hisock-gevent programs; every one still running is killed (by pid) afterwards."""
@@ -131,14 +64,6 @@ def run():
 def app_dir(tmp_path: Path) -> Path:
     (tmp_path / "cli_app.py").write_text(textwrap.dedent(APP))
     return tmp_path
-
-
-def one_shot(*args: str, cwd: Optional[Path] = None, timeout: float = WAIT) -> subprocess.CompletedProcess:
-    return subprocess.run(command() + list(args), cwd=str(cwd) if cwd else None, capture_output=True, text=True, timeout=timeout)
-
-
-def hostport(addr: Tuple[str, int]) -> str:
-    return f"{addr[0]}:{addr[1]}"
 
 
 # ---------------------------------------------------------------------- serve
@@ -223,6 +148,46 @@ def test_send_wait_times_out_with_exit_status_1(run, app_dir):
     assert "never" in result.stderr
 
 
+def test_send_wait_stops_at_an_error_reply_and_exits_1_with_its_reason(run):
+    chat = run("chat", "--port", "0")
+    addr = chat.address()
+    started = time.monotonic()
+
+    result = one_shot(
+        "send", hostport(addr), "whisper", '{"to": "nobody", "text": "psst"}', "--wait", "whisper", "--timeout", "30",
+        timeout=40,
+    )
+
+    assert result.returncode == 1
+    assert "the server answered error: no one is called 'nobody'" in result.stderr
+    assert time.monotonic() - started < 15, "it waited for the timeout instead of stopping at the error"
+    assert result.stdout == ""
+
+
+def test_send_wait_timeout_says_what_the_server_sent_instead(run):
+    chat = run("chat", "--port", "0")
+    addr = chat.address()
+
+    result = one_shot("send", hostport(addr), "who", "--wait", "never", "--timeout", "1", "--name", "carol")
+
+    assert result.returncode == 1
+    assert "no 'never' within 1 s" in result.stderr
+    assert 'who {"room": "", "names": ["carol"]}' in result.stderr
+
+
+def test_send_payload_is_text_by_default_and_json_with_the_json_flag(run):
+    chat = run("chat", "--port", "0")
+    addr = chat.address()
+
+    as_text = one_shot("send", hostport(addr), "say", "42", "--wait", "said", "--name", "bob")
+    as_json = one_shot("send", hostport(addr), "say", "42", "--json", "--wait", "said", "--name", "bob")
+
+    assert as_text.returncode == 0, as_text.stderr
+    assert json.loads(as_text.stdout) == {"from": "bob", "room": "", "text": "42"}
+    assert as_json.returncode == 1
+    assert "say needs a non-empty text" in as_json.stderr
+
+
 def test_send_to_a_closed_port_exits_2_quickly():
     with socket.socket() as probe:
         probe.bind((HOST, 0))
@@ -243,6 +208,7 @@ def test_send_to_a_closed_port_exits_2_quickly():
         ["send", "not-an-address", "ping"],
         ["client", "127.0.0.1:notaport"],
         ["send", "127.0.0.1:70000", "ping"],
+        ["send", "127.0.0.1:6969", "say", "not json", "--json"],
         ["serve", "no_such_module_xyz:app"],
         ["serve", "cli_app:missing"],
         ["serve", "cli_app:not_a_server"],
@@ -258,6 +224,16 @@ def test_bad_arguments_give_a_one_line_error_and_exit_status_2(app_dir, args):
     assert "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "error" in lines[0], result.stderr
+
+
+def test_serve_help_says_workers_take_a_server_made_at_import_as_well_as_a_factory():
+    result = one_shot("serve", "--help")
+
+    text = " ".join(result.stdout.split())
+    assert result.returncode == 0
+    assert "MODULE:ATTR may be a server made at import" in text
+    assert "with --no-reuse-port only such a factory works" in text
+    assert "Needs --port and a factory" not in text
 
 
 def test_help_describes_every_subcommand():
