@@ -19,11 +19,17 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Tuple, Union
 
 import gevent
 from gevent import socket as gsocket
-from gevent.event import AsyncResult
-from gevent.queue import Queue
+from gevent.event import AsyncResult, Event
 
 from . import typecast
-from .connection import DEFAULT_MAX_QUEUE_BYTES, RECV_CHUNK, Connection, set_nodelay
+from .connection import (
+    DEFAULT_MAX_QUEUE_BYTES,
+    FRAMES_PER_TURN,
+    RECV_CHUNK,
+    Connection,
+    set_nodelay,
+    yield_to_loop,
+)
 from .errors import (
     AuthenticationFailed,
     ClientDisconnected,
@@ -56,6 +62,7 @@ from .messages import (
     parse_server_body,
 )
 from .outgoing import OutgoingCommand
+from .plainwriter import PlainWriter
 from .tls import TLSLayer, client_context, perform_handshake
 from .utils import ClientInfo, MessageCacheMember, Sendable, iptup_to_str
 
@@ -69,9 +76,57 @@ DEFAULT_CONNECT_TIMEOUT = 10.0
 DEFAULT_ANSWER_TIMEOUT = 10.0
 #: Seconds queued frames get to reach the server on close.
 DEFAULT_CLOSE_TIMEOUT = 2.0
+#: What may arrive before the server answers our hello, at most (messages, body bytes).
+_MAX_EARLY_MESSAGES = 1024
+_MAX_EARLY_BYTES = 1024 * 1024
 
 # Inbox items are tuples whose first element says what happened.
 _CONNECT, _DISCONNECT, _COMMAND, _FORCED, _CLOSED = "connect", "disconnect", "command", "forced", "closed"
+
+
+class _Inbox:
+    """What the reader received and the dispatcher has not handled yet, bounded in bytes.
+
+    When handlers fall behind, :meth:`put` makes the reader wait (cooperatively): it stops
+    reading, and TCP pushes back on the server, instead of the inbox growing without
+    limit.  One item always fits, however large; end markers never wait.
+    """
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self._items: Deque[Tuple[Tuple[Any, ...], int]] = collections.deque()
+        self._bytes = 0
+        self._filled = Event()
+        self._drained = Event()
+        self._drained.set()
+
+    def put(self, item: Tuple[Any, ...], size: int = 0) -> None:
+        while self._bytes and self._bytes + size > self.max_bytes:
+            self._drained.clear()
+            self._drained.wait()
+        self._append(item, size)
+
+    def put_now(self, item: Tuple[Any, ...]) -> None:
+        """Add ``item`` without waiting for room (the end-of-connection markers)."""
+        self._append(item, 0)
+
+    def _append(self, item: Tuple[Any, ...], size: int) -> None:
+        self._items.append((item, size))
+        self._bytes += size
+        self._filled.set()
+
+    def get(self) -> Tuple[Any, ...]:
+        while not self._items:
+            self._filled.clear()
+            self._filled.wait()
+        item, size = self._items.popleft()
+        self._bytes -= size
+        if self._bytes <= self.max_bytes:
+            self._drained.set()  # a waiting reader looks again
+        return item
+
+    def empty(self) -> bool:
+        return not self._items
 
 
 class _RecvWaiter:
@@ -164,7 +219,7 @@ class HiSockClient:
         self.connected = False
         self.msgpack_ok = False
         self._conn: Optional[Connection] = None
-        self._inbox: Optional[Queue] = None
+        self._inbox: Optional[_Inbox] = None
         self._reader: Optional[gevent.Greenlet] = None
         self._dispatching = False
         self._recv_waiters: Deque[_RecvWaiter] = collections.deque()
@@ -182,6 +237,8 @@ class HiSockClient:
             raise ServerNotRunning(f"cannot connect to {iptup_to_str(addr)}: {exc}") from exc
         set_nodelay(sock)
         self._plain_sock: Optional[_stdlib_socket.socket] = sock
+        # Writes before a hub owns the socket: never blocking, bounded by max_queue_bytes.
+        self._plain_writer = PlainWriter(sock, max_queue_bytes)
         self._client_addr: Tuple[str, int] = sock.getsockname()[:2]
         self.connect_time = time.time()
         if ssl_context is None and (cafile is not None or certfile is not None):
@@ -216,9 +273,12 @@ class HiSockClient:
     # ------------------------------------------------------------------ handshake
 
     def _plain_send(self, data: bytes) -> None:
-        """Blocking write on the socket we have before a hub adopts it (through TLS if any)."""
-        assert self._plain_sock is not None
-        self._plain_sock.sendall(self._tls.encrypt(data) if self._tls is not None else data)
+        """Write on the socket we have before a hub adopts it (through TLS if any), without
+        waiting for the server (see :class:`~hisock_gevent.plainwriter.PlainWriter`).
+
+        :raises WriterFailed: (an OSError) the connection failed or the server is not reading.
+        """
+        self._plain_writer.write(self._tls.encrypt(data) if self._tls is not None else data)
 
     def _say_hello(self, use_msgpack: bool, auth: Any) -> None:
         """Send the hello and read until the server's answer (our own $CLTCONN$)."""
@@ -233,8 +293,14 @@ class HiSockClient:
             raise ConnectionRejected(f"the connection failed during the handshake: {exc}") from exc
         deadline = time.monotonic() + self.answer_timeout
         answered = False
+        early_bytes = 0
         while not answered:
-            sock.settimeout(max(0.0, deadline - time.monotonic()))
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                # A deadline, not a socket timeout: a server that keeps sending other
+                # frames does not stretch it.
+                raise ConnectionRejected(f"the server did not answer our hello within {self.answer_timeout} s")
+            sock.settimeout(remaining)
             try:
                 data = sock.recv(RECV_CHUNK)
             except _stdlib_socket.timeout as exc:
@@ -253,22 +319,28 @@ class HiSockClient:
                 messages = [parse_server_body(body) for body in bodies]
             except RemoteProtocolError as exc:
                 raise ConnectionRejected(f"the server's answer broke the protocol: {exc}") from exc
-            for message in messages:
+            for body, message in zip(bodies, messages):
                 if answered:
+                    # What came in the same read as the answer: at most one read's worth.
                     self._early.append(message)
-                elif isinstance(message, Disconnect):
+                    continue
+                early_bytes += len(body)
+                if len(self._early) >= _MAX_EARLY_MESSAGES or early_bytes > _MAX_EARLY_BYTES:
+                    raise ConnectionRejected(
+                        f"the server sent more than {_MAX_EARLY_MESSAGES} messages or {_MAX_EARLY_BYTES} bytes "
+                        "before answering our hello"
+                    )
+                if isinstance(message, Disconnect):
                     if message.reason == "authentication failed":
                         raise AuthenticationFailed("the server's authentication check refused us")
                     why = f": {message.reason}" if message.reason else ""
                     raise ConnectionRejected(f"the server refused the connection ($DISCONN$){why}")
-                elif isinstance(message, PeerJoined):
+                if isinstance(message, PeerJoined):
                     # The first $CLTCONN$ after our hello announces us.
                     caps = message.info.get("caps")
                     self.msgpack_ok = use_msgpack and isinstance(caps, list) and CAPABILITY_MSGPACK in caps
-                    self._early.append(message)
                     answered = True
-                else:
-                    self._early.append(message)
+                self._early.append(message)
         sock.settimeout(None)
 
     # ------------------------------------------------------------------ binding to a hub
@@ -281,16 +353,19 @@ class HiSockClient:
             if self._conn is not None:
                 return
             self._home.adopt_current_thread()
-            self._inbox = Queue()
+            self._inbox = _Inbox(self.max_queue_bytes)
             if self._plain_sock is None:  # closed before ever being bound
-                self._inbox.put((_CLOSED,))
+                self._inbox.put_now((_CLOSED,))
                 return
+            unsent = self._plain_writer.take_over()
             gsock = gsocket.socket(fileno=self._plain_sock.detach())
             self._plain_sock = None
             self._conn = Connection(
                 gsock, self.addr, self.header_len, self._parser.max_body_len, self.max_queue_bytes,
                 self._on_overflow, self._parser, self._tls,
             )
+            for chunk in unsent:  # written before the hub took over, not yet on the wire
+                self._conn.send_raw(chunk)
             early, self._early = self._early, []
             for message in early:
                 self._route(message)
@@ -309,11 +384,12 @@ class HiSockClient:
         if self._conn is None:
             with self._bind_lock:
                 if self._conn is None:
-                    assert self._plain_sock is not None
+                    if self._plain_sock is None:
+                        raise ClientDisconnected("the client is closed")
                     try:
                         self._plain_send(data)
                     except OSError as exc:
-                        raise ClientDisconnected(f"sending to the server failed: {exc}") from exc
+                        raise ClientDisconnected(str(exc)) from exc
                     return
         self._home.call(self._write_here, data)
 
@@ -349,12 +425,12 @@ class HiSockClient:
         if kind is Command:
             assert isinstance(message, Command)
             content = typecast.decode(
-                message.fmt, message.payload, max_depth=self.max_nesting, max_items=self.max_items, pause=gevent.sleep
+                message.fmt, message.payload, max_depth=self.max_nesting, max_items=self.max_items, pause=yield_to_loop
             )
             if message.command == GETCLT_COMMAND and self._getclt_waiters:
                 self._getclt_waiters.popleft().set(content)
             else:
-                self._inbox.put((_COMMAND, message.command, content, message))
+                self._inbox.put((_COMMAND, message.command, content, message), len(message.payload))
         elif kind is KeepAlive:
             conn = self._conn
             if conn is not None:
@@ -379,7 +455,7 @@ class HiSockClient:
         while self._getclt_waiters:
             self._getclt_waiters.popleft().set_exception(ClientDisconnected("the connection to the server closed"))
         if self._inbox is not None:
-            self._inbox.put((how,))
+            self._inbox.put_now((how,))
 
     def _on_overflow(self, conn: Connection) -> None:
         logger.warning("the server at %s is not reading; closing", iptup_to_str(self.addr))
@@ -424,7 +500,7 @@ class HiSockClient:
                 self._recv_waiters.popleft().result.set_exception(ClientDisconnected("the connection to the server closed"))
             # Leave the marker for any other loop still waiting on the inbox.
             assert self._inbox is not None
-            self._inbox.put((_CLOSED,))
+            self._inbox.put_now((_CLOSED,))
             return False
         if self._callback is not None:
             try:
@@ -461,11 +537,17 @@ class HiSockClient:
         self._dispatch_loop()
 
     def _dispatch_loop(self) -> None:
-        assert self._inbox is not None
+        inbox = self._inbox
+        assert inbox is not None
         self._dispatching = True
+        turn = FRAMES_PER_TURN
         try:
-            while self._handle(self._inbox.get()):
-                pass
+            while self._handle(inbox.get()):
+                turn -= 1
+                if turn <= 0:
+                    # A full inbox never makes get() wait: let the hub's other work run.
+                    turn = FRAMES_PER_TURN
+                    yield_to_loop()
         finally:
             self._dispatching = False
 
@@ -604,14 +686,18 @@ class HiSockClient:
             plain = self._plain_sock
             if plain is not None:
                 self.closed = True
-                if emit_leave:
-                    try:
-                        self._plain_send(frame(UserClose().to_body(), self.header_len))
-                    except OSError:
-                        pass
                 self._plain_sock = None
-                plain.close()
-                return
+        if plain is not None:
+            # No lock is held while the goodbye (and what was sent before it) drains.
+            if emit_leave:
+                try:
+                    self._plain_send(frame(UserClose().to_body(), self.header_len))
+                except OSError:
+                    pass
+            self._plain_writer.flush(DEFAULT_CLOSE_TIMEOUT)
+            self._plain_writer.stop()
+            plain.close()
+            return
         self._home.call(self._close_here, emit_leave)
 
     def _close_here(self, emit_leave: bool) -> None:

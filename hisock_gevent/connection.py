@@ -48,6 +48,7 @@ __all__ = [
     "FRAMES_PER_TURN",
     "RECV_CHUNK",
     "set_nodelay",
+    "yield_to_loop",
 ]
 
 logger = logging.getLogger("hisock_gevent")
@@ -106,6 +107,24 @@ def _write_batch() -> _WriteBatch:
     if batch is None or batch._loop is not hub.loop:
         batch = _batches.batch = _WriteBatch(hub.loop)
     return batch
+
+
+def yield_to_loop() -> None:
+    """Let the event loop go round once (poll sockets, fire timers, run other greenlets),
+    then carry on.
+
+    Not ``gevent.sleep(0)``: that only queues us behind the callbacks already waiting,
+    and the loop runs up to 50 callbacks before it looks at sockets or timers again, so a
+    greenlet that yields with it every few milliseconds can still keep everyone else's
+    I/O waiting for a quarter of a second.  A zero-delay timer fires only after the loop
+    has polled.
+    """
+    hub = gevent.get_hub()
+    timer = hub.loop.timer(0.0)
+    try:
+        hub.wait(timer)
+    finally:
+        timer.close()
 
 
 def set_nodelay(sock: Any) -> None:
@@ -219,7 +238,6 @@ class Connection:
         tls = self.tls
         traffic = self.traffic
         monotonic = time.monotonic
-        sleep = gevent.sleep
         turn = FRAMES_PER_TURN
         frame_deadline: Optional[float] = None
         # Bytes that arrived before we took the socket over may already hold whole frames.
@@ -242,7 +260,7 @@ class Connection:
                         if turn <= 0:
                             # Everyone else's turn: a peer that floods waits like the rest.
                             turn = FRAMES_PER_TURN
-                            sleep(0)
+                            yield_to_loop()
             if parser.failed:
                 feed(b"")  # raises the error found behind those bodies
             if tls is not None and tls.closed_by_peer:
@@ -294,6 +312,12 @@ class Connection:
         if self.tls is not None:
             data = self.tls.encrypt(data)
         self._queue(data)
+
+    def send_raw(self, data: bytes) -> None:
+        """Queue bytes that are already what goes on the wire (encrypted, with TLS): what
+        was written to the socket before this connection took it over."""
+        if not (self.closed or self.error is not None):
+            self._queue(data)
 
     def _queue(self, data: bytes) -> None:
         self._out.append(data)

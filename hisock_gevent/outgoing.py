@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any, Dict, Optional
 
 from . import typecast
+from .errors import ContentTooLarge
 from .frames import make_header
 from .messages import command_prefix, fmt_length_field, is_reserved_command
 
@@ -44,12 +45,13 @@ class OutgoingCommand:
     """``command`` + ``content``, encoded lazily and at most once per dialect.
 
     :param reserved_ok: allow a ``$...$`` command (the server's own ``$GETCLT$`` answer).
+    :param max_body: the largest body the receivers accept; None for no limit.
     :raises InvalidTypeCast: the content is not Sendable at all.
     """
 
-    __slots__ = ("command", "content", "header_len", "_prefix", "_native", "_extended")
+    __slots__ = ("command", "content", "header_len", "max_body", "_prefix", "_native", "_extended")
 
-    def __init__(self, command: str, content: Any, header_len: int, reserved_ok: bool = False):
+    def __init__(self, command: str, content: Any, header_len: int, reserved_ok: bool = False, max_body: Optional[int] = None):
         prefix = _CHECKED.get(command) if type(command) is str and not reserved_ok else None
         if prefix is None:
             prefix = command_prefix(command.encode()) if reserved_ok else check_command(command)
@@ -57,6 +59,7 @@ class OutgoingCommand:
         self.command = command
         self.content = content
         self.header_len = header_len
+        self.max_body = max_body
         self._native: Optional[bytes] = None
         self._extended: Optional[bytes] = None
 
@@ -64,6 +67,7 @@ class OutgoingCommand:
         """The complete frame for a peer that does (True) or does not support ``m``.
 
         :raises InvalidTypeCast: a plain peer cannot receive this content.
+        :raises ContentTooLarge: the body would be longer than ``max_body``.
         """
         if msgpack_ok:
             if self._extended is None:
@@ -78,5 +82,10 @@ class OutgoingCommand:
         prefix = self._prefix
         fmt_field = fmt_length_field(len(fmt))
         body_len = len(prefix) + len(fmt_field) + len(fmt) + len(payload)
+        if self.max_body is not None and body_len > self.max_body:
+            raise ContentTooLarge(
+                f"{self.command!r} with this content is a {body_len}-byte message, more than "
+                f"the {self.max_body} bytes the receiving side accepts"
+            )
         # Header and body in one join: a large payload is copied once, not twice.
         return b"".join((make_header(body_len, self.header_len), prefix, fmt_field, fmt, payload))

@@ -26,7 +26,13 @@ from gevent.server import StreamServer
 from . import stats as reasons
 from . import typecast
 from .budget import SendBudget, default_total_queue_bytes
-from .connection import DEFAULT_FRAME_TIMEOUT, DEFAULT_MAX_QUEUE_BYTES, Connection, set_nodelay
+from .connection import (
+    DEFAULT_FRAME_TIMEOUT,
+    DEFAULT_MAX_QUEUE_BYTES,
+    Connection,
+    set_nodelay,
+    yield_to_loop,
+)
 from .errors import (
     ClientNotFound,
     HandshakeError,
@@ -798,14 +804,11 @@ class HiSockServer:
         entry = self._handlers.command_handler(command)
         catch_all = None if entry is not None else self._handlers.reserved_handler("*")
         on_message = self._handlers.reserved_handler("message")
-        if entry is None and catch_all is None and on_message is None and self.cache_size < 0:
-            # Nobody will look at the content: it is not decoded at all.
-            if self._callback is not None:
-                self._runner.call(self._callback, (), ("callback", None, None))
-            return False
-        # A long payload is decoded in slices with a yield between them (typecast.decode).
+        # Decoded even when nobody handles it (a malformed payload closes the connection
+        # whatever the command); a long payload is decoded in slices with a yield between
+        # them, so it costs its sender time, not everyone else.
         content = typecast.decode(
-            message.fmt, message.payload, max_depth=self.max_nesting, max_items=self.max_items, pause=gevent.sleep
+            message.fmt, message.payload, max_depth=self.max_nesting, max_items=self.max_items, pause=yield_to_loop
         )
         if self.cache_size >= 0:
             # Cached before the handlers run, so a reply can never overtake the cache entry.
@@ -1011,9 +1014,12 @@ class HiSockServer:
         :raises ValueError: wrong client format, or a reserved command.
         :raises ClientNotFound: no such client.
         :raises InvalidTypeCast: the content cannot be sent to that client.
+        :raises ContentTooLarge: the message would be longer than ``max_message_size``
+            (what the server assumes its clients accept, as it accepts from them).
+        :raises ServerClosed: the server is closed.
         :raises UserWarning: (a warning) several clients have that name.
         """
-        self._delivery.to_client(client, OutgoingCommand(command, content, self.header_len))
+        self._delivery.to_client(client, OutgoingCommand(command, content, self.header_len, max_body=self.max_message_size))
 
     @_acts
     @_on_home
@@ -1021,14 +1027,18 @@ class HiSockServer:
         """Send ``command`` and ``content`` to every client of a group.
 
         :raises GroupNotFound: (a TypeError too) nobody is in the group.
+        :raises ContentTooLarge: the message would be longer than ``max_message_size``.
         """
-        self._delivery.to_group(group, OutgoingCommand(command, content, self.header_len))
+        self._delivery.to_group(group, OutgoingCommand(command, content, self.header_len, max_body=self.max_message_size))
 
     @_acts
     @_on_home
     def send_all_clients(self, command: str, content: Sendable = None) -> None:
-        """Send ``command`` and ``content`` to every connected client; the frame is built once."""
-        self._delivery.to_all(OutgoingCommand(command, content, self.header_len))
+        """Send ``command`` and ``content`` to every connected client; the frame is built once.
+
+        :raises ContentTooLarge: the message would be longer than ``max_message_size``.
+        """
+        self._delivery.to_all(OutgoingCommand(command, content, self.header_len, max_body=self.max_message_size))
 
     # ------------------------------------------------------------------ disconnecting
 
@@ -1109,7 +1119,10 @@ class ThreadedHiSockServer(HiSockServer):
         ended: ``timeout`` plus about a second at most."""
         deadline = time.monotonic() + timeout + 1.0
         super().close(timeout)
-        self._home.join_thread(max(0.1, deadline - time.monotonic()))
+        if self._greenlet is not None and self._greenlet is not gevent.getcurrent():
+            self._greenlet.join(max(0.1, deadline - time.monotonic()))
+        else:
+            self._home.join_thread(max(0.1, deadline - time.monotonic()))
 
     def join(self, timeout: Optional[float] = None) -> None:
         """Block until the server has been closed."""

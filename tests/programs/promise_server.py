@@ -7,8 +7,10 @@ its statistics on another, and prints one line ``READY <port> <stats_port>`` on 
 It is alone in its process so that its memory (``/proc/<pid>/status``) and its hub are
 measured without the test's own threads in the way.
 
-Handlers: ``ping`` and ``echo`` send the content back to the sender; ``blast`` (from any
-client) sends ``[count, size]`` broadcasts of ``size`` bytes to everyone; ``join`` and
+Handlers: ``ping`` and ``echo`` send the content back to the sender; ``sink`` takes the
+content and does nothing; ``blast`` (from any client) sends ``[count, size]`` broadcasts
+of ``size`` bytes to everyone; ``feed`` ``[name, count, size]`` sends ``count`` messages of
+``size`` bytes to the client ``name`` and prints ``FED <name>``; ``join`` and
 ``leave`` print ``JOIN <name>`` / ``LEAVE <name>`` on stdout, and a ``leave`` first
 yields to the hub (``gevent.sleep``), so a ``leave`` run where it may not block shows up
 as an error line.  Errors in handlers are printed as ``ERROR <repr>``.  The process
@@ -63,6 +65,21 @@ def on_ping(client, content):
 @server.on("echo")
 def on_echo(client, content):
     server.send_client(client, "echo", content)
+
+
+@server.on("sink")
+def on_sink(client, content):
+    pass
+
+
+@server.on("feed")
+def on_feed(client, content):
+    name, count, size = content
+    payload = b"f" * size
+    for _ in range(count):
+        server.send_client(name, "feed", payload)
+        gevent.sleep(0)
+    say(f"FED {name}")
 
 
 @server.on("blast")
