@@ -935,11 +935,12 @@ class HiSockServer:
 
         ``connections``: ``now`` open (joined or still in their handshake), ``peak``,
         ``accepted`` in all (refused ones too), and ``refused`` before joining by reason (``server_full``,
-        ``auth_failed``, ``no_hello``).  ``clients``: ``joined`` now, ``joins`` in all,
+        ``auth_failed``, ``no_hello``, ``too_many_pending``, ``too_many_from_ip``,
+        ``invalid_name``).  ``clients``: ``joined`` now, ``joins`` in all,
         ``groups`` (group -> clients, largest first), ``ungrouped``, ``left`` (clean
         goodbyes) and ``dropped`` by reason (``connection_lost``, ``protocol_error``,
-        ``slow_reader``, ``idle_timeout``, ``keepalive_timeout``, ``kicked``,
-        ``server_closed``).  ``messages`` and ``bytes``: ``in`` and ``out`` since the
+        ``slow_reader``, ``memory_limit``, ``idle_timeout``, ``keepalive_timeout``,
+        ``kicked``, ``server_closed``).  ``messages`` and ``bytes``: ``in`` and ``out`` since the
         server was made (a broadcast to N clients is N messages out).  ``rejected``:
         connections closed for breaking the protocol, by error (``invalid_header``,
         ``message_too_large``, ``malformed_payload``, ...).  Also ``address`` and
