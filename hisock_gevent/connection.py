@@ -146,6 +146,8 @@ class Connection:
         everything sent encrypted through it.
     :param budget: the server-wide limit on bytes held for backlogged peers, if any.
     :param frame_timeout: seconds a frame that has started has to finish; None for no limit.
+    :param spawn: starts the greenlet that calls ``on_overflow`` (the owner's, so that it
+        can end it when it closes); ``gevent.spawn`` by default.
     """
 
     __slots__ = (
@@ -171,6 +173,7 @@ class Connection:
         "traffic",
         "budget",
         "frame_timeout",
+        "_spawn",
     )
 
     def __init__(
@@ -186,6 +189,7 @@ class Connection:
         traffic: Optional[Traffic] = None,
         budget: Optional[SendBudget] = None,
         frame_timeout: Optional[float] = DEFAULT_FRAME_TIMEOUT,
+        spawn: Callable[..., Any] = gevent.spawn,
     ):
         self.sock = sock
         self.peer = peer
@@ -219,6 +223,7 @@ class Connection:
         self.traffic = traffic if traffic is not None else Traffic()
         self.budget = budget
         self.frame_timeout = frame_timeout
+        self._spawn = spawn
 
     # ------------------------------------------------------------------ reading
 
@@ -423,7 +428,7 @@ class Connection:
             )
         self._discard_queue()
         if self.on_overflow is not None:
-            gevent.spawn(self.on_overflow, self)
+            self._spawn(self.on_overflow, self)
 
     def _discard_queue(self) -> None:
         if self._backlogged:

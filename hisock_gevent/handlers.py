@@ -178,7 +178,8 @@ class HandlerRunner:
         self.home = home
         self.owner = owner
         self.error_handler: Optional[Callable[[BaseException], Any]] = None
-        #: The greenlets running handlers (``threaded=True`` in a monkey-patched program),
+        #: The greenlets that run handlers apart from the caller (``threaded=True`` in a
+        #: monkey-patched program; the owner's own, such as a drop that runs ``leave``),
         #: so that the owner can end them when it closes.
         self.greenlets = Group()
 

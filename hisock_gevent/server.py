@@ -535,6 +535,7 @@ class HiSockServer:
             traffic=traffic,
             budget=self._budget,
             frame_timeout=self.frame_timeout,
+            spawn=self._runner.greenlets.spawn,
         )
         self._connections.add(conn)
         self._pending[conn] = None
@@ -784,7 +785,7 @@ class HiSockServer:
 
     def _budget_exceeded(self) -> None:
         # Called from inside a send: the shedding happens afterwards, in a greenlet.
-        gevent.spawn(self._shed)
+        self._runner.greenlets.spawn(self._shed)
 
     def _shed(self) -> None:
         held = self._budget.held
