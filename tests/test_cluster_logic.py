@@ -1,0 +1,290 @@
+"""The cluster logic (hisock_gevent.cluster) on an in-memory bus: no sockets, no Redis, milliseconds.
+
+Three or four :class:`~memory_bus.FakeServer` workers share one
+:class:`~memory_bus.MemoryNetwork`; ``net.pump()`` delivers what was published so far,
+so each test states exactly what has reached whom.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, List
+
+import pytest
+from memory_bus import FakeServer, MemoryNetwork
+
+from hisock_gevent import ClientInfo, ClientNotFound, GroupNotFound
+from hisock_gevent.cluster_messages import (
+    Bye,
+    Changed,
+    ClientEntry,
+    Here,
+    Joined,
+    Kick,
+    Left,
+    MalformedClusterMessage,
+    Reaped,
+    ToAll,
+    ToClient,
+    ToGroup,
+    decode,
+)
+
+ALICE_ENTRY = ClientEntry("w1#1", "w1", ("10.0.0.1", 5000), "alice", "red", True, 1700000000.5)
+
+
+@pytest.fixture
+def net() -> MemoryNetwork:
+    return MemoryNetwork()
+
+
+@pytest.fixture
+def workers(net: MemoryNetwork) -> Iterator[List[FakeServer]]:
+    servers = [FakeServer(net, f"w{i}") for i in range(3)]
+    yield servers
+    for server in servers:
+        server.delivery.stop()
+
+
+# ---------------------------------------------------------------- the wire
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        Joined("w1", ALICE_ENTRY),
+        Changed("w1", ALICE_ENTRY),
+        Left("w1", ALICE_ENTRY),
+        Here("w1", (ALICE_ENTRY, ALICE_ENTRY), complete=False),
+        Here("w1", ()),
+        Reaped("w2", "w1", (ALICE_ENTRY,)),
+        ToAll("w1", b"plain", b""),
+        ToGroup("w1", "red", b"", b"extended"),
+        ToClient("w1", "w2#7", b"frame"),
+        Kick("w1", "w2#7", True, False),
+        Bye("w1"),
+    ],
+)
+def test_every_cluster_message_round_trips_through_its_wire_form(message) -> None:
+    data = message.to_wire()
+
+    assert decode(data) == message
+    assert type(message).from_wire(data) == message
+
+
+def test_a_client_entry_round_trips_and_gives_its_client_info() -> None:
+    assert ClientEntry.from_wire(ALICE_ENTRY.to_wire()) == ALICE_ENTRY
+    assert ALICE_ENTRY.info == ClientInfo(("10.0.0.1", 5000), "alice", "red")
+
+
+@pytest.mark.parametrize(
+    "junk",
+    [
+        b"\xc1not msgpack",
+        b"\x93\x01\x02\x03",  # [1, 2, 3]
+        b"\x92\xa4join\xa1x",  # ["join", "x"]: no entry
+        b"\x94\xa2to\xa1x\xa3a:b\xc0",  # ["to", "x", "a:b", None]: the frame is not bytes
+        b"\x92\xa5nosuch\xa1x",  # an unknown tag
+        b"\x93\xa4kick\x01\x90",  # the origin is not a str
+        ToClient("w1", "w2#7", b"frame").to_wire()[:-3],  # cut short
+    ],
+)
+def test_junk_is_refused_with_malformed_cluster_message(junk: bytes) -> None:
+    with pytest.raises(MalformedClusterMessage):
+        decode(junk)
+
+
+def test_from_wire_of_one_class_refuses_another() -> None:
+    with pytest.raises(MalformedClusterMessage):
+        Joined.from_wire(Left("w1", ALICE_ENTRY).to_wire())
+
+
+# ---------------------------------------------------------------- sends
+
+
+def test_send_client_by_name_and_address_reaches_a_client_of_another_worker(net, workers) -> None:
+    w0, w1, _ = workers
+    w0.join(("10.0.0.1", 1000), "alice")
+    bob = w1.join(("10.0.0.2", 2000), "bob")
+    net.pump()
+
+    w0.send_client("bob", "msg", "by name")
+    w0.send_client("10.0.0.2:2000", "msg", "by address")
+    w0.send_client(("10.0.0.2", 2000), "msg", "by tuple")
+    net.pump()
+
+    assert bob.got("msg") == ["by name", "by address", "by tuple"]
+
+
+def test_a_send_to_one_client_goes_only_to_its_worker(net, workers) -> None:
+    w0, w1, w2 = workers
+    w0.join(("10.0.0.1", 1000), "alice")
+    w1.join(("10.0.0.2", 2000), "bob")
+    net.pump()
+
+    w0.send_client("bob", "msg", "hi")
+    net.pump()
+
+    assert net.delivered["w1", "to"] == 1
+    assert net.delivered["w2", "to"] == 0
+
+
+def test_a_broadcast_reaches_every_client_once_in_its_dialect(net, workers) -> None:
+    w0, w1, w2 = workers
+    peers = [w0.join(("10.0.0.1", 1), "a"), w1.join(("10.0.0.2", 2), "b", msgpack_ok=False), w2.join(("10.0.0.3", 3), "c")]
+    net.pump()
+
+    w1.send_all("shout", {"n": [1, 2]})
+    net.pump()
+
+    for peer in peers:
+        assert peer.got("shout") == [{"n": [1, 2]}], peer
+
+
+def test_a_group_send_reaches_exactly_the_members(net, workers) -> None:
+    w0, w1, w2 = workers
+    red = [w0.join(("10.0.0.1", 1), "a", "red"), w2.join(("10.0.0.3", 3), "c", "red")]
+    blue = w1.join(("10.0.0.2", 2), "b", "blue")
+    net.pump()
+
+    w1.send_group("red", "told", "reds")
+    net.pump()
+
+    assert [peer.got("told") for peer in red] == [["reds"], ["reds"]]
+    assert blue.got("told") == []
+
+
+def test_a_group_nobody_is_in_raises_group_not_found_everywhere(net, workers) -> None:
+    workers[0].join(("10.0.0.1", 1), "a", "red")
+    net.pump()
+
+    for server in workers:
+        with pytest.raises(GroupNotFound):
+            server.send_group("blue", "told", "x")
+        with pytest.raises(GroupNotFound):
+            server.delivery.group_members("blue")
+
+
+def test_an_unknown_client_raises_client_not_found_everywhere(net, workers) -> None:
+    workers[0].join(("10.0.0.1", 1), "a")
+    net.pump()
+
+    for server in workers:
+        for ref in ("nobody", "10.9.9.9:1", ("10.9.9.9", 1)):
+            with pytest.raises(ClientNotFound):
+                server.send_client(ref, "msg")
+
+
+# ---------------------------------------------------------------- membership
+
+
+def test_a_join_is_announced_once_to_the_clients_of_every_other_worker(net, workers) -> None:
+    w0, w1, w2 = workers
+    watchers = [w0.join(("10.0.0.1", 1), "a"), w1.join(("10.0.0.2", 2), "b"), w2.join(("10.0.0.3", 3), "c")]
+    net.pump()
+
+    w1.join(("10.0.0.4", 4), "dave")
+    net.pump()
+
+    for watcher in watchers:
+        assert [event for event in watcher.received() if event == ("joined", "dave")] == [("joined", "dave")], watcher
+
+
+def test_a_leave_is_announced_once_and_forgotten_everywhere(net, workers) -> None:
+    w0, w1, w2 = workers
+    alice = w0.join(("10.0.0.1", 1), "alice")
+    bob = w1.join(("10.0.0.2", 2), "bob")
+    net.pump()
+
+    w1.leave(bob)
+    net.pump()
+
+    assert alice.received().count(("left", "bob")) == 1
+    for server in workers:
+        with pytest.raises(ClientNotFound):
+            server.delivery.find_client("bob")
+        assert [info.name for info in server.delivery.all_clients()] == ["alice"]
+
+
+def test_a_change_of_name_and_group_reaches_every_mirror(net, workers) -> None:
+    w0, w1, w2 = workers
+    alice = w0.join(("10.0.0.1", 1), "alice", "red")
+    net.pump()
+
+    w0.change(alice, "alicia", "blue")
+    net.pump()
+
+    for server in workers:
+        assert server.delivery.find_client("alicia") == ClientInfo(("10.0.0.1", 1), "alicia", "blue")
+        assert server.delivery.group_members("blue") == [ClientInfo(("10.0.0.1", 1), "alicia", "blue")]
+        with pytest.raises(ClientNotFound):
+            server.delivery.find_client("alice")
+
+
+def test_a_worker_that_starts_later_learns_the_others_from_the_table(net, workers) -> None:
+    workers[0].join(("10.0.0.1", 1), "alice", "red")
+    workers[1].join(("10.0.0.2", 2), "bob", "red")
+    net.pump()
+
+    late = FakeServer(net, "late")
+    try:
+        assert {info.name for info in late.delivery.all_clients()} == {"alice", "bob"}
+        assert len(late.delivery.group_members("red")) == 2
+    finally:
+        late.delivery.stop()
+
+
+@pytest.mark.filterwarnings("ignore:.*clients are named:UserWarning")
+def test_a_shared_name_means_the_client_that_joined_first_on_every_worker(net, workers) -> None:
+    w0, w1, w2 = workers
+    first = w1.join(("10.0.0.1", 1), "twin")
+    net.pump()
+    second = w2.join(("10.0.0.2", 2), "twin")
+    net.pump()
+
+    for server in workers:
+        with pytest.warns(UserWarning, match="2 clients are named 'twin'"):
+            server.send_client("twin", "msg", server.delivery.worker_id)
+    net.pump()
+
+    assert sorted(first.got("msg")) == ["w0", "w1", "w2"]
+    assert second.got("msg") == []
+
+
+def test_disconnect_client_of_another_worker_kicks_it_there_and_everyone_hears_it_left(net, workers) -> None:
+    w0, w1, w2 = workers
+    alice = w0.join(("10.0.0.1", 1), "alice")
+    carol = w2.join(("10.0.0.3", 3), "carol")
+    w1.join(("10.0.0.2", 2), "bob")
+    net.pump()
+
+    info = w0.delivery.find_client("bob")
+    assert w0.delivery.disconnect_elsewhere(info, force=False, call_func=True)
+    with pytest.raises(ClientNotFound):
+        w0.delivery.find_client("bob")  # at once, on the worker that asked
+    net.pump()
+
+    assert w1.kicks == [(("10.0.0.2", 2), False, True)]
+    assert alice.received().count(("left", "bob")) == 1
+    assert carol.received().count(("left", "bob")) == 1
+
+
+# ---------------------------------------------------------------- a worker dies
+
+
+def test_a_reaped_workers_clients_leave_once_on_the_reaper_and_everyone_hears_it(net, workers) -> None:
+    w0, w1, w2 = workers
+    alice = w0.join(("10.0.0.1", 1), "alice")
+    carol = w2.join(("10.0.0.3", 3), "carol")
+    w1.join(("10.0.0.2", 2), "bob", "red")
+    net.pump()
+
+    net.reap("w1", by="w0")
+    net.pump()
+
+    assert w0.leaves == [ClientInfo(("10.0.0.2", 2), "bob", "red")]
+    assert w1.leaves == [] and w2.leaves == []
+    assert alice.received().count(("left", "bob")) == 1
+    assert carol.received().count(("left", "bob")) == 1
+    for server in (w0, w2):
+        with pytest.raises(ClientNotFound):
+            server.delivery.find_client("bob")
