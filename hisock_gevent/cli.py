@@ -112,7 +112,10 @@ SERVER_OPTIONS = (
 _SHARING_OPTIONS = ("reuse_port", "listener")
 #: ``serve`` options the supervisor sets itself, per worker (the rest are passed on as given).
 _SUPERVISOR_OPTIONS = frozenset(
-    {"target", "workers", "host", "port", "stats_port", "reuse_port", "no_reuse_port", "listen_fd", "worker_index", "help"}
+    {
+        "target", "workers", "host", "port", "stats_port", "reuse_port", "no_reuse_port", "listen_fd", "worker_index",
+        "ready_fd", "worker_timeout", "help",
+    }
 )
 #: HiSockServer settings carried over when an instance is rebuilt with new options.
 _CARRIED_SETTINGS = (
@@ -400,6 +403,10 @@ def _serve(server: HiSockServer, args: argparse.Namespace, supervisor_pid: Optio
         gevent.signal_handler(signum, _close_logged, server, signum)
     if supervisor_pid is not None:
         gevent.spawn(_close_when_orphaned, server, supervisor_pid)
+    if args.ready_fd is not None:
+        from .workers import report_liveness
+
+        report_liveness(args.ready_fd, server)  # runs once the server serves
     host, port = server.get_addr()
     tls = " (TLS)" if getattr(server, "ssl_context", None) is not None else ""
     if isinstance(server, ThreadedHiSockServer):
@@ -473,6 +480,7 @@ def _supervise(args: argparse.Namespace) -> int:
         reuse_port=not args.no_reuse_port,
         stats_port=args.stats_port,
         backlog=DEFAULT_BACKLOG,
+        worker_timeout=args.worker_timeout,
     )
     try:
         return supervisor.run()
@@ -672,6 +680,28 @@ def cmd_send(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------- the parser
 
 
+def _worker_timeout(text: str) -> float:
+    from .workers import LIVENESS_INTERVAL
+
+    value = _seconds(text)
+    if value < 2 * LIVENESS_INTERVAL:
+        raise argparse.ArgumentTypeError(f"must be at least {2 * LIVENESS_INTERVAL:g} seconds")
+    return value
+
+
+def _add_cluster_options(serve: argparse.ArgumentParser) -> None:
+    """``serve``'s options for supervised workers and their backplane."""
+    from .workers import DEFAULT_WORKER_TIMEOUT
+
+    serve.add_argument(
+        "--worker-timeout", metavar="SECONDS", type=_worker_timeout, default=DEFAULT_WORKER_TIMEOUT,
+        help="with --workers: a worker whose hub has not answered the supervisor for this long "
+        f"(a blocking handler, a stopped process) is killed and restarted (default {DEFAULT_WORKER_TIMEOUT:g})",
+    )
+    # Set by the supervisor: the pipe on which the worker says it serves, then that it lives.
+    serve.add_argument("--ready-fd", type=_non_negative_int, default=None, help=argparse.SUPPRESS)
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = _Parser(add_help=False)
     common.add_argument(
@@ -739,6 +769,7 @@ def build_parser() -> argparse.ArgumentParser:
     # Set by the supervisor for its workers.
     serve.add_argument("--listen-fd", type=_non_negative_int, default=None, help=argparse.SUPPRESS)
     serve.add_argument("--worker-index", type=_non_negative_int, default=None, help=argparse.SUPPRESS)
+    _add_cluster_options(serve)
     add_stats_options(serve)
     serve.set_defaults(func=cmd_serve, default_level="INFO", command_parser=serve)
 
@@ -791,9 +822,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(list(argv) if argv is not None else None)
     level = args.log_level or args.default_level
     logging.basicConfig(stream=sys.stderr, level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    if getattr(args, "worker_index", None) is not None and not log.isEnabledFor(logging.INFO):
-        # The supervisor learns that a worker serves from its "serving on" line.
-        log.setLevel(logging.INFO)
     try:
         return args.func(args)
     except UsageError as exc:
