@@ -170,8 +170,12 @@ class ClusterDelivery(Delivery):
         return self._find_peer(client).info
 
     def _find_peer(self, client: ClientRef) -> Peer:
-        """Ours or another worker's; a name several clients share means the one that joined
-        first anywhere in the cluster, as on one server.
+        """Ours or another worker's.
+
+        A name several clients share means the one that joined first anywhere in the
+        cluster, as on one server, with a UserWarning.  So does an address several clients
+        share (two workers behind one proxy may each see a client at the same ``ip:port``),
+        unless the reference is the very ClientInfo of one of them (as handlers get it).
 
         :raises ValueError: wrong format.  :raises ClientNotFound: nobody matches.
         """
@@ -183,12 +187,15 @@ class ClusterDelivery(Delivery):
                 raise ClientNotFound(f"no client named {client!r}")
             return self._first(named, f"{len(named)} clients are named {client!r}")
         local = self.registry.at(address)
-        if local is not None:
-            return local
-        remote = self._mirror.at(address)
-        if not remote:
+        found: List[Peer] = [local] if local is not None else []
+        found.extend(self._mirror.at(address))
+        if not found:
             raise ClientNotFound(f"no client at {address[0]}:{address[1]}")
-        return remote[0]
+        if len(found) > 1 and isinstance(client, ClientInfo):
+            same = [peer for peer in found if peer.info is client] or [peer for peer in found if peer.info == client]
+            if len(same) == 1:
+                return same[0]
+        return self._first(found, f"{len(found)} clients are at {address[0]}:{address[1]}")
 
     def _first(self, peers: List[Peer], what: str) -> Peer:
         if len(peers) == 1:
@@ -269,8 +276,8 @@ class ClusterDelivery(Delivery):
         self.bus.register(entry, Joined(self.worker_id, entry))
 
     def _new_id(self, peer: Peer) -> str:
-        host, port = peer.info.ip
-        return f"{host}:{port}"
+        """A cluster-unique identity: our worker's name and a serial number."""
+        return f"{self.worker_id}#{next(self._serial)}"
 
     def _entry_of(self, peer: Peer, client_id: str, joined_at: float) -> ClientEntry:
         info = peer.info
@@ -299,13 +306,12 @@ class ClusterDelivery(Delivery):
         return list(self._entries.values())
 
     def disconnect_elsewhere(self, client: ClientRef, force: bool, call_func: bool) -> bool:
-        address = address_of(client)
-        if address is None or self.registry.at(address) is not None:
+        try:
+            target = self._find_peer(client)
+        except ClientNotFound:
             return False
-        remote = self._mirror.at(address)
-        if not remote:
+        if not isinstance(target, RemoteClient):
             return False
-        target = remote[0]
         self._mirror.remove(target.client_id)
         self._kicked[target.client_id] = None
         while len(self._kicked) > _KICKED_MAX:
@@ -329,18 +335,13 @@ class ClusterDelivery(Delivery):
             if entry.worker == self.worker_id:
                 continue
             seen.add(entry.client_id)
-            self._remember(entry)
+            self._mirror.put(entry)
         for client in self._mirror:
             if client.client_id not in seen:
                 self._mirror.remove(client.client_id)
 
-    def _remember(self, entry: ClientEntry) -> Tuple[Optional[RemoteClient], bool]:
-        if self.registry.at(entry.address) is not None:
-            return None, False  # ours (an old entry of a client whose address came back to us)
-        return self._mirror.put(entry)
-
     def _on_joined(self, message: Joined) -> None:
-        _client, new = self._remember(message.entry)
+        _client, new = self._mirror.put(message.entry)
         if new:
             self._announce(PeerJoined, message.entry.info)
 
@@ -357,7 +358,7 @@ class ClusterDelivery(Delivery):
 
     def _on_here(self, message: Here) -> None:
         for entry in message.entries:
-            self._remember(entry)
+            self._mirror.put(entry)
 
     def _on_reaped(self, message: Reaped) -> None:
         if message.worker == self.worker_id:

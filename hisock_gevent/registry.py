@@ -263,8 +263,9 @@ class Delivery(ABC):
         """``peer`` changed its name or group (``peer.info`` is the new one)."""
 
     def disconnect_elsewhere(self, client: ClientRef, force: bool, call_func: bool) -> bool:
-        """Have the process holding ``client`` (not one of ours) disconnect it; False when
-        no other process holds it (the server then raises ClientNotFound)."""
+        """Have the process holding ``client`` disconnect it, when that is another process;
+        False when the client is ours or nobody holds it (the server then disconnects it
+        itself, or raises ClientNotFound).  ``client`` is what :meth:`find_client` returned."""
         return False
 
     def stats(self) -> Optional[Dict[str, Any]]:

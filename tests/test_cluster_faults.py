@@ -13,6 +13,7 @@ import os
 import queue
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -24,6 +25,17 @@ import pytest
 from redis_server import redis_server  # noqa: F401  (a fixture)
 
 import hisock_gevent
+from hisock_gevent.frames import DEFAULT_HEADER_LEN, FrameParser, frame
+from hisock_gevent.messages import (
+    ChangeName,
+    Command,
+    Hello,
+    PeerJoined,
+    PeerLeft,
+    parse_server_body,
+)
+from hisock_gevent.outgoing import OutgoingCommand
+from hisock_gevent.typecast import decode as decode_content
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -103,10 +115,69 @@ class Inbox:
             assert time.monotonic() < deadline, f"{self.name} never got {event!r}; got {self.events!r}"
             time.sleep(0.01)
 
+    def send(self, command: str, content: Any = None) -> None:
+        self.client.send(command, content)
+
     def close(self) -> None:
         try:
             self.client.close()
         except Exception:
+            pass
+
+
+class SharedAddressPeer(Inbox):
+    """A plain HiSock client on a socket bound by hand (SO_REUSEADDR and SO_REUSEPORT), so
+    that two of them, connected to two different workers, share one source ``ip:port``: what
+    the workers see of two hosts' clients behind a proxy that reuses source ports."""
+
+    def __init__(self, worker: Worker, name: str, source: Tuple[str, int]):
+        self.name = name
+        self.events = []
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(source)
+        sock.settimeout(WAIT)
+        sock.connect(worker.addr)
+        sock.settimeout(None)
+        self.sock = sock
+        self.source: Tuple[str, int] = sock.getsockname()[:2]
+        self._send_body(Hello(name, None).to_body())  # no capabilities: the plain dialect
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _send_body(self, body: bytes) -> None:
+        self.sock.sendall(frame(body))
+
+    def send(self, command: str, content: Any = None) -> None:
+        self.sock.sendall(OutgoingCommand(command, content, DEFAULT_HEADER_LEN).frame_for(False))
+
+    def rename(self, name: str) -> None:
+        self._send_body(ChangeName(name).to_body())
+
+    def _read(self) -> None:
+        parser = FrameParser()
+        while True:
+            try:
+                data = self.sock.recv(65536)
+            except OSError:
+                return
+            if not data:
+                return
+            for body in parser.feed(data):
+                message = parse_server_body(body)
+                if isinstance(message, Command):
+                    self.events.append((message.command, decode_content(message.fmt, message.payload)))
+                elif isinstance(message, (PeerJoined, PeerLeft)):
+                    self.events.append(("joined" if isinstance(message, PeerJoined) else "left", message.info.get("name")))
+
+    def messages(self) -> List[Any]:
+        return [content for kind, content in self.events if kind == "msg"]
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
             pass
 
 
@@ -130,6 +201,12 @@ def cluster(redis_server, request):  # noqa: F811
             worker.expect(f"JOIN {name}$")
             return inbox
 
+        def shared_address_client(self, worker: Worker, name: str, source: Tuple[str, int]) -> SharedAddressPeer:
+            peer = SharedAddressPeer(worker, name, source)
+            clients.append(peer)
+            worker.expect(f"JOIN {name}$")
+            return peer
+
     yield Cluster()
     for inbox in clients:
         inbox.close()
@@ -144,7 +221,7 @@ def relay_until_delivered(sender: Inbox, receiver: Inbox, text: str, timeout: fl
     while ("msg", text) not in receiver.events:
         assert time.monotonic() < deadline, f"{text!r} never reached {receiver.name}; sender got {sender.events!r}"
         attempt += 1
-        sender.client.send("relay", {"to": receiver.name, "text": text})
+        sender.send("relay", {"to": receiver.name, "text": text})
         receiver_deadline = time.monotonic() + 0.5
         while ("msg", text) not in receiver.events and time.monotonic() < receiver_deadline:
             time.sleep(0.01)
@@ -302,3 +379,41 @@ def test_junk_in_redis_is_logged_and_ignored_and_the_cluster_carries_on(cluster,
     assert first.count("LEAVE victim") + second.count("LEAVE victim") == 1
     assert first.proc.poll() is None and second.proc.poll() is None
     assert not any("Traceback" in line for line in first.stderr + second.stderr)
+
+
+def test_two_clients_sharing_one_address_on_two_workers_each_get_exactly_their_own_messages(cluster):
+    first, second, third = cluster.worker(), cluster.worker(), cluster.worker()
+    carol = cluster.client(third, "carol")
+    alice = cluster.shared_address_client(first, "alice", ("127.0.0.1", 0))
+    bob = cluster.shared_address_client(second, "bob", alice.source)
+    assert bob.source == alice.source
+    # The third worker knows both, each as itself.
+    relay_until_delivered(carol, alice, "hello alice")
+    relay_until_delivered(carol, bob, "hello bob")
+
+    alice.rename("alice2")
+    first.expect("RENAME alice alice2$")
+    alice.name = "alice2"
+    relay_until_delivered(carol, alice, "hello alice2")
+
+    # Private messages by name, from every worker: each reaches exactly its addressee.
+    carol.send("relay", {"to": "alice2", "text": "carol to alice2"})
+    carol.send("relay", {"to": "bob", "text": "carol to bob"})
+    alice.send("relay", {"to": "bob", "text": "alice2 to bob"})
+    bob.send("relay", {"to": "alice2", "text": "bob to alice2"})
+    # An address both share means the one that joined first, as a shared name does.
+    host, port = alice.source
+    carol.send("relay", {"to": f"{host}:{port}", "text": "carol to the address"})
+    carol.send("relay", {"to": "alice2", "text": "end"})
+    carol.send("relay", {"to": "bob", "text": "end"})
+    alice.wait_for(("msg", "end"))
+    bob.wait_for(("msg", "end"))
+
+    def private(peer: SharedAddressPeer) -> List[str]:
+        return sorted(text for text in peer.messages() if not text.startswith("hello"))
+
+    assert private(alice) == sorted(["carol to alice2", "bob to alice2", "carol to the address", "end"])
+    assert private(bob) == sorted(["carol to bob", "alice2 to bob", "end"])
+    assert {text for text in alice.messages() if text.startswith("hello")} == {"hello alice", "hello alice2"}
+    assert {text for text in bob.messages() if text.startswith("hello")} == {"hello bob"}
+    assert any(f"2 clients are at {host}:{port}; using the one that joined first" in line for line in third.stderr)

@@ -288,3 +288,83 @@ def test_a_reaped_workers_clients_leave_once_on_the_reaper_and_everyone_hears_it
     for server in (w0, w2):
         with pytest.raises(ClientNotFound):
             server.delivery.find_client("bob")
+
+
+# ---------------------------------------------------------------- two clients behind one address
+
+SHARED = ("10.0.0.9", 4000)
+
+
+@pytest.fixture
+def behind_one_address(net, workers):
+    """alice on w0 and bob on w1 at the same ip:port (two hosts behind one proxy); w2 watches."""
+    alice = workers[0].join(SHARED, "alice", "red")
+    net.pump()
+    bob = workers[1].join(SHARED, "bob", "blue")
+    net.pump()
+    return alice, bob
+
+
+def test_two_clients_sharing_an_address_on_two_workers_are_both_known_everywhere(net, workers, behind_one_address) -> None:
+    for server in workers:
+        assert sorted(info.name for info in server.delivery.all_clients()) == ["alice", "bob"]
+        assert server.delivery.find_client("alice").ip == server.delivery.find_client("bob").ip == SHARED
+
+
+def test_private_messages_by_name_reach_exactly_their_addressee_after_a_rename(net, workers, behind_one_address) -> None:
+    alice, bob = behind_one_address
+    workers[0].change(alice, "alice2", "red")
+    net.pump()
+
+    for server in workers:
+        server.send_client("alice2", "msg", f"alice2 from {server.delivery.worker_id}")
+        server.send_client("bob", "msg", f"bob from {server.delivery.worker_id}")
+    net.pump()
+
+    assert sorted(alice.got("msg")) == ["alice2 from w0", "alice2 from w1", "alice2 from w2"]
+    assert sorted(bob.got("msg")) == ["bob from w0", "bob from w1", "bob from w2"]
+
+
+def test_a_shared_address_means_the_first_joiner_with_a_warning_on_every_worker(net, workers, behind_one_address) -> None:
+    alice, bob = behind_one_address
+    for server in workers:
+        for ref in (SHARED, "10.0.0.9:4000"):
+            with pytest.warns(UserWarning, match="2 clients are at 10.0.0.9:4000; using the one that joined first"):
+                assert server.delivery.find_client(ref).name == "alice"
+
+
+def test_the_client_info_of_one_of_them_names_that_one_without_a_warning(net, workers, behind_one_address, recwarn) -> None:
+    alice, bob = behind_one_address
+    for server in workers:
+        bob_info = next(info for info in server.delivery.all_clients() if info.name == "bob")
+        server.send_client(bob_info, "msg", "to bob's info")
+    net.pump()
+
+    assert bob.got("msg") == ["to bob's info"] * 3
+    assert alice.got("msg") == []
+    assert not [w for w in recwarn.list if issubclass(w.category, UserWarning)]
+
+
+def test_disconnect_client_of_one_of_them_kicks_only_that_one(net, workers, behind_one_address) -> None:
+    alice, bob = behind_one_address
+    w0, w1, w2 = workers
+
+    # On alice's own worker, bob is the other worker's client at the same address.
+    assert w0.delivery.disconnect_elsewhere(w0.delivery.find_client("bob"), force=True, call_func=False)
+    net.pump()
+
+    assert w1.kicks == [(SHARED, True, False)]
+    assert w0.kicks == [] and alice in w0.registry
+    assert [info.name for info in w2.delivery.all_clients()] == ["alice"]
+    assert not w0.delivery.disconnect_elsewhere(w0.delivery.find_client("alice"), force=True, call_func=False)
+
+
+def test_reaping_one_worker_takes_only_its_client_of_a_shared_address(net, workers, behind_one_address) -> None:
+    alice, bob = behind_one_address
+    net.reap("w1", by="w2")
+    net.pump()
+
+    assert workers[2].leaves == [ClientInfo(SHARED, "bob", "blue")]
+    for server in (workers[0], workers[2]):
+        assert [info.name for info in server.delivery.all_clients()] == ["alice"]
+    assert alice.received().count(("left", "bob")) == 1

@@ -49,6 +49,10 @@ def main() -> int:
     def on_leave(client):
         say(f"LEAVE {client.name}")
 
+    @server.on("name_change")
+    def on_name_change(client, old, new):
+        say(f"RENAME {old} {new}")
+
     @server.on("relay")
     def on_relay(client, content):
         try:
