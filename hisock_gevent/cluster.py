@@ -242,15 +242,31 @@ class ClusterDelivery(Delivery):
         self.bus.publish(client.worker, ToClient(self.worker_id, client.client_id, body_frame))
 
     def to_group(self, group: GroupRef, message: OutgoingCommand) -> None:
-        local, remote = self._group_peers(group)
-        if not remote:
-            fan_out(local, message)
-            return
-        plain, extended = frames_for([*local, *remote], message)
-        _send_built(local, plain, extended)
+        """Our members get the frame here; each other worker holding members gets one
+        message on its own channel with the frames its members need.  Workers without
+        members hear nothing of it.
+
+        :raises GroupNotFound: nobody anywhere is in the group.
+        """
         name = group.group if isinstance(group, ClientInfo) else group
+        try:
+            local = self.registry.group(group)
+        except GroupNotFound:
+            local = []
+        workers = self._mirror.group_workers(name) if isinstance(name, str) else {}
+        if not workers:
+            fan_out(local or self.registry.group(group), message)  # (raises when nobody is in it)
+            return
         assert isinstance(name, str)
-        self.bus.publish(None, ToGroup(self.worker_id, name, plain, extended))
+        plain_needed = any(not peer.msgpack_ok for peer in local) or any(plain for plain, _ in workers.values())
+        extended_needed = any(peer.msgpack_ok for peer in local) or any(extended for _, extended in workers.values())
+        # The plain frame first, and every frame before anything is sent: if the content
+        # cannot reach a plain HiSock peer, nobody receives anything (as in frames_for).
+        plain = message.frame_for(False) if plain_needed else b""
+        extended = message.frame_for(True) if extended_needed else b""
+        _send_built(local, plain, extended)
+        for worker, (has_plain, has_extended) in workers.items():
+            self.bus.publish(worker, ToGroup(self.worker_id, name, plain if has_plain else b"", extended if has_extended else b""))
 
     def to_all(self, message: OutgoingCommand) -> None:
         local = list(self.registry)
@@ -402,7 +418,12 @@ class ClusterDelivery(Delivery):
     # ------------------------------------------------------------------ stats
 
     def stats(self) -> Dict[str, Any]:
-        return {"worker": self.worker_id, "remote_clients": len(self._mirror), **self.bus.stats()}
+        return {
+            "worker": self.worker_id,
+            "remote_clients": len(self._mirror),
+            **self.bus.stats(),
+            "received_by_kind": dict(sorted(self.applied.items())),
+        }
 
 
 def _send_built(peers: List[Peer], plain: bytes, extended: bytes) -> None:

@@ -81,6 +81,10 @@ def prometheus_text(stats: StatsSource) -> bytes:
                 yield counter("backplane_received", "Messages received from the other workers.", cluster["received"])
                 yield counter("backplane_dropped", "Messages for other workers lost while Redis was away.", cluster["dropped"])
                 yield counter("backplane_malformed", "Messages or entries in Redis that were not ours.", cluster["malformed"])
+                yield by(
+                    "backplane_applied", "Messages from the other workers acted on, by kind (join, group, to, ...).",
+                    "kind", cluster.get("received_by_kind", {}),
+                )
 
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_Collector())

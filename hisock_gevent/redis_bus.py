@@ -231,7 +231,7 @@ class RedisBus(Bus):
         kind, payload = item
         try:
             if kind == "snapshot":
-                node.load_snapshot(payload)
+                node.load_snapshot(payload.entries)
             else:
                 node.receive(payload)
         except Exception as exc:  # a message of the right shape that cannot be applied
@@ -263,7 +263,9 @@ class RedisBus(Bus):
             try:
                 if not connected:
                     client = client or self._redis()
-                    self.store.rejoin(client, mine)
+                    self.store.heartbeat(client)
+                    next_beat = time.monotonic() + self.heartbeat_interval
+                    self.published += self.store.rewrite(client, mine)
                     self.redis_up = True
                     backoff = _BACKOFF_FIRST
                     outage.end()
@@ -286,19 +288,20 @@ class RedisBus(Bus):
                 next_beat = 0.0
                 continue
             if stop:
-                self._goodbye(client, mine)
+                self._goodbye(client)
                 return
 
     def _heartbeat(self, client: Any) -> None:
-        dead = self.store.heartbeat(client)
-        if dead:
-            for message in self.store.reap(client, set(dead)):
+        beat = self.store.heartbeat(client)
+        for worker in beat.dead:
+            for message in self.store.reap(client, worker):
+                self.published += 1
                 assert self._inbox is not None
                 self._inbox.put(("message", message))
 
-    def _goodbye(self, client: Any, mine: Dict[str, ClientEntry]) -> None:
+    def _goodbye(self, client: Any) -> None:
         try:
-            self.store.goodbye(client, mine, to_wire(Bye(self.worker_id)))
+            self.store.goodbye(client, to_wire(Bye(self.worker_id)))
         except self._redis_module.RedisError as exc:
             logger.warning("backplane: could not remove worker %s from Redis: %s", self.worker_id, exc)
         finally:

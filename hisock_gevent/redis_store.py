@@ -1,22 +1,29 @@
 """The cluster's keys and channels in Redis, and the commands that read and write them.
 
 :class:`RedisStore` knows the layout and nothing of threads: every method takes a
-connected redis-py client, runs its commands (one pipeline or MULTI where it matters) and
-returns what it read.  :class:`~hisock_gevent.redis_bus.RedisBus` calls it from its
-publisher and subscriber loops.
+connected redis-py client, runs its commands (one pipeline, MULTI or script where it
+matters) and returns what it read.  :class:`~hisock_gevent.redis_bus.RedisBus` calls it
+from its publisher and subscriber loops.
 
 Layout, for namespace ``ns``:
 
-* ``{ns}:clients``: hash, client id -> :class:`~hisock_gevent.cluster_messages.ClientEntry`
-  (msgpack), the clients of every worker.
-* ``{ns}:workers``: set of the workers' names; ``{ns}:alive:{worker}``: a key with a TTL,
-  refreshed by each worker's heartbeat.
-* ``{ns}:all``: the channel every worker hears; ``{ns}:to:{worker}``: one worker's own.
+* ``{ns}:workers``: sorted set, worker -> when it last beat (milliseconds, Redis' own
+  clock, so the hosts' clocks need not agree).  One heartbeat is one script call: it
+  updates our score and returns the workers whose score is older than ``worker_ttl``, so
+  a heartbeat costs O(1) commands per worker and O(W) for the cluster, whatever W is.
+* ``{ns}:clients:{worker}``: hash, client id -> its
+  :class:`~hisock_gevent.cluster_messages.ClientEntry` (msgpack): one worker's clients.
+  Reaping a dead worker reads only its own hash.
+* ``{ns}:reaped``: sorted set, worker -> when the others reaped it.  A worker that finds
+  itself there (it was paused, or cut off from Redis, for longer than ``worker_ttl``)
+  knows the others said its clients left.  Entries older than a day are trimmed.
+* ``{ns}:all``: the channel every worker hears (membership, broadcasts);
+  ``{ns}:to:{worker}``: one worker's own (sends to its clients and groups, kicks).
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Set
+from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Tuple
 
 from .cluster_messages import (
     MAX_ENTRIES_PER_MESSAGE,
@@ -27,7 +34,42 @@ from .cluster_messages import (
     to_wire,
 )
 
-__all__ = ["RedisStore", "Outgoing"]
+__all__ = ["RedisStore", "Outgoing", "Beat", "Snapshot"]
+
+#: Most dead workers one heartbeat reaps (the next heartbeat takes the rest).
+MAX_REAPED_PER_BEAT = 16
+#: Milliseconds a tombstone of a reaped worker is kept.
+TOMBSTONE_MS = 24 * 3600 * 1000
+
+# Our heartbeat: KEYS workers, tombstones; ARGV me, ttl_ms, max_dead.
+# Returns {1 if we were not in the set (new or dropped), 1 if we had a tombstone, dead...}.
+_HEARTBEAT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local added = redis.call('ZADD', KEYS[1], now, ARGV[1])
+local reaped = redis.call('ZREM', KEYS[2], ARGV[1])
+local dead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. (now - tonumber(ARGV[2])),
+                        'LIMIT', 0, tonumber(ARGV[3]))
+return {added, reaped, dead}
+"""
+
+# Reap one worker, if it is still dead and its hash is what we read: KEYS workers,
+# tombstones, its clients hash; ARGV worker, ttl_ms, fields read, tombstone_ms, channel,
+# messages to publish...  Returns 1 (reaped), 0 (alive again or reaped by another), -1
+# (its clients changed since we read them: read again).
+_REAP = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if not score or tonumber(score) >= now - tonumber(ARGV[2]) then return 0 end
+if redis.call('HLEN', KEYS[3]) ~= tonumber(ARGV[3]) then return -1 end
+redis.call('DEL', KEYS[3])
+redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('ZADD', KEYS[2], now, ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - tonumber(ARGV[4]))
+for i = 6, #ARGV do redis.call('PUBLISH', ARGV[5], ARGV[i]) end
+return 1
+"""
 
 
 class Outgoing(NamedTuple):
@@ -40,6 +82,25 @@ class Outgoing(NamedTuple):
     entry: Optional[ClientEntry] = None
 
 
+class Beat(NamedTuple):
+    """What one heartbeat found."""
+
+    #: We were not in the workers' set: first beat, or the others dropped us.
+    added: bool
+    #: The others had reaped us (told our clients' leaves) since our last beat.
+    reaped: bool
+    #: Workers whose last beat is older than the TTL.
+    dead: List[str]
+
+
+class Snapshot(NamedTuple):
+    """The shared table as read at one moment."""
+
+    #: Every worker in the workers' set.
+    workers: List[str]
+    entries: List[ClientEntry]
+
+
 class RedisStore:
     """The keys and channels of one namespace, seen from one worker.
 
@@ -49,19 +110,28 @@ class RedisStore:
     def __init__(self, namespace: str, worker_id: str, worker_ttl: float, on_malformed: Callable[[str], None]):
         self.namespace = namespace
         self.worker_id = worker_id
-        self.worker_ttl = worker_ttl
+        self.ttl_ms = int(worker_ttl * 1000)
         self._on_malformed = on_malformed
         self.all_channel = f"{namespace}:all"
         self.my_channel = self.channel_of(worker_id)
-        self.clients_key = f"{namespace}:clients"
         self.workers_key = f"{namespace}:workers"
+        self.tombstones_key = f"{namespace}:reaped"
+        self.my_clients_key = self.clients_key(worker_id)
+        self._scripts: Dict[Tuple[int, str], Any] = {}
 
     def channel_of(self, worker: Optional[str]) -> str:
         """The channel of one worker, or (None) the one every worker hears."""
         return self.all_channel if worker is None else f"{self.namespace}:to:{worker}"
 
-    def _alive_key(self, worker: str) -> str:
-        return f"{self.namespace}:alive:{worker}"
+    def clients_key(self, worker: str) -> str:
+        return f"{self.namespace}:clients:{worker}"
+
+    def _script(self, client: Any, text: str) -> Any:
+        key = (id(client), text)
+        script = self._scripts.get(key)
+        if script is None:
+            script = self._scripts[key] = client.register_script(text)
+        return script
 
     # ------------------------------------------------------------------ writing
 
@@ -74,87 +144,88 @@ class RedisStore:
                 continue
             if item.kind == "register":
                 assert item.entry is not None
-                pipe.hset(self.clients_key, item.entry.client_id, item.entry.to_wire())
+                pipe.hset(self.my_clients_key, item.entry.client_id, item.entry.to_wire())
             elif item.kind == "unregister":
                 assert item.entry is not None
-                pipe.hdel(self.clients_key, item.entry.client_id)
+                pipe.hdel(self.my_clients_key, item.entry.client_id)
             pipe.publish(item.channel, item.data)
             published += 1
         if published:
             pipe.execute()
         return published
 
-    def rejoin(self, client: Any, mine: Dict[str, ClientEntry]) -> None:
-        """(Re)connected: mark us alive and write our entries back, telling the others
-        without announcing anyone (Redis may have restarted empty)."""
+    def rewrite(self, client: Any, mine: Dict[str, ClientEntry]) -> int:
+        """Make our hash exactly ``mine`` and tell everyone, in one MULTI (after a reconnect,
+        or after the others reaped us); returns how many messages it published."""
         pipe = client.pipeline(transaction=True)
-        pipe.set(self._alive_key(self.worker_id), b"1", px=int(self.worker_ttl * 1000))
-        pipe.sadd(self.workers_key, self.worker_id)
+        pipe.delete(self.my_clients_key)
         entries = list(mine.values())
-        for entry in entries:
-            pipe.hset(self.clients_key, entry.client_id, entry.to_wire())
-        for start in range(0, len(entries), MAX_ENTRIES_PER_MESSAGE):
-            chunk = tuple(entries[start : start + MAX_ENTRIES_PER_MESSAGE])
-            last = start + MAX_ENTRIES_PER_MESSAGE >= len(entries)
-            pipe.publish(self.all_channel, to_wire(Here(self.worker_id, chunk, complete=last)))
+        if entries:
+            pipe.hset(self.my_clients_key, mapping={entry.client_id: entry.to_wire() for entry in entries})
+        chunks = [tuple(entries[start : start + MAX_ENTRIES_PER_MESSAGE]) for start in range(0, len(entries), MAX_ENTRIES_PER_MESSAGE)] or [()]
+        for number, chunk in enumerate(chunks, 1):
+            pipe.publish(self.all_channel, to_wire(Here(self.worker_id, chunk, complete=number == len(chunks))))
         pipe.execute()
+        return len(chunks)
 
-    def goodbye(self, client: Any, mine: Dict[str, ClientEntry], bye: bytes) -> None:
+    def goodbye(self, client: Any, bye: bytes) -> None:
         """Remove our entries and our heartbeat, and publish ``bye`` on our own channel."""
         pipe = client.pipeline(transaction=True)
-        if mine:
-            pipe.hdel(self.clients_key, *mine)
-        pipe.delete(self._alive_key(self.worker_id))
-        pipe.srem(self.workers_key, self.worker_id)
+        pipe.delete(self.my_clients_key)
+        pipe.zrem(self.workers_key, self.worker_id)
         pipe.publish(self.my_channel, bye)
         pipe.execute()
 
     # ------------------------------------------------------------------ heartbeat and reaping
 
-    def heartbeat(self, client: Any) -> List[str]:
-        """Refresh our alive key; returns the workers whose key expired."""
-        pipe = client.pipeline(transaction=False)
-        pipe.set(self._alive_key(self.worker_id), b"1", px=int(self.worker_ttl * 1000))
-        pipe.sadd(self.workers_key, self.worker_id)
-        pipe.smembers(self.workers_key)
-        _, _, workers = pipe.execute()
-        others = [w.decode() for w in workers if w.decode() != self.worker_id]
-        if not others:
-            return []
-        pipe = client.pipeline(transaction=False)
-        for worker in others:
-            pipe.exists(self._alive_key(worker))
-        return [worker for worker, alive in zip(others, pipe.execute()) if not alive]
+    def heartbeat(self, client: Any) -> Beat:
+        """Say we are alive; learn whether we had been dropped, and who is dead."""
+        added, reaped, dead = self._script(client, _HEARTBEAT)(
+            keys=[self.workers_key, self.tombstones_key], args=[self.worker_id, self.ttl_ms, MAX_REAPED_PER_BEAT], client=client
+        )
+        return Beat(bool(added), bool(reaped), [worker.decode() for worker in dead])
 
-    def reap(self, client: Any, dead: Set[str]) -> List[Reaped]:
-        """Claim the dead workers' clients one by one (HDEL: whoever removes an entry owns
-        its leave) and tell everyone; returns what this worker claimed, per dead worker."""
-        claimed: Dict[str, List[ClientEntry]] = {}
-        for entry in self.snapshot(client):
-            if entry.worker in dead and client.hdel(self.clients_key, entry.client_id):
-                claimed.setdefault(entry.worker, []).append(entry)
-        reaped = []
-        for worker, entries in claimed.items():
-            for start in range(0, len(entries), MAX_ENTRIES_PER_MESSAGE):
-                message = Reaped(self.worker_id, worker, tuple(entries[start : start + MAX_ENTRIES_PER_MESSAGE]))
-                client.publish(self.all_channel, to_wire(message))
-                reaped.append(message)
-        for worker in dead:
-            client.srem(self.workers_key, worker)
-        return reaped
+    def reap(self, client: Any, worker: str) -> List[Reaped]:
+        """Remove a dead worker and its clients, telling everyone (atomically, so exactly
+        one worker reaps it); returns the messages sent, or [] when it was not ours to reap."""
+        for _attempt in range(3):
+            raw = client.hgetall(self.clients_key(worker))
+            entries = self._entries(worker, raw)
+            messages = [
+                Reaped(self.worker_id, worker, tuple(entries[start : start + MAX_ENTRIES_PER_MESSAGE]))
+                for start in range(0, len(entries), MAX_ENTRIES_PER_MESSAGE)
+            ]
+            done = self._script(client, _REAP)(
+                keys=[self.workers_key, self.tombstones_key, self.clients_key(worker)],
+                args=[worker, self.ttl_ms, len(raw), TOMBSTONE_MS, self.all_channel, *(to_wire(m) for m in messages)],
+                client=client,
+            )
+            if done >= 0:
+                return messages if done else []
+        return []
 
     # ------------------------------------------------------------------ reading
 
-    def snapshot(self, client: Any) -> List[ClientEntry]:
-        """Every worker's clients, skipping (and reporting) entries that are not ours."""
+    def snapshot(self, client: Any) -> Snapshot:
+        """Every live worker's clients, skipping (and reporting) entries that are not ours."""
+        workers = [worker.decode() for worker in client.zrange(self.workers_key, 0, -1)]
+        pipe = client.pipeline(transaction=False)
+        for worker in workers:
+            pipe.hgetall(self.clients_key(worker))
+        entries: List[ClientEntry] = []
+        for worker, raw in zip(workers, pipe.execute() if workers else []):
+            entries.extend(self._entries(worker, raw))
+        return Snapshot(workers, entries)
+
+    def _entries(self, worker: str, raw: Dict[bytes, bytes]) -> List[ClientEntry]:
         entries = []
-        for key, value in client.hgetall(self.clients_key).items():
+        for key, value in raw.items():
             try:
                 entry = ClientEntry.from_wire(value)
-                if entry.client_id != key.decode():
-                    raise MalformedClusterMessage("its key is not its id")
+                if entry.client_id != key.decode() or entry.worker != worker:
+                    raise MalformedClusterMessage("its key or worker is not its own")
             except (MalformedClusterMessage, UnicodeDecodeError) as exc:
-                self._on_malformed(f"unreadable entry {key[:60]!r} in {self.clients_key} ({exc})")
+                self._on_malformed(f"unreadable entry {key[:60]!r} in {self.clients_key(worker)} ({exc})")
                 continue
             entries.append(entry)
         return entries

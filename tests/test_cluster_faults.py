@@ -57,6 +57,8 @@ class Worker:
         self.stderr: List[str] = []
         threading.Thread(target=self._pump, args=(self.proc.stdout, self.stdout, True), daemon=True).start()
         threading.Thread(target=self._pump, args=(self.proc.stderr, self.stderr, False), daemon=True).start()
+        #: Its name in Redis.
+        self.worker_id = self.expect(r"WORKER (\S+)").group(1)
         match = self.expect(r"serving on ([\d.]+):(\d+)")
         self.addr: Tuple[str, int] = (match.group(1), int(match.group(2)))
 
@@ -356,8 +358,9 @@ def test_junk_in_redis_is_logged_and_ignored_and_the_cluster_carries_on(cluster,
     try:
         for data in (b"\xc1not msgpack", b"\x93\x01\x02\x03", b"\x92\xa4join\xa1x", b"\x94\xa2to\xa1x\xa3a:b\xc0"):
             junk.publish(f"{namespace}:all", data)
-        junk.hset(f"{namespace}:clients", "not-an-address", b"\xc1")
-        junk.hset(f"{namespace}:clients", "1.2.3.4:5", b"\x91\x01")
+        # Entries that are not ours in the doomed worker's own hash.
+        junk.hset(f"{namespace}:clients:{doomed.worker_id}", "not-an-id", b"\xc1")
+        junk.hset(f"{namespace}:clients:{doomed.worker_id}", f"{doomed.worker_id}#999", b"\x91\x01")
     finally:
         junk.close()
 

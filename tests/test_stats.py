@@ -859,3 +859,15 @@ def test_app_metrics_page_has_the_backplane_counters_of_a_cluster_worker():
         "hisock_backplane_dropped_total": 2,
         "hisock_backplane_malformed_total": 1,
     }
+
+
+def test_app_metrics_page_counts_the_backplane_messages_acted_on_by_kind():
+    cluster = {
+        "worker": "w", "redis": "up", "remote_clients": 0, "published": 0, "received": 0, "dropped": 0, "malformed": 0,
+        "received_by_kind": {"group": 3, "join": 2},
+    }
+    status, _, body = call_app("/metrics", stats=lambda: dict(FAKE_STATS, cluster=cluster))
+    assert status == "200 OK"
+    samples = metric_samples(body.decode())
+    assert samples[("hisock_backplane_applied_total", (("kind", "group"),))] == 3
+    assert samples[("hisock_backplane_applied_total", (("kind", "join"),))] == 2
