@@ -41,7 +41,7 @@ from .cluster_messages import (
     to_wire,
 )
 from .home import Home, _allocate_lock, _RealThread
-from .redis_store import Outgoing, RedisStore
+from .redis_store import Beat, Outgoing, RedisStore
 
 if TYPE_CHECKING:
     from .cluster import ClusterDelivery
@@ -231,7 +231,9 @@ class RedisBus(Bus):
         kind, payload = item
         try:
             if kind == "snapshot":
-                node.load_snapshot(payload.entries)
+                node.load_snapshot(payload.workers, payload.entries)
+            elif kind == "tick":
+                node.tick()
             else:
                 node.receive(payload)
         except Exception as exc:  # a message of the right shape that cannot be applied
@@ -248,56 +250,7 @@ class RedisBus(Bus):
 
     def _publisher_main(self) -> None:
         """Write what the hub queued, in order, and keep this worker's heartbeat."""
-        mine: Dict[str, ClientEntry] = {}  # our entries, to write back after an outage
-        client: Any = None
-        backoff = _BACKOFF_FIRST
-        next_beat = 0.0
-        outage = _Outage(self.url)
-        for _ in itertools.count():
-            connected = client is not None and self.redis_up
-            # While Redis is away, take everything queued each time round: what cannot be
-            # sent is dropped rather than piling up.
-            batch = self._take_batch(max(0.0, next_beat - time.monotonic()), _BATCH if connected else None)
-            stop = any(item.kind == "stop" for item in batch)
-            _note_mine(mine, batch)
-            try:
-                if not connected:
-                    client = client or self._redis()
-                    self.store.heartbeat(client)
-                    next_beat = time.monotonic() + self.heartbeat_interval
-                    self.published += self.store.rewrite(client, mine)
-                    self.redis_up = True
-                    backoff = _BACKOFF_FIRST
-                    outage.end()
-                if time.monotonic() >= next_beat:
-                    self._heartbeat(client)
-                    next_beat = time.monotonic() + self.heartbeat_interval
-                self.published += self.store.write(client, batch)
-            except Exception as exc:
-                lost = sum(1 for item in batch if item.kind != "stop")
-                self.dropped += lost
-                self.redis_up = False
-                if isinstance(exc, (self._redis_module.RedisError, OSError)):
-                    outage.begin(exc, lost)
-                else:  # a bug must not end the loop: the worker would go deaf
-                    logger.exception("backplane: unexpected error in the publisher; %d queued item(s) dropped", lost)
-                if stop:
-                    return
-                time.sleep(backoff)
-                backoff = min(backoff * 2, _BACKOFF_MAX)
-                next_beat = 0.0
-                continue
-            if stop:
-                self._goodbye(client)
-                return
-
-    def _heartbeat(self, client: Any) -> None:
-        beat = self.store.heartbeat(client)
-        for worker in beat.dead:
-            for message in self.store.reap(client, worker):
-                self.published += 1
-                assert self._inbox is not None
-                self._inbox.put(("message", message))
+        _Publisher(self).run()
 
     def _goodbye(self, client: Any) -> None:
         try:
@@ -369,6 +322,92 @@ class RedisBus(Bus):
                 continue
             if message.origin != self.worker_id:
                 inbox.put(("message", message))
+
+
+class _Publisher:
+    """The publisher loop's state: its connection, our entries and the heartbeat's clock."""
+
+    def __init__(self, bus: RedisBus):
+        self.bus = bus
+        self.store = bus.store
+        self.client: Any = None
+        self.mine: Dict[str, ClientEntry] = {}  # our entries, to write back when needed
+        self.backoff = _BACKOFF_FIRST
+        self.next_beat = 0.0
+        self.outage = _Outage(bus.url)
+
+    def run(self) -> None:
+        bus = self.bus
+        for _ in itertools.count():
+            connected = self.client is not None and bus.redis_up
+            # While Redis is away, take everything queued each time round: what cannot be
+            # sent is dropped rather than piling up.
+            batch = bus._take_batch(max(0.0, self.next_beat - time.monotonic()), _BATCH if connected else None)
+            stop = any(item.kind == "stop" for item in batch)
+            _note_mine(self.mine, batch)
+            try:
+                if not connected:
+                    self._connect()
+                elif time.monotonic() >= self.next_beat:
+                    # Before the batch: after a long pause, we learn first whether the
+                    # others reaped us.
+                    self._beat(self.store.heartbeat(self.client))
+                bus.published += self.store.write(self.client, batch)
+            except Exception as exc:
+                self._fail(exc, batch)
+                if stop:
+                    _close_quietly(self.client)
+                    return
+                time.sleep(self.backoff)
+                self.backoff = min(self.backoff * 2, _BACKOFF_MAX)
+                continue
+            if stop:
+                bus._goodbye(self.client)
+                return
+
+    def _connect(self) -> None:
+        """(Re)connected: beat, and write our clients back (Redis may have restarted empty,
+        or the others may have reaped us while we could not reach it)."""
+        self.client = self.client or self.bus._redis()
+        beat = self.store.heartbeat(self.client)
+        if beat.reaped:
+            logger.warning(
+                "backplane: the other workers counted worker %s dead while it could not reach Redis; writing its %d client(s) back",
+                self.store.worker_id, len(self.mine),
+            )
+        self.bus.published += self.store.rewrite(self.client, self.mine)
+        self.bus.redis_up = True
+        self.backoff = _BACKOFF_FIRST
+        self.outage.end()
+        self._beat(beat, rewritten=True)
+
+    def _beat(self, beat: Beat, rewritten: bool = False) -> None:
+        """Act on a heartbeat: write our clients back if the others had dropped us, reap
+        the dead, and let the hub's cluster logic look at its clock."""
+        self.next_beat = time.monotonic() + self.bus.heartbeat_interval
+        if beat.added and not rewritten:
+            logger.warning(
+                "backplane: the other workers had counted worker %s dead (paused or cut off for longer than its TTL); "
+                "writing its %d client(s) back", self.store.worker_id, len(self.mine),
+            )
+            self.bus.published += self.store.rewrite(self.client, self.mine)
+        inbox = self.bus._inbox
+        assert inbox is not None
+        for worker in beat.dead:
+            for message in self.store.reap(self.client, worker):
+                self.bus.published += 1
+                inbox.put(("message", message))
+        inbox.put(("tick", None))
+
+    def _fail(self, exc: Exception, batch: List[Outgoing]) -> None:
+        lost = sum(1 for item in batch if item.kind != "stop")
+        self.bus.dropped += lost
+        self.bus.redis_up = False
+        self.next_beat = 0.0
+        if isinstance(exc, (self.bus._redis_module.RedisError, OSError)):
+            self.outage.begin(exc, lost)
+        else:  # a bug must not end the loop: the worker would go deaf
+            logger.exception("backplane: unexpected error in the publisher; %d queued item(s) dropped", lost)
 
 
 def _note_mine(mine: Dict[str, ClientEntry], batch: List[Outgoing]) -> None:

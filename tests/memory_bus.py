@@ -17,6 +17,7 @@ from hisock_gevent.cluster import Bus, ClusterDelivery
 from hisock_gevent.cluster_messages import (
     ClientEntry,
     ClusterMessage,
+    Here,
     Reaped,
     decode,
     tag_of,
@@ -66,8 +67,9 @@ class MemoryNetwork:
                 count += 1
         return count
 
-    def snapshot(self) -> List[ClientEntry]:
-        return [entry for entries in self.table.values() for entry in entries.values()]
+    def snapshot(self) -> Tuple[List[str], List[ClientEntry]]:
+        """The live workers and every one's clients, as a bus reads them after subscribing."""
+        return list(self.table), [entry for entries in self.table.values() for entry in entries.values()]
 
     def reap(self, dead: str, by: str) -> None:
         """``by`` finds ``dead`` gone: its entries leave the table and everyone is told."""
@@ -75,6 +77,17 @@ class MemoryNetwork:
         message = Reaped(by, dead, entries)
         self.send(by, None, message)
         self.buses[by].node.receive(message)
+
+    def come_back(self, worker: str) -> None:
+        """``worker`` finds it was dropped (reaped, or Redis lost the table): it writes its
+        clients back and tells everyone its complete list."""
+        bus = self.buses[worker]
+        self.table[worker] = dict(bus.mine)
+        self.send(worker, None, Here(worker, tuple(bus.mine.values()), complete=True))
+
+    def resubscribe(self, worker: str) -> None:
+        """``worker``'s subscription was down and is back: it reads the table afresh."""
+        self.buses[worker].node.load_snapshot(*self.snapshot())
 
 
 class MemoryBus(Bus):
@@ -84,12 +97,14 @@ class MemoryBus(Bus):
         self.network = network
         self.worker_id = worker_id
         self.node: Any = None
+        #: Our entries, as the transport keeps them to write them back.
+        self.mine: Dict[str, ClientEntry] = {}
 
     def open(self, node: ClusterDelivery) -> None:
         self.node = node
         self.network.buses[self.worker_id] = self
         self.network.table.setdefault(self.worker_id, {})
-        node.load_snapshot(self.network.snapshot())
+        node.load_snapshot(*self.network.snapshot())
 
     def close(self) -> None:
         self.network.buses.pop(self.worker_id, None)
@@ -98,11 +113,13 @@ class MemoryBus(Bus):
         self.network.send(self.worker_id, worker, message)
 
     def register(self, entry: ClientEntry, message: ClusterMessage) -> None:
+        self.mine[entry.client_id] = entry
         if self.worker_id not in self.network.cut:
             self.network.table.setdefault(self.worker_id, {})[entry.client_id] = entry
         self.network.send(self.worker_id, None, message)
 
     def unregister(self, entry: ClientEntry, message: ClusterMessage) -> None:
+        self.mine.pop(entry.client_id, None)
         if self.worker_id not in self.network.cut:
             self.network.table.get(self.worker_id, {}).pop(entry.client_id, None)
         self.network.send(self.worker_id, None, message)

@@ -420,3 +420,58 @@ def test_two_clients_sharing_one_address_on_two_workers_each_get_exactly_their_o
     assert {text for text in alice.messages() if text.startswith("hello")} == {"hello alice", "hello alice2"}
     assert {text for text in bob.messages() if text.startswith("hello")} == {"hello bob"}
     assert any(f"2 clients are at {host}:{port}; using the one that joined first" in line for line in third.stderr)
+
+
+def numbers(inbox: Inbox) -> List[int]:
+    """The numbered messages ``inbox`` received, in arrival order."""
+    return [text for kind, text in inbox.events if kind == "msg" and isinstance(text, int)]
+
+
+def assert_in_order_once(received: List[int], must_have: List[int], may_have: List[int]) -> None:
+    """Each number at most once, in the order sent; everything in ``must_have``, nothing
+    outside ``may_have``."""
+    assert received == sorted(set(received)), f"duplicated or out of order: {received}"
+    assert set(must_have) <= set(received), f"missing {sorted(set(must_have) - set(received))}"
+    assert set(received) <= set(may_have), f"unexpected {sorted(set(received) - set(may_have))}"
+
+
+def send_numbers(sender: Inbox, to: str, numbers_to_send: range) -> None:
+    for number in numbers_to_send:
+        sender.send("relay", {"to": to, "text": number})
+
+
+@pytest.mark.slow
+def test_a_worker_paused_past_the_ttl_registers_its_clients_again_when_it_resumes(cluster):
+    paused, survivor = cluster.worker(), cluster.worker()
+    alice = cluster.client(paused, "alice")
+    bob = cluster.client(survivor, "bob")
+    relay_until_delivered(bob, alice, "warm up")
+    relay_until_delivered(alice, bob, "warm up, back")
+    send_numbers(bob, "alice", range(0, 10))
+    alice.wait_for(("msg", 9))
+
+    os.kill(paused.proc.pid, signal.SIGSTOP)
+    try:
+        # Past the TTL (1 s) the survivor reaps alice: its leave runs there, bob hears it.
+        survivor.expect("LEAVE alice$")
+        bob.wait_for(("left", "alice"))
+        send_numbers(bob, "alice", range(10, 20))  # alice is unknown now: these fail
+        bob.wait_for(("error", "ClientNotFound: no client named 'alice'"))
+    finally:
+        os.kill(paused.proc.pid, signal.SIGCONT)
+    resumed = time.monotonic()
+
+    # Within a heartbeat (0.2 s here) the resumed worker writes alice back; bob's worker
+    # announces her again (bob hears client_connect), and she is reachable again.
+    bob.wait_for(("joined", "alice"))
+    assert time.monotonic() - resumed < 0.2 + 3.0  # one heartbeat, plus a loaded machine's slack
+    send_numbers(bob, "alice", range(20, 30))
+    alice.wait_for(("msg", 29))
+    relay_until_delivered(alice, bob, "and back")
+
+    assert_in_order_once(numbers(alice), must_have=[*range(0, 10), *range(20, 30)], may_have=list(range(30)))
+    assert bob.events.count(("left", "alice")) == 1 and bob.events.count(("joined", "alice")) == 1
+    # alice's own worker never lost her, nor bob: she heard only her welcome and bob's join.
+    assert [event for event in alice.events if event[0] in ("left", "joined")] == [("joined", "alice"), ("joined", "bob")]
+    assert paused.count("LEAVE alice") == 0 and survivor.count("LEAVE alice") == 1
+    assert any("writing its 1 client(s) back" in line for line in paused.stderr), paused.stderr[-10:]

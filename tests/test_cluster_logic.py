@@ -368,3 +368,104 @@ def test_reaping_one_worker_takes_only_its_client_of_a_shared_address(net, worke
     for server in (workers[0], workers[2]):
         assert [info.name for info in server.delivery.all_clients()] == ["alice"]
     assert alice.received().count(("left", "bob")) == 1
+
+
+# ---------------------------------------------------------------- coming back, catching up
+
+
+def events_about(peer, name: str, since: int = 0) -> List[str]:
+    """What ``peer`` heard of ``name`` joining and leaving, from its ``since``-th frame on."""
+    return [kind for kind, who in peer.received()[since:] if who == name and kind in ("joined", "left")]
+
+
+def test_a_reaped_worker_that_comes_back_is_announced_again_once_and_reachable(net, workers) -> None:
+    w0, w1, w2 = workers
+    alice = w0.join(("10.0.0.1", 1), "alice")
+    carol = w2.join(("10.0.0.3", 3), "carol")
+    bob = w1.join(("10.0.0.2", 2), "bob", "red")
+    net.pump()
+    net.reap("w1", by="w0")  # w1 was paused past the TTL
+    net.pump()
+
+    net.come_back("w1")
+    net.pump()
+
+    for watcher in (alice, carol):
+        assert events_about(watcher, "bob") == ["joined", "left", "joined"], watcher
+    assert events_about(bob, "bob") == []  # its own worker never lost it
+    assert w0.leaves == [ClientInfo(("10.0.0.2", 2), "bob", "red")]  # leave ran once, not again
+    w2.send_client("bob", "msg", "welcome back")
+    w0.send_group("red", "told", "reds")
+    net.pump()
+    assert bob.got("msg") == ["welcome back"] and bob.got("told") == ["reds"]
+
+
+def test_coming_back_tells_the_others_who_left_and_joined_while_cut_off(net, workers) -> None:
+    w0, w1, _ = workers
+    alice = w0.join(("10.0.0.1", 1), "alice")
+    bob = w1.join(("10.0.0.2", 2), "bob")
+    net.pump()
+    mark = len(alice.frames)
+    net.cut.add("w1")
+    w1.leave(bob)  # the others never hear of these two
+    w1.join(("10.0.0.4", 4), "dave")
+    net.cut.discard("w1")
+
+    net.come_back("w1")
+    net.pump()
+
+    assert events_about(alice, "bob", mark) == ["left"]
+    assert events_about(alice, "dave", mark) == ["joined"]
+    assert sorted(info.name for info in w0.delivery.all_clients()) == ["alice", "dave"]
+
+
+def test_a_worker_that_resubscribes_catches_up_on_what_it_missed(net, workers) -> None:
+    w0, w1, _ = workers
+    alice = w0.join(("10.0.0.1", 1), "alice")
+    bob = w1.join(("10.0.0.2", 2), "bob")
+    net.pump()
+    mark = len(alice.frames)
+    net.cut.add("w0")  # w0's subscription is down
+    w1.leave(bob)
+    w1.join(("10.0.0.4", 4), "dave")
+    net.pump()
+    net.cut.discard("w0")
+
+    net.resubscribe("w0")
+
+    assert events_about(alice, "bob", mark) == ["left"]
+    assert events_about(alice, "dave", mark) == ["joined"]
+
+
+def test_after_redis_restarts_empty_the_workers_that_write_back_are_not_announced_again(net, workers) -> None:
+    w0, w1, w2 = workers
+    alice = w0.join(("10.0.0.1", 1), "alice")
+    w1.join(("10.0.0.2", 2), "bob")
+    w2.join(("10.0.0.3", 3), "carol")
+    net.pump()
+    mark = len(alice.frames)
+    net.table.clear()  # Redis restarted empty: w0 resubscribes before the others are back
+
+    net.resubscribe("w0")
+    net.come_back("w1")
+    net.pump()
+    w0.delivery.tick(now=float("inf"))  # w2 never came back: its clients leave now
+
+    assert events_about(alice, "bob", mark) == []
+    assert events_about(alice, "carol", mark) == ["left"]
+    assert sorted(info.name for info in w0.delivery.all_clients()) == ["alice", "bob"]
+
+
+def test_a_worker_missing_from_a_snapshot_keeps_its_clients_for_the_grace_period(net, workers) -> None:
+    w0, w1, _ = workers
+    alice = w0.join(("10.0.0.1", 1), "alice")
+    w1.join(("10.0.0.2", 2), "bob")
+    net.pump()
+    mark = len(alice.frames)
+    net.table.pop("w1")
+
+    net.resubscribe("w0")
+    w0.delivery.tick()  # within the grace period
+
+    assert events_about(alice, "bob", mark) == []
+    w0.send_client("bob", "msg", "still here?")
