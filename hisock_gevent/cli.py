@@ -471,9 +471,14 @@ def _supervise(args: argparse.Namespace) -> int:
         raise UsageError("--workers needs --port (0 picks a free one): the supervisor binds it before any worker starts")
     if args.stats_port and args.stats_port + args.workers - 1 > 65535:
         raise UsageError(f"--stats-port {args.stats_port} with {args.workers} workers goes past port 65535")
+    _require_backplane(args.backplane, args.backplane_optional)
+    options = _worker_options(args)
+    if args.backplane and not args.backplane_optional:
+        # Checked here once: a worker restarted while Redis is away serves alone meanwhile.
+        options.append("--backplane-optional")
     supervisor = Supervisor(
         args.target,
-        _worker_options(args),
+        options,
         args.host or DEFAULT_HOST,
         args.port,
         args.workers,
@@ -497,6 +502,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # The supervisor stops its workers with SIGTERM; a Ctrl-C reaches the whole process
         # group, and only the supervisor acts on it (even while this worker is importing).
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _require_backplane(args.backplane, args.backplane_optional)
     server = _build_server(args.target, _given_options(args), worker=supervisor_pid is not None)
     return _serve(server, args, supervisor_pid)
 
@@ -689,10 +695,43 @@ def _worker_timeout(text: str) -> float:
     return value
 
 
+def _backplane_url(text: str) -> str:
+    from .backplane import check_url
+
+    try:
+        check_url(text)
+    except (ValueError, ImportError) as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def _require_backplane(url: Optional[str], optional: bool) -> None:
+    """Check once that ``--backplane``'s Redis answers (before anything is built or started).
+
+    :raises UsageError: it does not, and it is not ``optional`` (then it is logged).
+    """
+    from .backplane import check_reachable
+    from .errors import BackplaneUnreachable
+
+    if not url:
+        return
+    try:
+        check_reachable(url)
+    except BackplaneUnreachable as exc:
+        if not optional:
+            raise UsageError(f"{exc} (with --backplane-optional the server would start without it)") from None
+        log.warning("%s; serving without the other workers until it answers (--backplane-optional)", exc)
+
+
 def _add_cluster_options(serve: argparse.ArgumentParser) -> None:
     """``serve``'s options for supervised workers and their backplane."""
     from .workers import DEFAULT_WORKER_TIMEOUT
 
+    serve.add_argument(
+        "--backplane-optional", action="store_true",
+        help="with --backplane: start even when its Redis does not answer, serving this process's clients "
+        "alone until it does (by default the command fails with exit status 2)",
+    )
     serve.add_argument(
         "--worker-timeout", metavar="SECONDS", type=_worker_timeout, default=DEFAULT_WORKER_TIMEOUT,
         help="with --workers: a worker whose hub has not answered the supervisor for this long "
@@ -749,7 +788,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--certfile", default=None, help="serve TLS with this certificate (PEM)")
     serve.add_argument("--keyfile", default=None, help="the certificate's private key (PEM), if not in --certfile")
     serve.add_argument(
-        "--backplane", metavar="URL", default=None,
+        "--backplane", metavar="URL", default=None, type=_backplane_url,
         help="share clients, groups and sends with the other servers on this backplane (e.g. redis://localhost:6379/0)",
     )
     serve.add_argument(

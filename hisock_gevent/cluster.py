@@ -39,6 +39,7 @@ from .cluster_messages import (
     Joined,
     Kick,
     Left,
+    Mark,
     Reaped,
     ToAll,
     ToClient,
@@ -151,6 +152,7 @@ class ClusterDelivery(Delivery):
             ToClient: self._on_to_client,
             Kick: self._on_kick,
             Bye: lambda message: None,
+            Mark: lambda message: None,
         }
 
     def __repr__(self) -> str:

@@ -26,6 +26,8 @@ message        meaning                                      sent to
 ``ToClient``   one frame for one client                     the worker holding it
 ``Kick``       ``disconnect_client`` for one client         the worker holding it
 ``Bye``        the worker is stopping (wakes its reader)    the worker itself
+``Mark``       where a snapshot of the shared table was     the worker itself
+               taken, in the worker's stream of messages
 =============  ==========================================  ===============================
 """
 
@@ -36,7 +38,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import msgpack
 
-from .errors import HiSockError
+from .errors import MalformedClusterMessage
 from .utils import ClientInfo
 
 __all__ = [
@@ -51,6 +53,8 @@ __all__ = [
     "ToClient",
     "Kick",
     "Bye",
+    "Mark",
+    "MEMBERSHIP",
     "ClusterMessage",
     "MalformedClusterMessage",
     "decode",
@@ -58,10 +62,6 @@ __all__ = [
 
 #: Most clients one ``Here`` or ``Reaped`` message carries; a transport splits longer lists.
 MAX_ENTRIES_PER_MESSAGE = 1000
-
-
-class MalformedClusterMessage(HiSockError, ValueError):
-    """Bytes on a cluster channel (or in the shared table) that are not one of our messages."""
 
 
 def _check(condition: bool, what: str) -> None:
@@ -333,7 +333,27 @@ class Bye(_Message):
         return cls(origin)
 
 
-ClusterMessage = Union[Joined, Changed, Left, Here, Reaped, ToAll, ToGroup, ToClient, Kick, Bye]
+@dataclass(frozen=True)
+class Mark(_Message):
+    """Published on the worker's own channel in the same atomic step as it reads the
+    shared table: membership messages it receives before its mark are already in what it
+    read (and are skipped), those after are news."""
+
+    origin: str
+    token: str
+
+    def fields(self) -> List[Any]:
+        return [self.token]
+
+    @classmethod
+    def parse(cls, origin: str, fields: List[Any]) -> Mark:
+        _check(len(fields) == 1 and isinstance(fields[0], str), "Mark has a token")
+        return cls(origin, fields[0])
+
+
+ClusterMessage = Union[Joined, Changed, Left, Here, Reaped, ToAll, ToGroup, ToClient, Kick, Bye, Mark]
+#: The messages that change who is where (and so the shared table); the others are sends.
+MEMBERSHIP = (Joined, Changed, Left, Here, Reaped)
 
 _TAGS: Dict[type, str] = {
     Joined: "join",
@@ -346,6 +366,7 @@ _TAGS: Dict[type, str] = {
     ToClient: "to",
     Kick: "kick",
     Bye: "bye",
+    Mark: "mark",
 }
 _PARSERS: Dict[str, Callable[[str, List[Any]], ClusterMessage]] = {tag: cls.parse for cls, tag in _TAGS.items()}  # type: ignore[attr-defined]
 

@@ -76,6 +76,10 @@ def prometheus_text(stats: StatsSource) -> bytes:
             cluster = snap.get("cluster")
             if cluster:
                 yield gauge("backplane_up", "1 while the backplane reaches Redis.", 1 if cluster["redis"] == "up" else 0)
+                yield gauge(
+                    "backplane_down_seconds", "Seconds this worker has been serving without its backplane (0 while up).",
+                    cluster.get("down_s", 0.0),
+                )
                 yield gauge("backplane_remote_clients", "Clients held by the other workers.", cluster["remote_clients"])
                 yield counter("backplane_published", "Messages published to the other workers.", cluster["published"])
                 yield counter("backplane_received", "Messages received from the other workers.", cluster["received"])

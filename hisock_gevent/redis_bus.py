@@ -24,6 +24,7 @@ import collections
 import itertools
 import logging
 import time
+import uuid
 from typing import TYPE_CHECKING, Any, Deque, Dict, List, Optional, Tuple
 
 import gevent
@@ -33,10 +34,12 @@ import gevent.queue
 
 from .cluster import Bus
 from .cluster_messages import (
+    MEMBERSHIP,
     Bye,
     ClientEntry,
     ClusterMessage,
     MalformedClusterMessage,
+    Mark,
     decode,
     to_wire,
 )
@@ -145,9 +148,13 @@ class RedisBus(Bus):
     :param redis_module: the imported ``redis`` package.
     """
 
-    def __init__(self, redis_module: Any, url: str, namespace: str, worker_id: str, heartbeat_interval: float, worker_ttl: float):
+    def __init__(
+        self, redis_module: Any, url: str, address: str, namespace: str, worker_id: str, heartbeat_interval: float, worker_ttl: float
+    ):
         self._redis_module = redis_module
         self.url = url
+        #: Where the URL points, for messages (no password).
+        self.address = address
         self.worker_id = worker_id
         self.heartbeat_interval = heartbeat_interval
         self.store = RedisStore(namespace, worker_id, worker_ttl, self._note_malformed)
@@ -164,6 +171,8 @@ class RedisBus(Bus):
         self.dropped = 0
         self.malformed = 0
         self.redis_up = False
+        # time.monotonic() since when this worker has been without Redis; None while up.
+        self.down_since: Optional[float] = time.monotonic()
 
     def _redis(self) -> Any:
         timeout = max(self.heartbeat_interval, 1.0)
@@ -188,7 +197,7 @@ class RedisBus(Bus):
                 thread = _RealThread(target=target, name=f"hisock-backplane-{name}", daemon=True)
                 thread.start()
                 self._loops.append(thread)
-        logger.info("backplane %s: worker %s joined namespace %r", self.url, self.worker_id, self.store.namespace)
+        logger.info("backplane: worker %s starting in namespace %r, Redis at %s", self.worker_id, self.store.namespace, self.address)
 
     def close(self) -> None:
         """Say goodbye in Redis (our entries and heartbeat go), then end both loops."""
@@ -214,8 +223,11 @@ class RedisBus(Bus):
         self._outbox.put(Outgoing("unregister", self.store.all_channel, to_wire(message), entry))
 
     def stats(self) -> Dict[str, Any]:
+        down_since = self.down_since
         return {
             "redis": "up" if self.redis_up else "down",
+            # How long this worker has been serving without its backplane (0 while up).
+            "down_s": 0.0 if down_since is None else round(time.monotonic() - down_since, 1),
             "published": self.published,
             "received": self.received,
             "dropped": self.dropped,
@@ -287,29 +299,34 @@ class RedisBus(Bus):
                 client = self._redis()
                 pubsub = client.pubsub(ignore_subscribe_messages=True)
                 pubsub.subscribe(self.store.all_channel, self.store.my_channel)
-                # Subscribed first, then read the table: a change made in between shows in
-                # both, and applying it twice is harmless.
+                # Subscribed first, then read the table with a mark in our stream: what
+                # arrives before the mark is already in the snapshot.
+                token = uuid.uuid4().hex
+                snapshot = self.store.snapshot(client, to_wire(Mark(self.worker_id, token)))
                 assert self._inbox is not None
-                self._inbox.put(("snapshot", self.store.snapshot(client)))
+                self._inbox.put(("snapshot", snapshot))
                 if backoff != _BACKOFF_FIRST or attempt:
-                    logger.info("backplane: subscribed to %s again", self.url)
+                    logger.info("backplane: subscribed to %s again", self.address)
                 backoff = _BACKOFF_FIRST
-                self._listen(pubsub)
+                self._listen(pubsub, token)
             except Exception as exc:
                 if self._stopping:
                     return
                 if not isinstance(exc, (self._redis_module.RedisError, OSError)):
                     logger.exception("backplane: unexpected error in the subscriber; reconnecting")
                 elif backoff == _BACKOFF_FIRST:
-                    logger.warning("backplane: subscription to %s lost (%s); reconnecting", self.url, exc)
+                    logger.warning("backplane: subscription to %s lost (%s); reconnecting", self.address, exc)
                 time.sleep(backoff)
                 backoff = min(backoff * 2, _BACKOFF_MAX)
             finally:
                 _close_quietly(pubsub, client)
 
-    def _listen(self, pubsub: Any) -> None:
+    def _listen(self, pubsub: Any, token: str) -> None:
+        """Hand what arrives to the hub until we stop; membership news older than our
+        snapshot's mark is skipped (the snapshot has it already)."""
         inbox = self._inbox
         assert inbox is not None
+        synced = False
         while not self._stopping:
             raw = pubsub.get_message(timeout=_SUBSCRIBER_POLL)
             if raw is None or raw.get("type") != "message":
@@ -320,7 +337,9 @@ class RedisBus(Bus):
             except MalformedClusterMessage as exc:
                 self._note_malformed(f"unreadable message ({exc})")
                 continue
-            if message.origin != self.worker_id:
+            if isinstance(message, Mark):
+                synced = synced or (message.origin == self.worker_id and message.token == token)
+            elif message.origin != self.worker_id and (synced or not isinstance(message, MEMBERSHIP)):
                 inbox.put(("message", message))
 
 
@@ -334,7 +353,7 @@ class _Publisher:
         self.mine: Dict[str, ClientEntry] = {}  # our entries, to write back when needed
         self.backoff = _BACKOFF_FIRST
         self.next_beat = 0.0
-        self.outage = _Outage(bus.url)
+        self.outage = _Outage(bus.address)
 
     def run(self) -> None:
         bus = self.bus
@@ -377,6 +396,7 @@ class _Publisher:
             )
         self.bus.published += self.store.rewrite(self.client, self.mine)
         self.bus.redis_up = True
+        self.bus.down_since = None
         self.backoff = _BACKOFF_FIRST
         self.outage.end()
         self._beat(beat, rewritten=True)
@@ -402,6 +422,8 @@ class _Publisher:
     def _fail(self, exc: Exception, batch: List[Outgoing]) -> None:
         lost = sum(1 for item in batch if item.kind != "stop")
         self.bus.dropped += lost
+        if self.bus.redis_up:
+            self.bus.down_since = time.monotonic()
         self.bus.redis_up = False
         self.next_beat = 0.0
         if isinstance(exc, (self.bus._redis_module.RedisError, OSError)):

@@ -72,6 +72,18 @@ return 1
 """
 
 
+# Read the table and publish a mark, atomically: KEYS workers; ARGV clients-key prefix,
+# our channel, the mark.  Returns {workers, {flat hash of each}}.  (It builds key names, so
+# it runs on one Redis server, not a Redis Cluster.)
+_SNAPSHOT = """
+local workers = redis.call('ZRANGE', KEYS[1], 0, -1)
+local hashes = {}
+for i, worker in ipairs(workers) do hashes[i] = redis.call('HGETALL', ARGV[1] .. worker) end
+redis.call('PUBLISH', ARGV[2], ARGV[3])
+return {workers, hashes}
+"""
+
+
 class Outgoing(NamedTuple):
     """One thing the publisher writes: a publish, or an entry written or removed with its
     announcement (both in the same MULTI)."""
@@ -206,16 +218,18 @@ class RedisStore:
 
     # ------------------------------------------------------------------ reading
 
-    def snapshot(self, client: Any) -> Snapshot:
-        """Every live worker's clients, skipping (and reporting) entries that are not ours."""
-        workers = [worker.decode() for worker in client.zrange(self.workers_key, 0, -1)]
-        pipe = client.pipeline(transaction=False)
-        for worker in workers:
-            pipe.hgetall(self.clients_key(worker))
+    def snapshot(self, client: Any, mark: bytes) -> Snapshot:
+        """Every live worker's clients (skipping, and reporting, entries that are not ours),
+        read in one atomic step with publishing ``mark`` on our own channel: a subscriber
+        knows which of the messages it received are already in the snapshot."""
+        workers, hashes = self._script(client, _SNAPSHOT)(
+            keys=[self.workers_key], args=[f"{self.namespace}:clients:", self.my_channel, mark], client=client
+        )
+        names = [worker.decode() for worker in workers]
         entries: List[ClientEntry] = []
-        for worker, raw in zip(workers, pipe.execute() if workers else []):
-            entries.extend(self._entries(worker, raw))
-        return Snapshot(workers, entries)
+        for worker, flat in zip(names, hashes):
+            entries.extend(self._entries(worker, dict(zip(flat[::2], flat[1::2]))))
+        return Snapshot(names, entries)
 
     def _entries(self, worker: str, raw: Dict[bytes, bytes]) -> List[ClientEntry]:
         entries = []

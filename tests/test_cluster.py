@@ -47,7 +47,9 @@ SECOND_HOST = "127.0.0.2"
 WAIT = 10.0
 #: How many numbered messages the ordering test relays each way.
 ORDERED_COUNT = 200
-CLUSTER_STATS_KEYS = {"worker", "redis", "remote_clients", "published", "received", "dropped", "malformed", "received_by_kind"}
+CLUSTER_STATS_KEYS = {
+    "worker", "redis", "down_s", "remote_clients", "published", "received", "dropped", "malformed", "received_by_kind",
+}
 
 
 # ---------------------------------------------------------------- the cluster under test
@@ -595,6 +597,7 @@ def test_stats_report_the_cluster_for_backplane_servers(cluster: Cluster) -> Non
         assert stats["remote_clients"] == len(members) - local
         assert stats["received"] >= 1
         assert stats["dropped"] == 0
+        assert stats["down_s"] == 0.0
     if cluster.topology == "two_hosts":
         assert [stats["worker"].split(":")[0] for stats in everything] == ["host-a", "host-b"]
 

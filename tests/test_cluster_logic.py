@@ -22,6 +22,7 @@ from hisock_gevent.cluster_messages import (
     Kick,
     Left,
     MalformedClusterMessage,
+    Mark,
     Reaped,
     ToAll,
     ToClient,
@@ -62,6 +63,7 @@ def workers(net: MemoryNetwork) -> Iterator[List[FakeServer]]:
         ToClient("w1", "w2#7", b"frame"),
         Kick("w1", "w2#7", True, False),
         Bye("w1"),
+        Mark("w1", "a-token"),
     ],
 )
 def test_every_cluster_message_round_trips_through_its_wire_form(message) -> None:

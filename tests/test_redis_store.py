@@ -12,7 +12,7 @@ from typing import Dict, Iterator, List
 import pytest
 from redis_server import redis_server  # noqa: F401  (a fixture)
 
-from hisock_gevent.cluster_messages import ClientEntry, Here, Reaped, decode
+from hisock_gevent.cluster_messages import ClientEntry, Here, Mark, Reaped, decode
 from hisock_gevent.redis_store import RedisStore
 
 pytestmark = pytest.mark.timeout(30)
@@ -142,8 +142,30 @@ def test_a_snapshot_skips_entries_that_are_not_ours_and_says_so(redis_client) ->
     redis_client.hset(worker.my_clients_key, "junk", b"\xc1")
     redis_client.hset(worker.my_clients_key, "w#9", entries("elsewhere", 1)["elsewhere#0"].to_wire())
 
-    snapshot = worker.snapshot(redis_client)
+    snapshot = worker.snapshot(redis_client, Mark("w", "token").to_wire())
 
     assert snapshot.workers == ["w"]
     assert sorted(entry.client_id for entry in snapshot.entries) == ["w#0", "w#1"]
     assert len(malformed) == 2
+
+
+def test_a_snapshot_marks_its_place_in_the_readers_stream(redis_client) -> None:
+    reader, writer = store("reader", []), store("writer", [])
+    writer.heartbeat(redis_client)
+    pubsub = redis_client.pubsub(ignore_subscribe_messages=True)
+    pubsub.subscribe(reader.all_channel, reader.my_channel)
+    pubsub.get_message(timeout=1)
+    writer.rewrite(redis_client, entries("writer", 1))  # before the snapshot: in it
+
+    snapshot = reader.snapshot(redis_client, Mark("reader", "t1").to_wire())
+    writer.rewrite(redis_client, entries("writer", 2))  # after: news
+
+    received = []
+    deadline = time.monotonic() + 5
+    while len(received) < 3 and time.monotonic() < deadline:
+        raw = pubsub.get_message(timeout=0.5)  # None for a subscription's confirmation, too
+        if raw is not None:
+            received.append(decode(raw["data"]))
+    pubsub.close()
+    assert [type(message).__name__ for message in received] == ["Here", "Mark", "Here"]
+    assert [entry.client_id for entry in snapshot.entries] == ["writer#0"]

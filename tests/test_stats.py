@@ -847,12 +847,16 @@ def test_server_serve_stats_runs_on_the_servers_own_hub_and_stops_with_close(mak
 
 
 def test_app_metrics_page_has_the_backplane_counters_of_a_cluster_worker():
-    cluster = {"worker": "host:1:abc", "redis": "down", "remote_clients": 5, "published": 7, "received": 9, "dropped": 2, "malformed": 1}
+    cluster = {
+        "worker": "host:1:abc", "redis": "down", "down_s": 12.5, "remote_clients": 5, "published": 7, "received": 9,
+        "dropped": 2, "malformed": 1,
+    }
     status, _, body = call_app("/metrics", stats=lambda: dict(FAKE_STATS, cluster=cluster))
     assert status == "200 OK"
     samples = metric_samples(body.decode())
     assert {name: value for (name, labels), value in samples.items() if name.startswith("hisock_backplane")} == {
         "hisock_backplane_up": 0,
+        "hisock_backplane_down_seconds": 12.5,
         "hisock_backplane_remote_clients": 5,
         "hisock_backplane_published_total": 7,
         "hisock_backplane_received_total": 9,
