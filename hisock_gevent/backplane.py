@@ -26,7 +26,7 @@ from typing import Any, Optional
 
 from .cluster import ClusterDelivery
 from .errors import BackplaneUnreachable
-from .redis_bus import RedisBus
+from .redis_bus import BACKOFF_MAX, RedisBus
 
 __all__ = ["RedisBackplane", "DEFAULT_HEARTBEAT_INTERVAL", "DEFAULT_WORKER_TTL", "check_url", "check_reachable"]
 
@@ -126,7 +126,9 @@ class RedisBackplane(ClusterDelivery):
         self.worker_ttl = worker_ttl
         worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.redis_bus = RedisBus(redis, url, self.address, namespace, worker_id, heartbeat_interval, worker_ttl)
-        super().__init__(self.redis_bus, resync_grace=worker_ttl)
+        # After Redis restarts empty, a worker writes its clients back within its backoff
+        # and a heartbeat; one that has not by then is gone.
+        super().__init__(self.redis_bus, resync_grace=worker_ttl + 2 * BACKOFF_MAX)
 
     def __repr__(self) -> str:
         return f"<RedisBackplane {self.address} ns={self.namespace} worker={self.worker_id}>"

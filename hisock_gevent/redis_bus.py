@@ -49,19 +49,22 @@ from .redis_store import Beat, Outgoing, RedisStore
 if TYPE_CHECKING:
     from .cluster import ClusterDelivery
 
-__all__ = ["RedisBus", "HubInbox"]
+__all__ = ["RedisBus", "HubInbox", "BACKOFF_MAX"]
 
 logger = logging.getLogger("hisock_gevent")
 
-# Reconnect backoff, seconds: first wait and most.
+# Reconnect backoff, seconds: first wait and (public) most.
 _BACKOFF_FIRST = 0.1
-_BACKOFF_MAX = 2.0
+#: The longest wait between two attempts to reach Redis.
+BACKOFF_MAX = 2.0
 # Most queued items written in one MULTI.
 _BATCH = 512
 # Most inbox items handled before the pump lets other greenlets run.
 _INBOX_SLICE = 256
 # Seconds the subscriber waits for a message before looking at its stop flag again.
 _SUBSCRIBER_POLL = 1.0
+# Seconds of silence (pings unanswered) after which the subscriber reconnects, at least.
+_MIN_SILENCE = 2.0
 # Seconds stop() waits for both loops.
 _STOP_TIMEOUT = 3.0
 
@@ -317,19 +320,37 @@ class RedisBus(Bus):
                 elif backoff == _BACKOFF_FIRST:
                     logger.warning("backplane: subscription to %s lost (%s); reconnecting", self.address, exc)
                 time.sleep(backoff)
-                backoff = min(backoff * 2, _BACKOFF_MAX)
+                backoff = min(backoff * 2, BACKOFF_MAX)
             finally:
                 _close_quietly(pubsub, client)
 
     def _listen(self, pubsub: Any, token: str) -> None:
         """Hand what arrives to the hub until we stop; membership news older than our
-        snapshot's mark is skipped (the snapshot has it already)."""
+        snapshot's mark is skipped (the snapshot has it already).
+
+        A quiet channel is pinged every heartbeat interval: a connection that stays silent
+        (a network partition, a Redis gone without closing it) is dropped and made again,
+        with a fresh snapshot, instead of leaving this worker deaf.
+
+        :raises ConnectionError: no answer for too long.
+        """
         inbox = self._inbox
         assert inbox is not None
         synced = False
+        silence_limit = max(3 * self.heartbeat_interval, _MIN_SILENCE)
+        last_heard = last_ping = time.monotonic()
         while not self._stopping:
-            raw = pubsub.get_message(timeout=_SUBSCRIBER_POLL)
-            if raw is None or raw.get("type") != "message":
+            now = time.monotonic()
+            if now - last_heard > silence_limit:
+                raise ConnectionError(f"no answer from Redis for {now - last_heard:.1f} s")
+            if now - last_ping >= self.heartbeat_interval:
+                pubsub.ping()
+                last_ping = now
+            raw = pubsub.get_message(timeout=min(_SUBSCRIBER_POLL, self.heartbeat_interval))
+            if raw is None:
+                continue
+            last_heard = time.monotonic()
+            if raw.get("type") != "message":
                 continue
             self.received += 1
             try:
@@ -378,7 +399,7 @@ class _Publisher:
                     _close_quietly(self.client)
                     return
                 time.sleep(self.backoff)
-                self.backoff = min(self.backoff * 2, _BACKOFF_MAX)
+                self.backoff = min(self.backoff * 2, BACKOFF_MAX)
                 continue
             if stop:
                 bus._goodbye(self.client)
@@ -405,7 +426,7 @@ class _Publisher:
         """Act on a heartbeat: write our clients back if the others had dropped us, reap
         the dead, and let the hub's cluster logic look at its clock."""
         self.next_beat = time.monotonic() + self.bus.heartbeat_interval
-        if beat.added and not rewritten:
+        if (beat.added or beat.reaped) and not rewritten:
             logger.warning(
                 "backplane: the other workers had counted worker %s dead (paused or cut off for longer than its TTL); "
                 "writing its %d client(s) back", self.store.worker_id, len(self.mine),

@@ -42,12 +42,14 @@ MAX_REAPED_PER_BEAT = 16
 TOMBSTONE_MS = 24 * 3600 * 1000
 
 # Our heartbeat: KEYS workers, tombstones; ARGV me, ttl_ms, max_dead.
-# Returns {1 if we were not in the set (new or dropped), 1 if we had a tombstone, dead...}.
+# Returns {1 if we were not in the set (new or dropped), 1 if we have a tombstone, dead...}.
+# The tombstone stays until we write our clients back (rewrite): a stale heartbeat that a
+# healed network delivers late cannot swallow the news.
 _HEARTBEAT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local added = redis.call('ZADD', KEYS[1], now, ARGV[1])
-local reaped = redis.call('ZREM', KEYS[2], ARGV[1])
+local reaped = redis.call('ZSCORE', KEYS[2], ARGV[1]) and 1 or 0
 local dead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. (now - tonumber(ARGV[2])),
                         'LIMIT', 0, tonumber(ARGV[3]))
 return {added, reaped, dead}
@@ -99,7 +101,7 @@ class Beat(NamedTuple):
 
     #: We were not in the workers' set: first beat, or the others dropped us.
     added: bool
-    #: The others had reaped us (told our clients' leaves) since our last beat.
+    #: The others reaped us (told our clients' leaves) and we have not written them back yet.
     reaped: bool
     #: Workers whose last beat is older than the TTL.
     dead: List[str]
@@ -171,6 +173,7 @@ class RedisStore:
         or after the others reaped us); returns how many messages it published."""
         pipe = client.pipeline(transaction=True)
         pipe.delete(self.my_clients_key)
+        pipe.zrem(self.tombstones_key, self.worker_id)
         entries = list(mine.values())
         if entries:
             pipe.hset(self.my_clients_key, mapping={entry.client_id: entry.to_wire() for entry in entries})

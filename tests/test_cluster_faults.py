@@ -23,6 +23,7 @@ from typing import Any, List, Optional, Tuple
 
 import pytest
 from redis_server import redis_server  # noqa: F401  (a fixture)
+from tcp_proxy import PausableProxy
 
 import hisock_gevent
 from hisock_gevent.frames import DEFAULT_HEADER_LEN, FrameParser, frame
@@ -187,15 +188,22 @@ class SharedAddressPeer(Inbox):
 def cluster(redis_server, request):  # noqa: F811
     started: List[Worker] = []
     clients: List[Inbox] = []
+    proxies: List[PausableProxy] = []
     namespace = re.sub(r"\W", "_", request.node.name)
 
     class Cluster:
         redis = redis_server
 
-        def worker(self) -> Worker:
-            worker = Worker(redis_server.url, namespace)
+        def worker(self, url: Optional[str] = None) -> Worker:
+            """A worker on the test's Redis (or at ``url``: a proxy in front of it)."""
+            worker = Worker(url or redis_server.url, namespace)
             started.append(worker)
             return worker
+
+        def proxy(self) -> PausableProxy:
+            made = PausableProxy(redis_server.port)
+            proxies.append(made)
+            return made
 
         def client(self, worker: Worker, name: str, group: Optional[str] = None) -> Inbox:
             inbox = Inbox(worker, name, group)
@@ -214,6 +222,8 @@ def cluster(redis_server, request):  # noqa: F811
         inbox.close()
     for worker in started:
         worker.stop()
+    for proxy in proxies:
+        proxy.close()
 
 
 def relay_until_delivered(sender: Inbox, receiver: Inbox, text: str, timeout: float = WAIT) -> None:
@@ -475,3 +485,124 @@ def test_a_worker_paused_past_the_ttl_registers_its_clients_again_when_it_resume
     assert [event for event in alice.events if event[0] in ("left", "joined")] == [("joined", "alice"), ("joined", "bob")]
     assert paused.count("LEAVE alice") == 0 and survivor.count("LEAVE alice") == 1
     assert any("writing its 1 client(s) back" in line for line in paused.stderr), paused.stderr[-10:]
+
+
+def wait_until(predicate: Any, what: str, timeout: float = WAIT) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"never {what}"
+        time.sleep(0.01)
+
+
+def membership(inbox: Inbox, since: int = 0) -> List[Tuple[str, Any]]:
+    """The joins and leaves ``inbox`` heard, from its ``since``-th event on."""
+    return [event for event in inbox.events[since:] if event[0] in ("joined", "left")]
+
+
+@pytest.mark.slow
+def test_a_worker_cut_off_from_redis_past_the_ttl_is_reaped_comes_back_and_catches_up(cluster):
+    proxy = cluster.proxy()
+    cut, other = cluster.worker(url=proxy.url), cluster.worker()
+    alice, carol = cluster.client(cut, "alice"), cluster.client(cut, "carol")
+    bob, erin = cluster.client(other, "bob"), cluster.client(other, "erin")
+    relay_until_delivered(bob, alice, "warm up")
+    relay_until_delivered(alice, bob, "warm up, back")
+    send_numbers(bob, "alice", range(0, 10))
+    send_numbers(alice, "bob", range(100, 110))
+    alice.wait_for(("msg", 9))
+    bob.wait_for(("msg", 109))
+    marks = {inbox.name: len(inbox.events) for inbox in (alice, carol, bob)}
+
+    proxy.partition()
+    try:
+        # Past the TTL (1 s) the other side reaps the cut-off worker's clients.
+        bob.wait_for(("left", "alice"))
+        bob.wait_for(("left", "carol"))
+        # The cut-off worker serves its own clients; its sends across are lost, and logged.
+        alice.send("relay", {"to": "carol", "text": "local while cut off"})
+        carol.wait_for(("msg", "local while cut off"))
+        send_numbers(alice, "bob", range(110, 120))
+        wait_until(lambda: any("unreachable" in line for line in cut.stderr), "an outage logged", timeout=15)
+        # Meanwhile the other side changes.
+        erin.close()
+        dave = cluster.client(other, "dave")
+    finally:
+        proxy.heal()
+
+    # The cut-off worker reaches Redis again, finds it was reaped and writes its clients
+    # back: the other side hears them join again.  Its own clients hear what they missed.
+    bob.wait_for(("joined", "alice"), timeout=30)
+    bob.wait_for(("joined", "carol"))
+    for inbox in (alice, carol):
+        inbox.wait_for(("left", "erin"), timeout=30)
+        inbox.wait_for(("joined", "dave"))
+    send_numbers(bob, "alice", range(20, 30))
+    send_numbers(alice, "bob", range(120, 130))
+    alice.wait_for(("msg", 29))
+    bob.wait_for(("msg", 129))
+    relay_until_delivered(dave, alice, "hello from dave")
+
+    assert_in_order_once(numbers(alice), must_have=[*range(0, 10), *range(20, 30)], may_have=list(range(30)))
+    assert_in_order_once(numbers(bob), must_have=[*range(100, 110), *range(120, 130)], may_have=list(range(100, 130)))
+    assert membership(bob, marks["bob"]) == [("left", "erin"), ("left", "alice"), ("left", "carol"), ("joined", "dave"), ("joined", "alice"), ("joined", "carol")] or sorted(
+        membership(bob, marks["bob"])
+    ) == sorted([("left", "erin"), ("left", "alice"), ("left", "carol"), ("joined", "dave"), ("joined", "alice"), ("joined", "carol")])
+    for inbox in (alice, carol):
+        assert sorted(membership(inbox, marks[inbox.name])) == [("joined", "dave"), ("left", "erin")], inbox.name
+    assert other.count("LEAVE alice") == 1 and cut.count("LEAVE alice") == 0
+    assert any("dead while it could not reach Redis; writing its 2 client(s) back" in line for line in cut.stderr), "\n".join(cut.stderr)
+
+
+@pytest.mark.slow
+def test_redis_restarting_during_a_broadcast_storm_loses_one_stretch_and_delivers_nothing_twice(cluster):
+    first, second = cluster.worker(), cluster.worker()
+    sender, alice = cluster.client(first, "sender"), cluster.client(first, "alice")
+    bob, carol = cluster.client(second, "bob"), cluster.client(second, "carol")
+    relay_until_delivered(alice, bob, "warm up")
+    relay_until_delivered(bob, sender, "warm up, back")
+    everyone = (sender, alice, bob, carol)
+    marks = {inbox.name: len(inbox.events) for inbox in everyone}
+
+    def shouts(inbox: Inbox) -> List[int]:
+        return [text for kind, text in inbox.events if kind == "shout" and isinstance(text, int)]
+
+    stop = threading.Event()
+    sent: List[int] = []
+
+    def storm() -> None:
+        for number in range(20_000):  # bounded: about 40 s at most
+            if stop.is_set():
+                return
+            sender.send("shout", number)
+            sent.append(number)
+            time.sleep(0.002)
+
+    thread = threading.Thread(target=storm, daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: len(shouts(bob)) >= 100, "bob in the storm")
+        cluster.redis.stop()
+        time.sleep(1.0)
+        cluster.redis.start()  # empty
+        restarted = len(sent)
+        # Across again: bob gets what was sent well after the restart.
+        wait_until(lambda: any(number > restarted + 100 for number in shouts(bob)), "the storm across again", timeout=30)
+    finally:
+        stop.set()
+        thread.join(5)
+    sender.send("shout", "end")
+    for inbox in everyone:
+        inbox.wait_for(("shout", "end"))
+
+    for inbox in (sender, alice):  # on the sender's worker: everything, once, in order
+        assert shouts(inbox) == sent, inbox.name
+    for inbox in (bob, carol):
+        got = shouts(inbox)
+        assert got == sorted(set(got)), f"{inbox.name}: duplicated or out of order"
+        missing = sorted(set(sent) - set(got))
+        # What was lost is what was sent while Redis was away (and reconnecting): one stretch.
+        assert missing and missing == list(range(missing[0], missing[-1] + 1)), (inbox.name, missing)
+        assert missing[-1] <= restarted + 100
+    # Redis going away is not a client going away: nobody heard anyone join or leave.
+    for inbox in everyone:
+        assert membership(inbox, marks[inbox.name]) == [], inbox.name
