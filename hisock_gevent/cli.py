@@ -37,7 +37,8 @@ rebuilt with them like with any other option.
 
 ``--workers N`` (N > 1) runs N worker processes under a supervisor instead of serving in
 this process; see :mod:`hisock_gevent.workers`.  Each worker is this command again with
-hidden options (``--reuse-port`` or ``--listen-fd FD``, and ``--worker-index I``).  An
+hidden options (``--reuse-port`` or ``--listen-fd FD``, ``--worker-index I`` and
+``--ready-fd FD``, the pipe on which it tells the supervisor it serves and lives).  An
 instance target works with ``--reuse-port`` (the worker's import binds with SO_REUSEPORT
 too, and the server is rebuilt on the shared port); with ``--listen-fd`` it is refused,
 since every worker would bind it at import on its own.

@@ -606,3 +606,26 @@ def test_redis_restarting_during_a_broadcast_storm_loses_one_stretch_and_deliver
     # Redis going away is not a client going away: nobody heard anyone join or leave.
     for inbox in everyone:
         assert membership(inbox, marks[inbox.name]) == [], inbox.name
+
+
+@pytest.mark.slow
+def test_a_worker_paused_for_less_than_the_ttl_loses_nothing_and_nobody_hears_a_thing(cluster):
+    paused, other = cluster.worker(), cluster.worker()
+    alice = cluster.client(paused, "alice")
+    bob = cluster.client(other, "bob")
+    relay_until_delivered(bob, alice, "warm up")
+    relay_until_delivered(alice, bob, "warm up, back")
+    marks = {inbox.name: len(inbox.events) for inbox in (alice, bob)}
+
+    os.kill(paused.proc.pid, signal.SIGSTOP)
+    try:
+        send_numbers(bob, "alice", range(0, 20))  # wait in Redis for the paused worker
+        time.sleep(0.5)  # half the TTL (1 s)
+    finally:
+        os.kill(paused.proc.pid, signal.SIGCONT)
+    send_numbers(bob, "alice", range(20, 40))
+    alice.wait_for(("msg", 39))
+
+    assert numbers(alice) == list(range(40))
+    assert membership(alice, marks["alice"]) == [] and membership(bob, marks["bob"]) == []
+    assert other.count("LEAVE alice") == 0
