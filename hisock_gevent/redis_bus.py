@@ -300,8 +300,8 @@ class RedisBus(Bus):
             client = pubsub = None
             try:
                 client = self._redis()
-                pubsub = client.pubsub(ignore_subscribe_messages=True)
-                pubsub.subscribe(self.store.all_channel, self.store.my_channel)
+                pubsub = client.pubsub()
+                self._subscribe(pubsub)
                 # Subscribed first, then read the table with a mark in our stream: what
                 # arrives before the mark is already in the snapshot.
                 token = uuid.uuid4().hex
@@ -324,6 +324,23 @@ class RedisBus(Bus):
             finally:
                 _close_quietly(pubsub, client)
 
+    def _subscribe(self, pubsub: Any) -> None:
+        """Subscribe to both channels and wait until Redis confirms both, so that a mark
+        published next is sure to reach us.
+
+        :raises ConnectionError: no confirmation in time.
+        """
+        channels = {self.store.all_channel.encode(), self.store.my_channel.encode()}
+        pubsub.subscribe(*channels)
+        deadline = time.monotonic() + max(3 * self.heartbeat_interval, _MIN_SILENCE)
+        while channels:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise ConnectionError("Redis did not confirm the subscription")
+            raw = pubsub.get_message(timeout=min(remaining, _SUBSCRIBER_POLL))
+            if raw is not None and raw.get("type") == "subscribe":
+                channels.discard(raw["channel"])
+
     def _listen(self, pubsub: Any, token: str) -> None:
         """Hand what arrives to the hub until we stop; membership news older than our
         snapshot's mark is skipped (the snapshot has it already).
@@ -332,17 +349,19 @@ class RedisBus(Bus):
         (a network partition, a Redis gone without closing it) is dropped and made again,
         with a fresh snapshot, instead of leaving this worker deaf.
 
-        :raises ConnectionError: no answer for too long.
+        :raises ConnectionError: no answer for too long, or our mark never came.
         """
         inbox = self._inbox
         assert inbox is not None
         synced = False
         silence_limit = max(3 * self.heartbeat_interval, _MIN_SILENCE)
-        last_heard = last_ping = time.monotonic()
+        last_heard = last_ping = started = time.monotonic()
         while not self._stopping:
             now = time.monotonic()
             if now - last_heard > silence_limit:
                 raise ConnectionError(f"no answer from Redis for {now - last_heard:.1f} s")
+            if not synced and now - started > silence_limit:
+                raise ConnectionError("our snapshot's mark never came back")
             if now - last_ping >= self.heartbeat_interval:
                 pubsub.ping()
                 last_ping = now
