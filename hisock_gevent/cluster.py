@@ -12,12 +12,8 @@ Every method here runs on the server's hub.  The bus calls :meth:`ClusterDeliver
 :meth:`ClusterDelivery.load_snapshot` and :meth:`ClusterDelivery.tick` from a greenlet on
 that hub (never from a hub callback: receiving may run a ``leave`` handler).
 
-What this worker's clients hear of the others' clients: ``$CLTCONN$`` when one is added
-to the mirror and ``$CLTDISCONN$`` when one is removed, exactly once each, whatever the
-reason (a join or leave, a dead worker reaped, a worker coming back after the others
-reaped it, a resynchronisation after this worker lost Redis), so they see the same
-comings and goings as the mirror.  The first snapshot, taken before anyone of ours
-joined, is silent.
+How the mirror follows the others, and what this worker's clients hear of it (each
+join and leave once, whatever the reason), is :mod:`~hisock_gevent.cluster_sync`'s job.
 """
 
 from __future__ import annotations
@@ -47,9 +43,9 @@ from .cluster_messages import (
     tag_of,
 )
 from .cluster_mirror import Mirror, RemoteClient
+from .cluster_sync import DEFAULT_RESYNC_GRACE, MirrorSync
 from .errors import ClientNotFound, GroupNotFound
 from .frames import frame
-from .messages import PeerJoined, PeerLeft
 from .outgoing import OutgoingCommand
 from .registry import (
     ClientRef,
@@ -72,11 +68,6 @@ logger = logging.getLogger("hisock_gevent")
 # Stack depth from the warning up to the user's call of a server method
 # (user -> server method -> its _on_home wrapper -> delivery method -> _find_peer -> _first).
 _WARN_STACKLEVEL = 6
-# How many kicked clients' ids are remembered until their worker says they left.
-_KICKED_MAX = 4096
-#: Seconds a worker missing from a fresh snapshot keeps its clients in the mirror, waiting
-#: for it to write them back (Redis restarted empty); then they leave.
-DEFAULT_RESYNC_GRACE = 5.0
 
 
 class Bus(ABC):
@@ -120,6 +111,7 @@ class ClusterDelivery(Delivery):
     """Deliver to the clients of every worker on one :class:`Bus`."""
 
     def __init__(self, bus: Bus, resync_grace: float = DEFAULT_RESYNC_GRACE):
+        """:param resync_grace: see :data:`~hisock_gevent.cluster_sync.DEFAULT_RESYNC_GRACE`."""
         self.bus = bus
         self.resync_grace = resync_grace
         self.worker_id = bus.worker_id
@@ -130,22 +122,14 @@ class ClusterDelivery(Delivery):
         self._entries: Dict[Peer, ClientEntry] = {}
         self._by_id: Dict[str, Peer] = {}
         self._serial = itertools.count(1)
-        # Ids of other workers' clients we forgot when asking their worker to disconnect
-        # them: their ``Left`` is still announced here.
-        self._kicked: Dict[str, None] = collections.OrderedDict()
-        # A worker's complete list arriving in several Here messages: the ids so far.
-        self._here_ids: Dict[str, set] = {}
-        # Workers missing from the last snapshot: when their clients leave unless they
-        # write them back first (time.monotonic()).
-        self._unconfirmed: Dict[str, float] = {}
-        self._snapshots = 0
+        self._sync = MirrorSync(self._mirror, self.worker_id, self._announce, resync_grace)
         #: Messages acted on, by tag (``"join"``, ``"group"``, ...).
         self.applied: Counter[str] = collections.Counter()
         self._apply: Dict[type, Callable[[Any], None]] = {
-            Joined: self._on_joined,
-            Changed: self._on_changed,
-            Left: self._on_left,
-            Here: self._on_here,
+            Joined: self._sync.joined,
+            Changed: self._sync.changed,
+            Left: self._sync.left,
+            Here: self._sync.here,
             Reaped: self._on_reaped,
             ToAll: self._on_to_all,
             ToGroup: self._on_to_group,
@@ -347,10 +331,7 @@ class ClusterDelivery(Delivery):
             return False
         if not isinstance(target, RemoteClient):
             return False
-        self._mirror.remove(target.client_id)
-        self._kicked[target.client_id] = None
-        while len(self._kicked) > _KICKED_MAX:
-            self._kicked.pop(next(iter(self._kicked)))
+        self._sync.kicked(target.client_id)
         self.bus.publish(target.worker, Kick(self.worker_id, target.client_id, force, call_func))
         return True
 
@@ -364,108 +345,22 @@ class ClusterDelivery(Delivery):
         self._apply[type(message)](message)
 
     def load_snapshot(self, workers: Iterable[str], entries: Iterable[ClientEntry]) -> None:
-        """The shared table as read just after (re)subscribing: the live ``workers`` and
-        their clients.
-
-        Each listed worker's clients in the mirror become exactly these (our clients hear
-        the differences, except on the first snapshot).  A worker the mirror knows but the
-        snapshot does not list keeps its clients for :attr:`resync_grace` seconds: if Redis
-        restarted empty it writes them back (a ``Here``); if it died meanwhile, they leave.
-        """
-        first = self._snapshots == 0
-        self._snapshots += 1
-        listed = {worker for worker in workers if worker != self.worker_id}
-        by_worker: Dict[str, List[ClientEntry]] = {worker: [] for worker in listed}
-        for entry in entries:
-            if entry.worker in listed:
-                by_worker[entry.worker].append(entry)
-        for worker, found in by_worker.items():
-            self._sync_worker(worker, found, announce=not first)
-        for worker in self._mirror.workers():
-            if worker not in listed and worker != self.worker_id:
-                if first:
-                    self._drop_worker(worker, announce=False)
-                else:
-                    self._unconfirmed.setdefault(worker, time.monotonic() + self.resync_grace)
+        """The shared table as read just after (re)subscribing (see :meth:`MirrorSync.load_snapshot`)."""
+        self._sync.load_snapshot(workers, entries)
 
     def tick(self, now: Optional[float] = None) -> None:
-        """Called now and then (each heartbeat): workers that never wrote their clients
-        back after a snapshot missed them are gone, and so are their clients."""
-        now = time.monotonic() if now is None else now
-        for worker, deadline in list(self._unconfirmed.items()):
-            if deadline <= now:
-                logger.warning("backplane: worker %s did not come back; its clients leave", worker)
-                self._drop_worker(worker, announce=True)
-
-    def _sync_worker(self, worker: str, entries: Iterable[ClientEntry], announce: bool) -> None:
-        """Make the mirror's clients of ``worker`` exactly ``entries``."""
-        ids = set()
-        for entry in entries:
-            ids.add(entry.client_id)
-            self._add_remote(entry, announce)
-        for client in self._mirror.of_worker(worker):
-            if client.client_id not in ids:
-                self._remove_remote(client.client_id, announce)
-        self._unconfirmed.pop(worker, None)
-
-    def _drop_worker(self, worker: str, announce: bool) -> None:
-        for client in self._mirror.of_worker(worker):
-            self._remove_remote(client.client_id, announce)
-        self._unconfirmed.pop(worker, None)
-        self._here_ids.pop(worker, None)
-
-    def _add_remote(self, entry: ClientEntry, announce: bool = True) -> None:
-        _client, new = self._mirror.put(entry)
-        if new and announce:
-            self._announce(PeerJoined, entry.info)
-
-    def _remove_remote(self, client_id: str, announce: bool = True) -> bool:
-        client = self._mirror.remove(client_id)
-        if client is not None and announce:
-            self._announce(PeerLeft, client.info)
-        return client is not None
-
-    def _on_joined(self, message: Joined) -> None:
-        self._add_remote(message.entry)
-
-    def _on_changed(self, message: Changed) -> None:
-        if self._mirror.get(message.entry.client_id) is not None:
-            self._mirror.put(message.entry)
-
-    def _on_left(self, message: Left) -> None:
-        entry = message.entry
-        known = self._remove_remote(entry.client_id, announce=False)
-        kicked = self._kicked.pop(entry.client_id, 0) is None
-        if known or kicked:
-            self._announce(PeerLeft, entry.info)
-
-    def _on_here(self, message: Here) -> None:
-        """A worker wrote its clients back: with its last part, the mirror holds exactly
-        them (whoever is new is announced, whoever is missing has left)."""
-        ids = self._here_ids.setdefault(message.origin, set())
-        for entry in message.entries:
-            ids.add(entry.client_id)
-            self._add_remote(entry)
-        if message.complete:
-            del self._here_ids[message.origin]
-            for client in self._mirror.of_worker(message.origin):
-                if client.client_id not in ids:
-                    self._remove_remote(client.client_id)
-            self._unconfirmed.pop(message.origin, None)
+        """Called now and then by the bus (see :meth:`MirrorSync.tick`)."""
+        self._sync.tick(now)
 
     def _on_reaped(self, message: Reaped) -> None:
-        """``message.worker`` was found dead: its clients leave; the reaper runs their
-        ``leave``.  About us, it is news to act on for the bus (which writes our clients
-        back at its next heartbeat), not for the mirror."""
-        if message.worker == self.worker_id:
+        """``message.worker`` was found dead: its clients leave, and the worker that reaped
+        it (maybe us) runs their ``leave``."""
+        self._sync.reaped(message)
+        if message.origin != self.worker_id or message.worker == self.worker_id:
             return
         for entry in message.entries:
-            self._remove_remote(entry.client_id)
-            if message.origin == self.worker_id:
-                logger.warning("backplane: worker %s is gone; %s leaves with it", message.worker, entry.info)
-                self.link.run_leave(entry.info)
-        # Whatever else the mirror held of it is gone too (the table is the truth).
-        self._drop_worker(message.worker, announce=True)
+            logger.warning("backplane: worker %s is gone; %s leaves with it", message.worker, entry.info)
+            self.link.run_leave(entry.info)
 
     def _on_to_all(self, message: ToAll) -> None:
         _send_built(list(self.registry), message.plain, message.extended)
