@@ -8,8 +8,9 @@ How the pieces share the work:
 
 * :mod:`~hisock_gevent.cluster_messages`: what workers tell each other, as frozen
   classes with ``to_wire``/``from_wire`` (no I/O).
-* :mod:`~hisock_gevent.cluster_mirror` and :mod:`~hisock_gevent.cluster`: every worker
-  keeps a mirror of the other workers' clients, so the getters and the "who is bob?" of
+* :mod:`~hisock_gevent.cluster_mirror`, :mod:`~hisock_gevent.cluster_sync` and
+  :mod:`~hisock_gevent.cluster`: every worker keeps a mirror of the other workers' clients
+  (each known by a cluster-unique id), so the getters and the "who is bob?" of
   ``send_client("bob")`` are answered from memory, on the hub; sends to another worker's
   client become messages on the bus (no I/O either: the unit tests use a bus in memory).
 * :mod:`~hisock_gevent.redis_store` and :mod:`~hisock_gevent.redis_bus`: the keys and

@@ -113,7 +113,6 @@ class ClusterDelivery(Delivery):
     def __init__(self, bus: Bus, resync_grace: float = DEFAULT_RESYNC_GRACE):
         """:param resync_grace: see :data:`~hisock_gevent.cluster_sync.DEFAULT_RESYNC_GRACE`."""
         self.bus = bus
-        self.resync_grace = resync_grace
         self.worker_id = bus.worker_id
         self._link: Optional[ServerLink] = None
         self._local: Optional[LocalDelivery] = None
@@ -319,10 +318,6 @@ class ClusterDelivery(Delivery):
             return
         entry = self._entries[peer] = self._entry_of(peer, entry.client_id, entry.joined_at)
         self.bus.register(entry, Changed(self.worker_id, entry))
-
-    def our_entries(self) -> List[ClientEntry]:
-        """Every client of ours, as the others should know it."""
-        return list(self._entries.values())
 
     def disconnect_elsewhere(self, client: ClientRef, force: bool, call_func: bool) -> bool:
         try:
