@@ -39,7 +39,8 @@ rebuilt with them like with any other option.
 
 ``--workers N`` (N > 1) runs N worker processes under a supervisor instead of serving in
 this process; see :mod:`hisock_gevent.workers`.  Each worker is this command again with
-hidden options (``--reuse-port`` or ``--listen-fd FD``, and ``--worker-index I``).  An
+hidden options (``--reuse-port`` or ``--listen-fd FD``, ``--worker-index I`` and
+``--ready-fd FD``, the pipe on which it tells the supervisor it serves and lives).  An
 instance target works with ``--reuse-port`` (the worker's import binds with SO_REUSEPORT
 too, and the server is rebuilt on the shared port); with ``--listen-fd`` it is refused,
 since every worker would bind it at import on its own.
@@ -112,7 +113,10 @@ SERVER_OPTIONS = (
 _SHARING_OPTIONS = ("reuse_port", "listener")
 #: ``serve`` options the supervisor sets itself, per worker (the rest are passed on as given).
 _SUPERVISOR_OPTIONS = frozenset(
-    {"target", "workers", "host", "port", "stats_port", "reuse_port", "no_reuse_port", "listen_fd", "worker_index", "help"}
+    {
+        "target", "workers", "host", "port", "stats_port", "reuse_port", "no_reuse_port", "listen_fd", "worker_index",
+        "ready_fd", "worker_timeout", "help",
+    }
 )
 #: HiSockServer settings carried over when an instance is rebuilt with new options.
 _CARRIED_SETTINGS = (
@@ -361,6 +365,10 @@ def _serve(server: HiSockServer, args: argparse.Namespace, supervisor_pid: Optio
         gevent.signal_handler(signum, _close_logged, server, signum)
     if supervisor_pid is not None:
         gevent.spawn(_close_when_orphaned, server, supervisor_pid)
+    if args.ready_fd is not None:
+        from .workers import report_liveness
+
+        report_liveness(args.ready_fd, server)  # runs once the server serves
     host, port = server.get_addr()
     tls = " (TLS)" if getattr(server, "ssl_context", None) is not None else ""
     if isinstance(server, ThreadedHiSockServer):
@@ -425,15 +433,21 @@ def _supervise(args: argparse.Namespace) -> int:
         raise UsageError("--workers needs --port (0 picks a free one): the supervisor binds it before any worker starts")
     if args.stats_port and args.stats_port + args.workers - 1 > 65535:
         raise UsageError(f"--stats-port {args.stats_port} with {args.workers} workers goes past port 65535")
+    _require_backplane(args.backplane, args.backplane_optional)
+    options = _worker_options(args)
+    if args.backplane and not args.backplane_optional:
+        # Checked here once: a worker restarted while Redis is away serves alone meanwhile.
+        options.append("--backplane-optional")
     supervisor = Supervisor(
         args.target,
-        _worker_options(args),
+        options,
         args.host or DEFAULT_HOST,
         args.port,
         args.workers,
         reuse_port=not args.no_reuse_port,
         stats_port=args.stats_port,
         backlog=DEFAULT_BACKLOG,
+        worker_timeout=args.worker_timeout,
     )
     try:
         return supervisor.run()
@@ -450,6 +464,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # The supervisor stops its workers with SIGTERM; a Ctrl-C reaches the whole process
         # group, and only the supervisor acts on it (even while this worker is importing).
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _require_backplane(args.backplane, args.backplane_optional)
     server = _build_server(args.target, _given_options(args), worker=supervisor_pid is not None)
     return _serve(server, args, supervisor_pid)
 
@@ -576,6 +591,61 @@ def _wait_for_reply(replies: queue.Queue[Tuple[str, Any]], wanted: str, timeout:
 # ---------------------------------------------------------------------- the parser
 
 
+def _worker_timeout(text: str) -> float:
+    from .workers import LIVENESS_INTERVAL
+
+    value = _seconds(text)
+    if value < 2 * LIVENESS_INTERVAL:
+        raise argparse.ArgumentTypeError(f"must be at least {2 * LIVENESS_INTERVAL:g} seconds")
+    return value
+
+
+def _backplane_url(text: str) -> str:
+    from .backplane import check_url
+
+    try:
+        check_url(text)
+    except (ValueError, ImportError) as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def _require_backplane(url: Optional[str], optional: bool) -> None:
+    """Check once that ``--backplane``'s Redis answers (before anything is built or started).
+
+    :raises UsageError: it does not, and it is not ``optional`` (then it is logged).
+    """
+    from .backplane import check_reachable
+    from .errors import BackplaneUnreachable
+
+    if not url:
+        return
+    try:
+        check_reachable(url)
+    except BackplaneUnreachable as exc:
+        if not optional:
+            raise UsageError(f"{exc} (with --backplane-optional the server would start without it)") from None
+        log.warning("%s; serving without the other workers until it answers (--backplane-optional)", exc)
+
+
+def _add_cluster_options(serve: argparse.ArgumentParser) -> None:
+    """``serve``'s options for supervised workers and their backplane."""
+    from .workers import DEFAULT_WORKER_TIMEOUT
+
+    serve.add_argument(
+        "--backplane-optional", action="store_true",
+        help="with --backplane: start even when its Redis does not answer, serving this process's clients "
+        "alone until it does (by default the command fails with exit status 2)",
+    )
+    serve.add_argument(
+        "--worker-timeout", metavar="SECONDS", type=_worker_timeout, default=DEFAULT_WORKER_TIMEOUT,
+        help="with --workers: a worker whose hub has not answered the supervisor for this long "
+        f"(a blocking handler, a stopped process) is killed and restarted (default {DEFAULT_WORKER_TIMEOUT:g})",
+    )
+    # Set by the supervisor: the pipe on which the worker says it serves, then that it lives.
+    serve.add_argument("--ready-fd", type=_non_negative_int, default=None, help=argparse.SUPPRESS)
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = _Parser(add_help=False)
     common.add_argument(
@@ -624,7 +694,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--certfile", default=None, help="serve TLS with this certificate (PEM)")
     serve.add_argument("--keyfile", default=None, help="the certificate's private key (PEM), if not in --certfile")
     serve.add_argument(
-        "--backplane", metavar="URL", default=None,
+        "--backplane", metavar="URL", default=None, type=_backplane_url,
         help="share clients, groups and sends with the other servers on this backplane (e.g. redis://localhost:6379/0)",
     )
     serve.add_argument(
@@ -646,6 +716,7 @@ def build_parser() -> argparse.ArgumentParser:
     # Set by the supervisor for its workers.
     serve.add_argument("--listen-fd", type=_non_negative_int, default=None, help=argparse.SUPPRESS)
     serve.add_argument("--worker-index", type=_non_negative_int, default=None, help=argparse.SUPPRESS)
+    _add_cluster_options(serve)
     add_stats_options(serve)
     serve.set_defaults(func=cmd_serve, default_level="INFO", command_parser=serve)
 
@@ -713,9 +784,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(list(argv) if argv is not None else None)
     level = args.log_level or args.default_level
     logging.basicConfig(stream=sys.stderr, level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    if getattr(args, "worker_index", None) is not None and not log.isEnabledFor(logging.INFO):
-        # The supervisor learns that a worker serves from its "serving on" line.
-        log.setLevel(logging.INFO)
     try:
         return args.func(args)
     except UsageError as exc:

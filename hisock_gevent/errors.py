@@ -39,6 +39,8 @@ __all__ = [
     "AuthenticationFailed",
     "NoHeaderWarning",
     "FunctionNotFoundWarning",
+    "MalformedClusterMessage",
+    "BackplaneUnreachable",
 ]
 
 
@@ -136,6 +138,15 @@ class TLSError(HandshakeError):
 
 class AuthenticationFailed(ConnectionRejected):
     """The server's authentication check refused our hello."""
+
+
+class MalformedClusterMessage(HiSockError, ValueError):
+    """Bytes on a cluster channel (or in the shared table) that are not one of our
+    messages: someone else's data in our Redis namespace.  Counted and skipped."""
+
+
+class BackplaneUnreachable(HiSockError, ConnectionError):
+    """The backplane's Redis could not be reached (at start, when it was required)."""
 
 
 class NoHeaderWarning(Warning):

@@ -114,16 +114,29 @@ def prometheus_text(stats: StatsSource) -> bytes:
             yield gauge("uptime_seconds", "Seconds since the server was made.", snap["uptime_s"])
             cluster = snap.get("cluster")
             if cluster:
-                yield gauge("backplane_up", "1 while the backplane reaches Redis.", 1 if cluster["redis"] == "up" else 0)
-                yield gauge("backplane_remote_clients", "Clients held by the other workers.", cluster["remote_clients"])
-                yield counter("backplane_published", "Messages published to the other workers.", cluster["published"])
-                yield counter("backplane_received", "Messages received from the other workers.", cluster["received"])
-                yield counter("backplane_dropped", "Messages for other workers lost while Redis was away.", cluster["dropped"])
-                yield counter("backplane_malformed", "Messages or entries in Redis that were not ours.", cluster["malformed"])
+                yield from _cluster_families(cluster, gauge, counter, by)
 
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_Collector())
     return generate_latest(registry)
+
+
+def _cluster_families(cluster: Dict[str, Any], gauge: Any, counter: Any, by: Any) -> Iterator[Any]:
+    """The metrics of a cluster worker's backplane (``stats()["cluster"]``)."""
+    yield gauge("backplane_up", "1 while the backplane reaches Redis.", 1 if cluster["redis"] == "up" else 0)
+    yield gauge(
+        "backplane_down_seconds", "Seconds this worker has been serving without its backplane (0 while up).",
+        cluster.get("down_s", 0.0),
+    )
+    yield gauge("backplane_remote_clients", "Clients held by the other workers.", cluster["remote_clients"])
+    yield counter("backplane_published", "Messages published to the other workers.", cluster["published"])
+    yield counter("backplane_received", "Messages received from the other workers.", cluster["received"])
+    yield counter("backplane_dropped", "Messages for other workers lost while Redis was away.", cluster["dropped"])
+    yield counter("backplane_malformed", "Messages or entries in Redis that were not ours.", cluster["malformed"])
+    yield by(
+        "backplane_applied", "Messages from the other workers acted on, by kind (join, group, to, ...).",
+        "kind", cluster.get("received_by_kind", {}),
+    )
 
 
 def stats_app(

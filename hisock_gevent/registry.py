@@ -34,7 +34,18 @@ from .errors import ClientNotFound, GroupNotFound
 from .outgoing import OutgoingCommand
 from .utils import ClientInfo, ipstr_to_tup
 
-__all__ = ["Peer", "ClientRegistry", "Delivery", "LocalDelivery", "ServerLink", "ClientRef", "GroupRef", "fan_out", "frames_for"]
+__all__ = [
+    "Peer",
+    "ClientRegistry",
+    "Delivery",
+    "LocalDelivery",
+    "ServerLink",
+    "ClientRef",
+    "GroupRef",
+    "address_of",
+    "fan_out",
+    "frames_for",
+]
 
 ClientRef = Union[str, Tuple[str, int], ClientInfo]
 GroupRef = Union[str, ClientInfo]
@@ -56,7 +67,7 @@ class Peer(Protocol):
 PeerT = TypeVar("PeerT", bound=Peer)
 
 
-def _address_of(client: ClientRef) -> Optional[Tuple[str, int]]:
+def address_of(client: ClientRef) -> Optional[Tuple[str, int]]:
     """The (ip, port) a client reference names, or None when it is a name.
 
     :raises ValueError: a tuple that is not ``(str ip, int port)``, or another type.
@@ -163,7 +174,7 @@ class ClientRegistry(Generic[PeerT]):
             found = self._by_address.get(client.ip)
             if found is not None:
                 return found
-        address = _address_of(client)
+        address = address_of(client)
         if address is not None:
             peer = self._by_address.get(address)
             if peer is None:
@@ -180,6 +191,14 @@ class ClientRegistry(Generic[PeerT]):
                 stacklevel=4,
             )
         return next(iter(named))
+
+    def at(self, address: Tuple[str, int]) -> Optional[PeerT]:
+        """The peer at ``(ip, port)``, or None."""
+        return self._by_address.get(address)
+
+    def named(self, name: str) -> List[PeerT]:
+        """Every peer with this name, in join order."""
+        return list(self._by_name.get(name, ()))
 
     def group(self, group: GroupRef) -> List[PeerT]:
         """The peers in a group, in join order.
@@ -244,8 +263,9 @@ class Delivery(ABC):
         """``peer`` changed its name or group (``peer.info`` is the new one)."""
 
     def disconnect_elsewhere(self, client: ClientRef, force: bool, call_func: bool) -> bool:
-        """Have the process holding ``client`` (not one of ours) disconnect it; False when
-        no other process holds it (the server then raises ClientNotFound)."""
+        """Have the process holding ``client`` disconnect it, when that is another process;
+        False when the client is ours or nobody holds it (the server then disconnects it
+        itself, or raises ClientNotFound).  ``client`` is what :meth:`find_client` returned."""
         return False
 
     def stats(self) -> Optional[Dict[str, Any]]:

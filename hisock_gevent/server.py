@@ -1055,16 +1055,12 @@ class HiSockServer:
 
         :raises ValueError: wrong format.  :raises ClientNotFound: no such client.
         """
-        # The delivery resolves the reference (a shared name means the same client on
-        # every worker); then it is ours, or another worker's to disconnect.
+        # The delivery resolves the reference (a shared name or address means the same
+        # client on every worker); then it is another worker's to disconnect, or ours.
         info = self._delivery.find_client(client)
-        try:
-            peer = self._registry.find(info.ip)
-        except ClientNotFound:
-            if self._delivery.disconnect_elsewhere(info, force, call_func):
-                return
-            raise
-        self._kick(peer, force, call_func)
+        if self._delivery.disconnect_elsewhere(info, force, call_func):
+            return
+        self._kick(self._registry.find(info.ip), force, call_func)
 
     def _kick(self, peer: _ServerPeer, force: bool, call_func: bool) -> None:
         self._drop(peer, call_leave=call_func, notify=True, reason=reasons.KICKED)

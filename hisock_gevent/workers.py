@@ -32,9 +32,17 @@ bind the port on its own) and is refused.
 Supervision
 -----------
 
-The supervisor reads every worker's stderr and copies it to its own, each line prefixed
-with ``[worker I pid P]``.  Once every worker has logged ``serving on HOST:PORT`` it logs
-``serving on HOST:PORT with N workers (pids ...)``.  A worker that exits is logged (pid,
+Each worker gets the writing end of a pipe (``--ready-fd FD``, the idea of systemd's
+``sd_notify``): it writes one byte when its server serves, and then one byte every
+:data:`LIVENESS_INTERVAL` seconds from a greenlet on the server's own hub.  So the pipe
+says both "ready" and "the hub still turns": a worker whose hub is blocked (a handler
+that blocks it, a SIGSTOP) falls silent.  The supervisor reads every pipe; once every
+worker is ready it logs ``serving on HOST:PORT with N workers (pids ...)``, and a worker
+silent for ``worker_timeout`` seconds is logged, killed (SIGKILL, by pid) and restarted
+like one that died, since with SO_REUSEPORT the kernel would keep handing it connections.
+
+The supervisor also reads every worker's stderr and copies it to its own, each line
+prefixed with ``[worker I pid P]``.  A worker that exits is logged (pid,
 exit status or signal) and restarted after :data:`RESTART_DELAY` seconds, doubled up to
 :data:`MAX_RESTART_DELAY` while it keeps dying within :data:`HEALTHY_RUN` seconds of its
 start; the others keep serving.  A worker that fails before the group was ever serving
@@ -67,7 +75,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from .server import REUSE_PORT_ENV
 
-__all__ = ["CannotStart", "Supervisor"]
+__all__ = ["CannotStart", "Supervisor", "report_liveness"]
 
 log = logging.getLogger("hisock_gevent.cli")
 
@@ -85,9 +93,13 @@ _POLL_INTERVAL = 0.25
 _DRAIN_TIMEOUT = 2.0
 #: Seconds to wait for a worker to be reaped after SIGKILL.
 _KILL_WAIT = 5.0
-
-#: The line a worker logs once it listens (``cli._serve``); the port tells it is ours.
-_SERVING_RE = re.compile(r"serving on \S+:(\d+)")
+#: Seconds between two "still alive" bytes a worker writes on its ready pipe.
+LIVENESS_INTERVAL = 0.5
+#: Seconds a serving worker may stay silent on its pipe before it is killed (``--worker-timeout``).
+DEFAULT_WORKER_TIMEOUT = 30.0
+#: The bytes on the ready pipe: the server serves; the hub still turns.
+READY = b"R"
+ALIVE = b"."
 #: A worker's one-line error (``hisock-gevent: error: ...``); reported by the supervisor instead.
 _ERROR_RE = re.compile(r"^hisock-gevent(?: \w+)?: error: (.*)$")
 
@@ -105,13 +117,18 @@ class _Run:
         self.proc = proc
         self.pid = proc.pid
         self.started = time.monotonic()
-        #: Set by the reader thread when the worker logs that it is serving.
+        #: Set by the pipe's reader thread when the worker says it is serving.
         self.serving = False
+        #: time.monotonic() of the last byte on its ready pipe.
+        self.last_heard = self.started
+        #: Why the supervisor killed it, if it did.
+        self.killed_because: Optional[str] = None
         #: The worker's last ``hisock-gevent: error:`` message, if any.
         self.error: Optional[str] = None
         #: Its last non-empty stderr line: says why it died when there was no error line.
         self.last_line = ""
         self.reader: Optional[threading.Thread] = None
+        self.pipe_reader: Optional[threading.Thread] = None
 
 
 class _Slot:
@@ -159,6 +176,8 @@ class Supervisor:
     :param stats_port: worker ``i`` serves its statistics on ``stats_port + i`` (each on a
         free port when 0); None for no statistics.
     :param backlog: the listening socket's backlog when the workers share one.
+    :param worker_timeout: seconds a serving worker may go without writing on its ready
+        pipe before it is killed and restarted.
     """
 
     def __init__(
@@ -172,9 +191,13 @@ class Supervisor:
         reuse_port: bool = True,
         stats_port: Optional[int] = None,
         backlog: int = 128,
+        worker_timeout: float = DEFAULT_WORKER_TIMEOUT,
     ) -> None:
         if workers < 1:
             raise ValueError("workers must be at least 1")
+        if worker_timeout < 2 * LIVENESS_INTERVAL:
+            raise ValueError(f"worker_timeout must be at least {2 * LIVENESS_INTERVAL:g} s")
+        self.worker_timeout = worker_timeout
         self.target = target
         self.options = list(options)
         self.host = host
@@ -242,7 +265,7 @@ class Supervisor:
             raise
         return sock
 
-    def _argv(self, index: int) -> List[str]:
+    def _argv(self, index: int, ready_fd: int) -> List[str]:
         argv = [sys.executable, "-m", "hisock_gevent", "serve", self.target, *self.options]
         argv += ["--host", self.host, "--port", str(self.port)]
         if self.stats_port is not None:
@@ -252,37 +275,62 @@ class Supervisor:
         else:
             assert self._socket is not None
             argv += ["--listen-fd", str(self._socket.fileno())]
-        argv += ["--worker-index", str(index)]
+        argv += ["--worker-index", str(index), "--ready-fd", str(ready_fd)]
         return argv
 
     def _start(self, slot: _Slot) -> None:
         assert self._socket is not None
         slot.restart_at = None
+        ready_read, ready_write = os.pipe()
+        inherited = [ready_write] if self._reuse_port else [ready_write, self._socket.fileno()]
         try:
             proc = subprocess.Popen(
-                self._argv(slot.index),
+                self._argv(slot.index, ready_write),
                 # With SO_REUSEPORT every server the worker makes shares the port, even one
                 # its module makes at import (see REUSE_PORT_ENV).
                 env=dict(os.environ, **{REUSE_PORT_ENV: "1"}) if self._reuse_port else None,
                 stdin=subprocess.DEVNULL,
                 stderr=subprocess.PIPE,
-                pass_fds=() if self._reuse_port else (self._socket.fileno(),),
+                pass_fds=inherited,
                 text=True,
                 errors="replace",
             )
         except OSError as exc:
+            os.close(ready_read)
             if not self._serving:
                 raise CannotStart(f"cannot start worker {slot.index}: {exc}") from exc
             self._schedule_restart(slot, 0.0, f"worker {slot.index} could not be started ({exc})")
             return
+        finally:
+            os.close(ready_write)  # the worker has its copy: EOF comes when it is gone
         run = _Run(slot.index, proc)
         run.reader = threading.Thread(target=self._read, args=(run,), name=f"hisock-worker-{slot.index}", daemon=True)
         run.reader.start()
+        run.pipe_reader = threading.Thread(
+            target=self._read_pipe, args=(run, ready_read), name=f"hisock-worker-{slot.index}-ready", daemon=True
+        )
+        run.pipe_reader.start()
         slot.run = run
         log.debug("started worker %d: pid %d", slot.index, run.pid)
 
+    def _read_pipe(self, run: _Run, fd: int) -> None:
+        """Pipe reader thread: note every byte the worker writes; report the first READY."""
+        try:
+            while True:
+                data = os.read(fd, 512)
+                if not data:
+                    return  # the worker is gone (or closed its end)
+                run.last_heard = time.monotonic()
+                if not run.serving and READY in data:
+                    run.serving = True
+                    self._events.put(_Event("serving", run))
+        except OSError as exc:
+            log.debug("worker %d's ready pipe: %s", run.index, exc)
+        finally:
+            os.close(fd)
+
     def _read(self, run: _Run) -> None:
-        """Reader thread: copy the worker's stderr to ours; report serving and EOF."""
+        """Reader thread: copy the worker's stderr to ours; report EOF."""
         assert run.proc.stderr is not None
         with run.proc.stderr as stream:
             for raw in stream:
@@ -295,11 +343,6 @@ class Supervisor:
                 if line.strip():
                     run.last_line = line
                 self._forward(run, line)
-                if not run.serving:
-                    serving = _SERVING_RE.search(line)
-                    if serving and int(serving.group(1)) == self.port:
-                        run.serving = True
-                        self._events.put(_Event("serving", run))
         self._events.put(_Event("eof", run))
 
     def _forward(self, run: _Run, line: str) -> None:
@@ -323,6 +366,8 @@ class Supervisor:
                         return failure
                 if slot.run is None and slot.restart_at is not None and slot.restart_at <= now:
                     self._start(slot)
+                elif slot.run is not None and slot.run.serving:
+                    self._check_alive(slot.run, now)
             timeout = _POLL_INTERVAL
             for slot in self._slots:
                 if slot.run is None and slot.restart_at is not None:
@@ -343,6 +388,16 @@ class Supervisor:
                     event.run.proc.wait(timeout=_POLL_INTERVAL)
                 except subprocess.TimeoutExpired:
                     pass
+
+    def _check_alive(self, run: _Run, now: float) -> None:
+        """Kill a serving worker that has been silent on its pipe for too long."""
+        silent = now - run.last_heard
+        if silent < self.worker_timeout or run.killed_because is not None:
+            return
+        run.killed_because = f"it had not answered for {silent:.1f} s (worker timeout {self.worker_timeout:g} s)"
+        log.error("worker %d (pid %d) is hung: %s; killing it", run.index, run.pid, run.killed_because)
+        if run.proc.poll() is None:
+            run.proc.kill()  # Popen.kill: our own child, by pid, and never one already reaped
 
     def _current(self, run: Optional[_Run]) -> bool:
         return run is not None and self._slots[run.index].run is run
@@ -375,6 +430,8 @@ class Supervisor:
         ran = time.monotonic() - run.started
         delay = RESTART_DELAY if ran >= HEALTHY_RUN or not slot.delay else min(slot.delay * 2, MAX_RESTART_DELAY)
         reason = f"{how}: {run.error}" if run.error else how
+        if run.killed_because:
+            reason = f"{how} because {run.killed_because}"
         self._schedule_restart(slot, delay, f"worker {run.index} (pid {run.pid}) {reason}")
         return None
 
@@ -415,5 +472,39 @@ class Supervisor:
                 run.proc.wait(timeout=_KILL_WAIT)
             except subprocess.TimeoutExpired:
                 log.error("worker %d (pid %d) is still running after SIGKILL", run.index, run.pid)
-            if run.reader is not None:
-                run.reader.join(_DRAIN_TIMEOUT)
+            for reader in (run.reader, run.pipe_reader):
+                if reader is not None:
+                    reader.join(_DRAIN_TIMEOUT)
+
+
+def report_liveness(fd: int, server: Any, interval: float = LIVENESS_INTERVAL) -> Any:
+    """In a worker: tell the supervisor on ``fd`` (``--ready-fd``) that ``server`` serves,
+    then that its hub still turns, until the server closes.
+
+    Spawns a greenlet on the calling hub (the server's, for a server started here) that
+    writes :data:`READY` once, then :data:`ALIVE` every ``interval`` seconds, each time
+    after a call to ``server.stats()``, which runs on the server's own hub: a blocked hub
+    means no bytes.  A supervisor slow to read costs a skipped byte, never a blocked hub;
+    one that is gone ends the greenlet.  Returns the greenlet.
+    """
+    import gevent
+
+    os.set_blocking(fd, False)
+
+    def beat() -> None:
+        byte = READY
+        try:
+            while not server.closed:
+                server.stats()
+                try:
+                    os.write(fd, byte)
+                except BlockingIOError:
+                    pass  # the pipe is full: the supervisor will read the next one
+                byte = ALIVE
+                gevent.sleep(interval)
+        except OSError as exc:  # the supervisor closed its end: it is gone
+            log.debug("ready pipe closed: %s", exc)
+        finally:
+            os.close(fd)
+
+    return gevent.spawn(beat)

@@ -47,7 +47,9 @@ SECOND_HOST = "127.0.0.2"
 WAIT = 10.0
 #: How many numbered messages the ordering test relays each way.
 ORDERED_COUNT = 200
-CLUSTER_STATS_KEYS = {"worker", "redis", "remote_clients", "published", "received", "dropped", "malformed"}
+CLUSTER_STATS_KEYS = {
+    "worker", "redis", "down_s", "remote_clients", "published", "received", "dropped", "malformed", "received_by_kind",
+}
 
 
 # ---------------------------------------------------------------- the cluster under test
@@ -148,6 +150,8 @@ class Cluster:
             return [(LOOPBACK, redis_url)] * 2
         if topology == "three_workers":
             return [(LOOPBACK, redis_url)] * 3
+        if topology == "four_workers":
+            return [(LOOPBACK, redis_url)] * 4
         if topology == "two_hosts":
             namespace = f"cluster-test-{uuid.uuid4().hex[:8]}"
             return [
@@ -203,6 +207,10 @@ class Cluster:
         """A started client connected to the next worker, round robin (``kwargs`` go to the client)."""
         worker = self._next % len(self.servers)
         self._next += 1
+        return self.connect_to(worker, name, group, **kwargs)
+
+    def connect_to(self, worker: int, name: Optional[str], group: Optional[str] = None, **kwargs: Any) -> Member:
+        """A started client connected to ``servers[worker]``."""
         client = ThreadedHiSockClient(self.servers[worker].get_addr(), name, group, **kwargs)
         member = Member(client, worker)
         self.members.append(member)
@@ -589,5 +597,43 @@ def test_stats_report_the_cluster_for_backplane_servers(cluster: Cluster) -> Non
         assert stats["remote_clients"] == len(members) - local
         assert stats["received"] >= 1
         assert stats["dropped"] == 0
+        assert stats["down_s"] == 0.0
     if cluster.topology == "two_hosts":
         assert [stats["worker"].split(":")[0] for stats in everything] == ["host-a", "host-b"]
+
+
+# ---------------------------------------------------------------- what each worker does
+
+
+GROUP_SENDS = 200
+
+
+def test_a_group_send_is_published_only_to_the_workers_holding_members(redis_server) -> None:  # noqa: F811
+    cluster = Cluster("four_workers", redis_server.url)
+    try:
+        members = [cluster.connect_to(0, f"red{i}", "red") for i in range(3)]
+        others = [cluster.connect_to(worker, f"blue{worker}", "blue") for worker in (1, 2, 3)]
+        cluster.wait_for_mirror(len(members) + len(others))
+        sender = others[0]  # on worker 1
+        before = [server.stats()["cluster"] for server in cluster.servers]
+
+        for number in range(GROUP_SENDS):
+            sender.send("tell", {"group": "red", "text": number})
+        # The marker takes the same path after them and reaches every worker: once every
+        # client has it, whatever Redis delivered for the group sends has arrived.
+        sender.send("shout", "marker")
+        for member in members + others:
+            member.wait_for("shout", "marker")
+        after = [server.stats()["cluster"] for server in cluster.servers]
+
+        for member in members:
+            assert member.received("told") == list(range(GROUP_SENDS))
+        for member in others:
+            assert member.received("told") == []
+        received = [later["received"] - earlier["received"] for earlier, later in zip(before, after)]
+        assert received == [GROUP_SENDS + 1, 1, 1, 1]  # the marker, heard on every worker's "all" channel
+        applied = [later["received_by_kind"].get("group", 0) - earlier["received_by_kind"].get("group", 0) for earlier, later in zip(before, after)]
+        assert applied == [GROUP_SENDS, 0, 0, 0]
+        assert after[1]["published"] - before[1]["published"] == GROUP_SENDS + 1
+    finally:
+        cluster.close()

@@ -13,6 +13,7 @@ import os
 import queue
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -22,8 +23,20 @@ from typing import Any, List, Optional, Tuple
 
 import pytest
 from redis_server import redis_server  # noqa: F401  (a fixture)
+from tcp_proxy import PausableProxy
 
 import hisock_gevent
+from hisock_gevent.frames import DEFAULT_HEADER_LEN, FrameParser, frame
+from hisock_gevent.messages import (
+    ChangeName,
+    Command,
+    Hello,
+    PeerJoined,
+    PeerLeft,
+    parse_server_body,
+)
+from hisock_gevent.outgoing import OutgoingCommand
+from hisock_gevent.typecast import decode as decode_content
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -45,6 +58,8 @@ class Worker:
         self.stderr: List[str] = []
         threading.Thread(target=self._pump, args=(self.proc.stdout, self.stdout, True), daemon=True).start()
         threading.Thread(target=self._pump, args=(self.proc.stderr, self.stderr, False), daemon=True).start()
+        #: Its name in Redis.
+        self.worker_id = self.expect(r"WORKER (\S+)").group(1)
         match = self.expect(r"serving on ([\d.]+):(\d+)")
         self.addr: Tuple[str, int] = (match.group(1), int(match.group(2)))
 
@@ -103,6 +118,9 @@ class Inbox:
             assert time.monotonic() < deadline, f"{self.name} never got {event!r}; got {self.events!r}"
             time.sleep(0.01)
 
+    def send(self, command: str, content: Any = None) -> None:
+        self.client.send(command, content)
+
     def close(self) -> None:
         try:
             self.client.close()
@@ -110,19 +128,82 @@ class Inbox:
             pass
 
 
+class SharedAddressPeer(Inbox):
+    """A plain HiSock client on a socket bound by hand (SO_REUSEADDR and SO_REUSEPORT), so
+    that two of them, connected to two different workers, share one source ``ip:port``: what
+    the workers see of two hosts' clients behind a proxy that reuses source ports."""
+
+    def __init__(self, worker: Worker, name: str, source: Tuple[str, int]):
+        self.name = name
+        self.events = []
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(source)
+        sock.settimeout(WAIT)
+        sock.connect(worker.addr)
+        sock.settimeout(None)
+        self.sock = sock
+        self.source: Tuple[str, int] = sock.getsockname()[:2]
+        self._send_body(Hello(name, None).to_body())  # no capabilities: the plain dialect
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _send_body(self, body: bytes) -> None:
+        self.sock.sendall(frame(body))
+
+    def send(self, command: str, content: Any = None) -> None:
+        self.sock.sendall(OutgoingCommand(command, content, DEFAULT_HEADER_LEN).frame_for(False))
+
+    def rename(self, name: str) -> None:
+        self._send_body(ChangeName(name).to_body())
+
+    def _read(self) -> None:
+        parser = FrameParser()
+        while True:
+            try:
+                data = self.sock.recv(65536)
+            except OSError:
+                return
+            if not data:
+                return
+            for body in parser.feed(data):
+                message = parse_server_body(body)
+                if isinstance(message, Command):
+                    self.events.append((message.command, decode_content(message.fmt, message.payload)))
+                elif isinstance(message, (PeerJoined, PeerLeft)):
+                    self.events.append(("joined" if isinstance(message, PeerJoined) else "left", message.info.get("name")))
+
+    def messages(self) -> List[Any]:
+        return [content for kind, content in self.events if kind == "msg"]
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
 @pytest.fixture
 def cluster(redis_server, request):  # noqa: F811
     started: List[Worker] = []
     clients: List[Inbox] = []
+    proxies: List[PausableProxy] = []
     namespace = re.sub(r"\W", "_", request.node.name)
 
     class Cluster:
         redis = redis_server
 
-        def worker(self) -> Worker:
-            worker = Worker(redis_server.url, namespace)
+        def worker(self, url: Optional[str] = None) -> Worker:
+            """A worker on the test's Redis (or at ``url``: a proxy in front of it)."""
+            worker = Worker(url or redis_server.url, namespace)
             started.append(worker)
             return worker
+
+        def proxy(self) -> PausableProxy:
+            made = PausableProxy(redis_server.port)
+            proxies.append(made)
+            return made
 
         def client(self, worker: Worker, name: str, group: Optional[str] = None) -> Inbox:
             inbox = Inbox(worker, name, group)
@@ -130,11 +211,19 @@ def cluster(redis_server, request):  # noqa: F811
             worker.expect(f"JOIN {name}$")
             return inbox
 
+        def shared_address_client(self, worker: Worker, name: str, source: Tuple[str, int]) -> SharedAddressPeer:
+            peer = SharedAddressPeer(worker, name, source)
+            clients.append(peer)
+            worker.expect(f"JOIN {name}$")
+            return peer
+
     yield Cluster()
     for inbox in clients:
         inbox.close()
     for worker in started:
         worker.stop()
+    for proxy in proxies:
+        proxy.close()
 
 
 def relay_until_delivered(sender: Inbox, receiver: Inbox, text: str, timeout: float = WAIT) -> None:
@@ -144,7 +233,7 @@ def relay_until_delivered(sender: Inbox, receiver: Inbox, text: str, timeout: fl
     while ("msg", text) not in receiver.events:
         assert time.monotonic() < deadline, f"{text!r} never reached {receiver.name}; sender got {sender.events!r}"
         attempt += 1
-        sender.client.send("relay", {"to": receiver.name, "text": text})
+        sender.send("relay", {"to": receiver.name, "text": text})
         receiver_deadline = time.monotonic() + 0.5
         while ("msg", text) not in receiver.events and time.monotonic() < receiver_deadline:
             time.sleep(0.01)
@@ -279,8 +368,9 @@ def test_junk_in_redis_is_logged_and_ignored_and_the_cluster_carries_on(cluster,
     try:
         for data in (b"\xc1not msgpack", b"\x93\x01\x02\x03", b"\x92\xa4join\xa1x", b"\x94\xa2to\xa1x\xa3a:b\xc0"):
             junk.publish(f"{namespace}:all", data)
-        junk.hset(f"{namespace}:clients", "not-an-address", b"\xc1")
-        junk.hset(f"{namespace}:clients", "1.2.3.4:5", b"\x91\x01")
+        # Entries that are not ours in the doomed worker's own hash.
+        junk.hset(f"{namespace}:clients:{doomed.worker_id}", "not-an-id", b"\xc1")
+        junk.hset(f"{namespace}:clients:{doomed.worker_id}", f"{doomed.worker_id}#999", b"\x91\x01")
     finally:
         junk.close()
 
@@ -302,3 +392,240 @@ def test_junk_in_redis_is_logged_and_ignored_and_the_cluster_carries_on(cluster,
     assert first.count("LEAVE victim") + second.count("LEAVE victim") == 1
     assert first.proc.poll() is None and second.proc.poll() is None
     assert not any("Traceback" in line for line in first.stderr + second.stderr)
+
+
+def test_two_clients_sharing_one_address_on_two_workers_each_get_exactly_their_own_messages(cluster):
+    first, second, third = cluster.worker(), cluster.worker(), cluster.worker()
+    carol = cluster.client(third, "carol")
+    alice = cluster.shared_address_client(first, "alice", ("127.0.0.1", 0))
+    bob = cluster.shared_address_client(second, "bob", alice.source)
+    assert bob.source == alice.source
+    # The third worker knows both, each as itself.
+    relay_until_delivered(carol, alice, "hello alice")
+    relay_until_delivered(carol, bob, "hello bob")
+
+    alice.rename("alice2")
+    first.expect("RENAME alice alice2$")
+    alice.name = "alice2"
+    relay_until_delivered(carol, alice, "hello alice2")
+
+    # Private messages by name, from every worker: each reaches exactly its addressee.
+    carol.send("relay", {"to": "alice2", "text": "carol to alice2"})
+    carol.send("relay", {"to": "bob", "text": "carol to bob"})
+    alice.send("relay", {"to": "bob", "text": "alice2 to bob"})
+    bob.send("relay", {"to": "alice2", "text": "bob to alice2"})
+    # An address both share means the one that joined first, as a shared name does.
+    host, port = alice.source
+    carol.send("relay", {"to": f"{host}:{port}", "text": "carol to the address"})
+    carol.send("relay", {"to": "alice2", "text": "end"})
+    carol.send("relay", {"to": "bob", "text": "end"})
+    alice.wait_for(("msg", "end"))
+    bob.wait_for(("msg", "end"))
+
+    def private(peer: SharedAddressPeer) -> List[str]:
+        return sorted(text for text in peer.messages() if not text.startswith("hello"))
+
+    assert private(alice) == sorted(["carol to alice2", "bob to alice2", "carol to the address", "end"])
+    assert private(bob) == sorted(["carol to bob", "alice2 to bob", "end"])
+    assert {text for text in alice.messages() if text.startswith("hello")} == {"hello alice", "hello alice2"}
+    assert {text for text in bob.messages() if text.startswith("hello")} == {"hello bob"}
+    assert any(f"2 clients are at {host}:{port}; using the one that joined first" in line for line in third.stderr)
+
+
+def numbers(inbox: Inbox) -> List[int]:
+    """The numbered messages ``inbox`` received, in arrival order."""
+    return [text for kind, text in inbox.events if kind == "msg" and isinstance(text, int)]
+
+
+def assert_in_order_once(received: List[int], must_have: List[int], may_have: List[int]) -> None:
+    """Each number at most once, in the order sent; everything in ``must_have``, nothing
+    outside ``may_have``."""
+    assert received == sorted(set(received)), f"duplicated or out of order: {received}"
+    assert set(must_have) <= set(received), f"missing {sorted(set(must_have) - set(received))}"
+    assert set(received) <= set(may_have), f"unexpected {sorted(set(received) - set(may_have))}"
+
+
+def send_numbers(sender: Inbox, to: str, numbers_to_send: range) -> None:
+    for number in numbers_to_send:
+        sender.send("relay", {"to": to, "text": number})
+
+
+@pytest.mark.slow
+def test_a_worker_paused_past_the_ttl_registers_its_clients_again_when_it_resumes(cluster):
+    paused, survivor = cluster.worker(), cluster.worker()
+    alice = cluster.client(paused, "alice")
+    bob = cluster.client(survivor, "bob")
+    relay_until_delivered(bob, alice, "warm up")
+    relay_until_delivered(alice, bob, "warm up, back")
+    send_numbers(bob, "alice", range(0, 10))
+    alice.wait_for(("msg", 9))
+
+    os.kill(paused.proc.pid, signal.SIGSTOP)
+    try:
+        # Past the TTL (1 s) the survivor reaps alice: its leave runs there, bob hears it.
+        survivor.expect("LEAVE alice$")
+        bob.wait_for(("left", "alice"))
+        send_numbers(bob, "alice", range(10, 20))  # alice is unknown now: these fail
+        bob.wait_for(("error", "ClientNotFound: no client named 'alice'"))
+    finally:
+        os.kill(paused.proc.pid, signal.SIGCONT)
+    resumed = time.monotonic()
+
+    # Within a heartbeat (0.2 s here) the resumed worker writes alice back; bob's worker
+    # announces her again (bob hears client_connect), and she is reachable again.
+    bob.wait_for(("joined", "alice"))
+    assert time.monotonic() - resumed < 0.2 + 3.0  # one heartbeat, plus a loaded machine's slack
+    send_numbers(bob, "alice", range(20, 30))
+    alice.wait_for(("msg", 29))
+    relay_until_delivered(alice, bob, "and back")
+
+    assert_in_order_once(numbers(alice), must_have=[*range(0, 10), *range(20, 30)], may_have=list(range(30)))
+    assert bob.events.count(("left", "alice")) == 1 and bob.events.count(("joined", "alice")) == 1
+    # alice's own worker never lost her, nor bob: she heard only her welcome and bob's join.
+    assert [event for event in alice.events if event[0] in ("left", "joined")] == [("joined", "alice"), ("joined", "bob")]
+    assert paused.count("LEAVE alice") == 0 and survivor.count("LEAVE alice") == 1
+    assert any("writing its 1 client(s) back" in line for line in paused.stderr), paused.stderr[-10:]
+
+
+def wait_until(predicate: Any, what: str, timeout: float = WAIT) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"never {what}"
+        time.sleep(0.01)
+
+
+def membership(inbox: Inbox, since: int = 0) -> List[Tuple[str, Any]]:
+    """The joins and leaves ``inbox`` heard, from its ``since``-th event on."""
+    return [event for event in inbox.events[since:] if event[0] in ("joined", "left")]
+
+
+@pytest.mark.slow
+def test_a_worker_cut_off_from_redis_past_the_ttl_is_reaped_comes_back_and_catches_up(cluster):
+    proxy = cluster.proxy()
+    cut, other = cluster.worker(url=proxy.url), cluster.worker()
+    alice, carol = cluster.client(cut, "alice"), cluster.client(cut, "carol")
+    bob, erin = cluster.client(other, "bob"), cluster.client(other, "erin")
+    relay_until_delivered(bob, alice, "warm up")
+    relay_until_delivered(alice, bob, "warm up, back")
+    send_numbers(bob, "alice", range(0, 10))
+    send_numbers(alice, "bob", range(100, 110))
+    alice.wait_for(("msg", 9))
+    bob.wait_for(("msg", 109))
+    marks = {inbox.name: len(inbox.events) for inbox in (alice, carol, bob)}
+
+    proxy.partition()
+    try:
+        # Past the TTL (1 s) the other side reaps the cut-off worker's clients.
+        bob.wait_for(("left", "alice"))
+        bob.wait_for(("left", "carol"))
+        # The cut-off worker serves its own clients; its sends across are lost, and logged.
+        alice.send("relay", {"to": "carol", "text": "local while cut off"})
+        carol.wait_for(("msg", "local while cut off"))
+        send_numbers(alice, "bob", range(110, 120))
+        wait_until(lambda: any("unreachable" in line for line in cut.stderr), "an outage logged", timeout=15)
+        # Meanwhile the other side changes.
+        erin.close()
+        dave = cluster.client(other, "dave")
+    finally:
+        proxy.heal()
+
+    # The cut-off worker reaches Redis again, finds it was reaped and writes its clients
+    # back: the other side hears them join again.  Its own clients hear what they missed.
+    bob.wait_for(("joined", "alice"), timeout=30)
+    bob.wait_for(("joined", "carol"))
+    for inbox in (alice, carol):
+        inbox.wait_for(("left", "erin"), timeout=30)
+        inbox.wait_for(("joined", "dave"))
+    send_numbers(bob, "alice", range(20, 30))
+    send_numbers(alice, "bob", range(120, 130))
+    alice.wait_for(("msg", 29))
+    bob.wait_for(("msg", 129))
+    relay_until_delivered(dave, alice, "hello from dave")
+
+    assert_in_order_once(numbers(alice), must_have=[*range(0, 10), *range(20, 30)], may_have=list(range(30)))
+    assert_in_order_once(numbers(bob), must_have=[*range(100, 110), *range(120, 130)], may_have=list(range(100, 130)))
+    assert membership(bob, marks["bob"]) == [("left", "erin"), ("left", "alice"), ("left", "carol"), ("joined", "dave"), ("joined", "alice"), ("joined", "carol")] or sorted(
+        membership(bob, marks["bob"])
+    ) == sorted([("left", "erin"), ("left", "alice"), ("left", "carol"), ("joined", "dave"), ("joined", "alice"), ("joined", "carol")])
+    for inbox in (alice, carol):
+        assert sorted(membership(inbox, marks[inbox.name])) == [("joined", "dave"), ("left", "erin")], inbox.name
+    assert other.count("LEAVE alice") == 1 and cut.count("LEAVE alice") == 0
+    assert any("dead while it could not reach Redis; writing its 2 client(s) back" in line for line in cut.stderr), "\n".join(cut.stderr)
+
+
+@pytest.mark.slow
+def test_redis_restarting_during_a_broadcast_storm_loses_one_stretch_and_delivers_nothing_twice(cluster):
+    first, second = cluster.worker(), cluster.worker()
+    sender, alice = cluster.client(first, "sender"), cluster.client(first, "alice")
+    bob, carol = cluster.client(second, "bob"), cluster.client(second, "carol")
+    relay_until_delivered(alice, bob, "warm up")
+    relay_until_delivered(bob, sender, "warm up, back")
+    everyone = (sender, alice, bob, carol)
+    marks = {inbox.name: len(inbox.events) for inbox in everyone}
+
+    def shouts(inbox: Inbox) -> List[int]:
+        return [text for kind, text in inbox.events if kind == "shout" and isinstance(text, int)]
+
+    stop = threading.Event()
+    sent: List[int] = []
+
+    def storm() -> None:
+        for number in range(20_000):  # bounded: about 40 s at most
+            if stop.is_set():
+                return
+            sender.send("shout", number)
+            sent.append(number)
+            time.sleep(0.002)
+
+    thread = threading.Thread(target=storm, daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: len(shouts(bob)) >= 100, "bob in the storm")
+        cluster.redis.stop()
+        time.sleep(1.0)
+        cluster.redis.start()  # empty
+        restarted = len(sent)
+        # Across again: bob gets what was sent well after the restart.
+        wait_until(lambda: any(number > restarted + 100 for number in shouts(bob)), "the storm across again", timeout=30)
+    finally:
+        stop.set()
+        thread.join(5)
+    sender.send("shout", "end")
+    for inbox in everyone:
+        inbox.wait_for(("shout", "end"))
+
+    for inbox in (sender, alice):  # on the sender's worker: everything, once, in order
+        assert shouts(inbox) == sent, inbox.name
+    for inbox in (bob, carol):
+        got = shouts(inbox)
+        assert got == sorted(set(got)), f"{inbox.name}: duplicated or out of order"
+        missing = sorted(set(sent) - set(got))
+        # What was lost is what was sent while Redis was away (and reconnecting): one stretch.
+        assert missing and missing == list(range(missing[0], missing[-1] + 1)), (inbox.name, missing)
+        assert missing[-1] <= restarted + 100
+    # Redis going away is not a client going away: nobody heard anyone join or leave.
+    for inbox in everyone:
+        assert membership(inbox, marks[inbox.name]) == [], inbox.name
+
+
+@pytest.mark.slow
+def test_a_worker_paused_for_less_than_the_ttl_loses_nothing_and_nobody_hears_a_thing(cluster):
+    paused, other = cluster.worker(), cluster.worker()
+    alice = cluster.client(paused, "alice")
+    bob = cluster.client(other, "bob")
+    relay_until_delivered(bob, alice, "warm up")
+    relay_until_delivered(alice, bob, "warm up, back")
+    marks = {inbox.name: len(inbox.events) for inbox in (alice, bob)}
+
+    os.kill(paused.proc.pid, signal.SIGSTOP)
+    try:
+        send_numbers(bob, "alice", range(0, 20))  # wait in Redis for the paused worker
+        time.sleep(0.5)  # half the TTL (1 s)
+    finally:
+        os.kill(paused.proc.pid, signal.SIGCONT)
+    send_numbers(bob, "alice", range(20, 40))
+    alice.wait_for(("msg", 39))
+
+    assert numbers(alice) == list(range(40))
+    assert membership(alice, marks["alice"]) == [] and membership(bob, marks["bob"]) == []
+    assert other.count("LEAVE alice") == 0

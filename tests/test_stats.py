@@ -1076,15 +1076,31 @@ def test_server_serve_stats_keeps_a_history_of_the_traffic(make_client):
 
 
 def test_app_metrics_page_has_the_backplane_counters_of_a_cluster_worker():
-    cluster = {"worker": "host:1:abc", "redis": "down", "remote_clients": 5, "published": 7, "received": 9, "dropped": 2, "malformed": 1}
+    cluster = {
+        "worker": "host:1:abc", "redis": "down", "down_s": 12.5, "remote_clients": 5, "published": 7, "received": 9,
+        "dropped": 2, "malformed": 1,
+    }
     status, _, body = call_app("/metrics", stats=lambda: dict(FAKE_STATS, cluster=cluster))
     assert status == "200 OK"
     samples = metric_samples(body.decode())
     assert {name: value for (name, labels), value in samples.items() if name.startswith("hisock_backplane")} == {
         "hisock_backplane_up": 0,
+        "hisock_backplane_down_seconds": 12.5,
         "hisock_backplane_remote_clients": 5,
         "hisock_backplane_published_total": 7,
         "hisock_backplane_received_total": 9,
         "hisock_backplane_dropped_total": 2,
         "hisock_backplane_malformed_total": 1,
     }
+
+
+def test_app_metrics_page_counts_the_backplane_messages_acted_on_by_kind():
+    cluster = {
+        "worker": "w", "redis": "up", "remote_clients": 0, "published": 0, "received": 0, "dropped": 0, "malformed": 0,
+        "received_by_kind": {"group": 3, "join": 2},
+    }
+    status, _, body = call_app("/metrics", stats=lambda: dict(FAKE_STATS, cluster=cluster))
+    assert status == "200 OK"
+    samples = metric_samples(body.decode())
+    assert samples[("hisock_backplane_applied_total", (("kind", "group"),))] == 3
+    assert samples[("hisock_backplane_applied_total", (("kind", "join"),))] == 2

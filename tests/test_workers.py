@@ -78,6 +78,26 @@ def make_cluster(host="127.0.0.1", port=6969, reuse_port=False, listener=None, b
     return made
 
 
+def make_liar(host="127.0.0.1", port=6969, reuse_port=False, listener=None):
+    import logging
+
+    # The line a worker logs once it serves, and yet it never will.
+    logging.getLogger("hisock_gevent.cli").info("serving on %s:%s", host, port)
+    raise RuntimeError("not serving after all")
+
+
+def make_blocking(host="127.0.0.1", port=6969, reuse_port=False, listener=None):
+    import time
+
+    made = make_server(host, port, reuse_port, listener)
+
+    @made.on("block")
+    def block(client, seconds):
+        time.sleep(seconds)  # the program is not monkey-patched: this blocks the hub
+
+    return made
+
+
 def make_with_kwargs(host="127.0.0.1", port=6969, **options):
     return make_server(host, port, **options)
 
@@ -318,6 +338,59 @@ def test_sigterm_or_sigint_to_the_supervisor_stops_every_worker_and_exits_0(star
     finally:
         client.close()
     cluster.expect(r"hisock_gevent.cli INFO stopped$")
+
+
+def test_readiness_comes_from_the_workers_pipe_not_from_a_line_it_logs(app_dir):
+    # Each worker logs "serving on HOST:PORT" with the shared port, then fails: a
+    # supervisor matching log lines would think both serve and restart them forever.
+    result = one_shot("serve", "wk_app:make_liar", "--workers", "2", "--port", "0", cwd=app_dir, timeout=STARTUP)
+
+    assert result.returncode == 2
+    assert "restarting" not in result.stderr and "with 2 workers" not in result.stderr
+    assert "not serving after all" in result.stderr.strip().splitlines()[-1]
+
+
+def _wait_hung_killed_and_replaced(cluster: Cluster, victim: int) -> int:
+    """The supervisor's log says ``victim`` was hung, killed and replaced; the new pid."""
+    cluster.expect(rf"worker \d \(pid {victim}\) is hung: it had not answered for [\d.]+ s \(worker timeout 2 s\); killing it")
+    cluster.expect(rf"worker \d \(pid {victim}\) was killed by SIGKILL because it had not answered for [\d.]+ s")
+    new_pid = int(cluster.expect(r"worker \d restarted: pid (\d+) serving").group(1))
+    cluster.known_pids.add(new_pid)
+    return new_pid
+
+
+def test_a_stopped_worker_is_found_hung_killed_and_replaced(start_cluster):
+    cluster = start_cluster("--worker-timeout", "2", target="wk_app:make_blocking")
+    victim, survivor = cluster.pids
+    started = time.monotonic()
+    os.kill(victim, signal.SIGSTOP)
+    try:
+        new_pid = _wait_hung_killed_and_replaced(cluster, victim)
+        assert time.monotonic() - started < 2 + 5
+
+        assert wait_until_gone({victim}) == set()
+        answered = ask_until(cluster.addr, lambda pids: {new_pid, survivor} <= pids)
+        assert answered == {new_pid, survivor}
+    finally:
+        if alive(victim) and is_our_worker(victim):
+            os.kill(victim, signal.SIGCONT)
+
+
+def test_a_handler_that_blocks_the_hub_gets_its_worker_killed_and_replaced(start_cluster):
+    cluster = start_cluster("--worker-timeout", "2", target="wk_app:make_blocking")
+    client = hisock_gevent.connect(cluster.addr, connect_timeout=WAIT)
+    try:
+        client.send("whoami")
+        victim = client.recv("iam", timeout=WAIT)
+        client.send("block", 60.0)
+
+        new_pid = _wait_hung_killed_and_replaced(cluster, victim)
+
+        with pytest.raises(hisock_gevent.ClientDisconnected):
+            client.recv(timeout=WAIT)
+        assert new_pid in ask_until(cluster.addr, lambda pids: new_pid in pids)
+    finally:
+        client.close()
 
 
 def test_workers_close_themselves_when_the_supervisor_is_killed(start_cluster):

@@ -4,7 +4,7 @@
 
 Serves a plain (not monkey-patched) HiSockServer with a RedisBackplane whose heartbeat is
 fast, so a killed worker is noticed within a couple of seconds.  Prints one line per event
-on stdout (flushed) for the test to read: ``serving on HOST:PORT``, ``JOIN name``,
+on stdout (flushed) for the test to read: ``WORKER id``, ``serving on HOST:PORT``, ``JOIN name``,
 ``LEAVE name``.  Handlers: ``relay {"to": name, "text": ...}`` sends ``msg`` to that
 client (an error is answered with ``error``), ``shout text`` sends ``shout`` to everyone, ``tell {"group": g, "text": ...}`` sends
 ``told`` to a group, ``who`` answers ``who`` with every client's ``name@group``, ``kick name`` disconnects that client
@@ -49,6 +49,10 @@ def main() -> int:
     def on_leave(client):
         say(f"LEAVE {client.name}")
 
+    @server.on("name_change")
+    def on_name_change(client, old, new):
+        say(f"RENAME {old} {new}")
+
     @server.on("relay")
     def on_relay(client, content):
         try:
@@ -76,6 +80,7 @@ def main() -> int:
         server.send_all_clients("shout", content)
 
     gevent.signal_handler(signal.SIGTERM, server.close)
+    say(f"WORKER {backplane.worker_id}")
     say("serving on {}:{}".format(*server.get_addr()))
     server.start()
     return 0
