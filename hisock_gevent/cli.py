@@ -365,10 +365,11 @@ def _serve(server: HiSockServer, args: argparse.Namespace, supervisor_pid: Optio
         gevent.signal_handler(signum, _close_logged, server, signum)
     if supervisor_pid is not None:
         gevent.spawn(_close_when_orphaned, server, supervisor_pid)
-    if args.ready_fd is not None:
+    ready_fd = getattr(args, "ready_fd", None)  # only serve --workers gives it
+    if ready_fd is not None:
         from .workers import report_liveness
 
-        report_liveness(args.ready_fd, server)  # runs once the server serves
+        report_liveness(ready_fd, server)  # runs once the server serves
     host, port = server.get_addr()
     tls = " (TLS)" if getattr(server, "ssl_context", None) is not None else ""
     if isinstance(server, ThreadedHiSockServer):
