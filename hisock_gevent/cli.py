@@ -55,6 +55,7 @@ unreachable server.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import inspect
 import logging
@@ -119,26 +120,6 @@ _SUPERVISOR_OPTIONS = frozenset(
     }
 )
 #: HiSockServer settings carried over when an instance is rebuilt with new options.
-_CARRIED_SETTINGS = (
-    "backplane",
-    "reuse_port",
-    "max_connections",
-    "header_len",
-    "cache_size",
-    "keepalive",
-    "keepalive_interval",
-    "keepalive_timeout",
-    "handshake_timeout",
-    "max_message_size",
-    "max_queue_bytes",
-    "idle_timeout",
-    "max_nesting",
-    "max_items",
-    "ssl_context",
-    "authenticate",
-)
-
-
 class UsageError(Exception):
     """Wrong input from the command line's user: reported in one line, exit status 2."""
 
@@ -244,25 +225,22 @@ def _accepted_keywords(factory: Callable[..., Any]) -> Optional[set]:
 
 
 def _rebuild(old: HiSockServer, options: Dict[str, Any]) -> HiSockServer:
-    """A new HiSockServer with ``old``'s settings and handlers, overridden by ``options``.
+    """A new HiSockServer with ``old``'s configuration and handlers, changed by ``options``.
 
-    ``old`` is closed first, so the new one may bind the same port.
+    Every option of ``old.config`` is carried (``dataclasses.replace``), so a new option
+    needs nothing here.  ``old`` is closed first, so the new one may bind the same port.
     """
-    settings = {name: getattr(old, name) for name in _CARRIED_SETTINGS if hasattr(old, name)}
-    host = options.pop("host", None) or old.addr[0]
-    port = options.pop("port", None)
+    changes = dict(options)
+    host = changes.pop("host", None) or old.addr[0]
+    port = changes.pop("port", None)
     if port is None:
         port = old.addr[1]
-    certfile = options.pop("certfile", None)
-    keyfile = options.pop("keyfile", None)
-    if certfile is not None:
-        settings["ssl_context"] = None
-        settings["certfile"] = certfile
-        settings["keyfile"] = keyfile
-    settings.update(options)
+    if changes.get("certfile") is not None:
+        changes["ssl_context"] = None  # made again from the new files
+    config = dataclasses.replace(old.config, **changes)
     handlers = [(command, dict(entry)) for command, entry in old.funcs.items()]
     old.close()
-    new = HiSockServer((host, port), **settings)
+    new = HiSockServer.from_config((host, port), config)
     for command, entry in handlers:
         new.on(command, threaded=entry.get("threaded", False), override=entry.get("override", False))(entry["func"])
     log.debug("rebuilt the server on %s:%s with %d handler(s)", host, port, len(handlers))

@@ -14,8 +14,9 @@ the hub that is gone).
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
-from typing import Any, Callable, Iterator, List, Optional, Set, Tuple
+from typing import Any, Callable, Iterator, List, Optional, Set, Tuple, TypeVar
 
 import gevent
 import gevent.monkey
@@ -23,7 +24,7 @@ from gevent._hub_local import get_hub_if_exists
 from gevent.event import Event
 from gevent.lock import Semaphore
 
-__all__ = ["Home", "WorkerThreads", "DEFAULT_HANDLER_THREADS"]
+__all__ = ["Home", "WorkerThreads", "at_home", "DEFAULT_HANDLER_THREADS"]
 
 logger = logging.getLogger("hisock_gevent")
 
@@ -39,8 +40,27 @@ _allocate_lock: Callable[[], Any] = gevent.monkey.get_original("_thread", "alloc
 _RealThread: Any = gevent.monkey.get_original("threading", "Thread")
 _RealSimpleQueue: Any = gevent.monkey.get_original("queue", "SimpleQueue")
 _RealEmpty: Any = gevent.monkey.get_original("queue", "Empty")
+_F = TypeVar("_F", bound=Callable[..., Any])
 # How often a caller on another thread checks that the home is still alive while waiting.
 _LIVENESS_POLL = 0.25
+
+
+def at_home(method: _F) -> _F:
+    """Decorator for a method of an object with a ``_home``: the call runs on the home hub,
+    whichever thread makes it (see :meth:`Home.call`); directly when there is no home yet
+    or it has closed."""
+
+    @functools.wraps(method)
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+        home = self._home
+        ident = home.ident
+        if ident is None or ident == _get_ident() or not home.alive:
+            return method(self, *args, **kwargs)
+        if kwargs:
+            return home.call(functools.partial(method, self, *args, **kwargs))
+        return home.call(method, self, *args)
+
+    return wrapper  # type: ignore[return-value]
 
 
 class Home:

@@ -245,3 +245,16 @@ class MessageCacheMember:
         if not isinstance(other, MessageCacheMember):
             return NotImplemented
         return all(getattr(self, a) == getattr(other, a) for a in self.__slots__)
+
+
+def remember(cache: List[MessageCacheMember], cache_size: int, member: MessageCacheMember) -> None:
+    """Add ``member`` to a HiSock message cache of ``cache_size`` (-1 or below: none kept,
+    0: no limit, N: the last N), dropping the oldest entry when it is full.
+
+    Not part of HiSock's API: the server and the client keep their ``cache`` with it.
+    """
+    if cache_size < 0:
+        return
+    cache.append(member)
+    if 0 < cache_size < len(cache):
+        del cache[0]

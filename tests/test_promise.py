@@ -573,7 +573,7 @@ def test_7_a_huge_name_is_refused_at_the_door_and_nobody_else_is_dropped(make_se
 
 
 def test_7_a_message_larger_than_what_clients_accept_is_refused_to_the_sender(make_server, make_client):
-    srv = make_server(max_message_size=1 * MiB)
+    srv = make_server(peer_max_message_size=1 * MiB)
     srv.start()
     client = make_client(srv, "reader")
     with pytest.raises(ContentTooLarge, match="more than the 1048576 bytes"):
@@ -746,7 +746,7 @@ def test_10_leave_handlers_may_block_cooperatively_whatever_the_way_out(make_ser
     lost.close()
     polite.close()
     # A client of another worker, reaped from inside a hub callback.
-    srv._home.hub.loop.run_callback_threadsafe(srv._run_remote_leave, ClientInfo(("10.0.0.1", 1), "remote"))
+    srv._home.hub.loop.run_callback_threadsafe(srv._membership.remote_leave, ClientInfo(("10.0.0.1", 1), "remote"))
     names = left.wait_for(7, timeout=10)
     assert sorted(names) == sorted(["slow", "deaf", "kicked", "rude", "lost", "polite", "remote"])
     assert not [r for r in caplog.records if "BlockingSwitchOut" in r.getMessage() or r.exc_info], [r.getMessage() for r in caplog.records]

@@ -1,0 +1,188 @@
+"""Who is joined to a server, and the two moments that change it.
+
+A client *joins*: it enters the registry, everyone else hears ``$CLTCONN$``, it gets its
+own answer and ``join`` runs.  A client *goes*: once, however many ways it went at the
+same time (a reset, an overflow, a kick, a keepalive timeout): it leaves the registry,
+the others hear ``$CLTDISCONN$`` when they are to, ``leave`` runs when asked, and its
+connection closes, after ``$DISCONN$`` and its queue drained when asked.  Both happen in
+greenlets where handlers may block cooperatively, never inside a hub callback or inside
+the send that found a client over its limit.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from typing import Any, Callable, Tuple
+
+from gevent.pool import Group
+
+from . import stats as reasons
+from .connection import Connection
+from .errors import ClientNotFound, HandshakeError
+from .frames import frame
+from .messages import CAPABILITY_MSGPACK, Disconnect, Hello, PeerJoined, PeerLeft
+from .registry import ClientRegistry, Delivery
+from .stats import ServerStats
+from .utils import ClientInfo
+
+__all__ = ["ServerPeer", "Membership", "DEFAULT_CLOSE_TIMEOUT"]
+
+logger = logging.getLogger("hisock_gevent")
+
+#: Seconds queued frames get to drain when a client is disconnected or the server closes.
+DEFAULT_CLOSE_TIMEOUT = 2.0
+
+
+class ServerPeer:
+    """A joined client as the server sees it: its connection, info and dialect."""
+
+    __slots__ = ("conn", "sock", "info", "connect_name", "connect_group", "msgpack_ok", "last_ack", "gone", "send")
+
+    def __init__(self, conn: Connection, info: ClientInfo, msgpack_ok: bool):
+        self.conn = conn
+        self.sock = conn.sock
+        self.info = info
+        self.connect_name = info.name
+        self.connect_group = info.group
+        self.msgpack_ok = msgpack_ok
+        self.last_ack = time.monotonic()
+        self.gone = False
+        #: Queue a frame to this client (the connection's own method: a hot path).
+        self.send = conn.send
+
+
+class Membership:
+    """Joins and goes of one server's clients.
+
+    :param call_reserved: runs a reserved handler (``join``, ``leave``) by event name.
+    :param spawn: starts a greenlet the server ends when it closes.
+    """
+
+    def __init__(
+        self,
+        registry: ClientRegistry,
+        delivery: Delivery,
+        header_len: int,
+        stats: ServerStats,
+        call_reserved: Callable[..., None],
+        spawn: Callable[..., Any],
+    ):
+        self.registry = registry
+        self.delivery = delivery
+        self.header_len = header_len
+        self.stats = stats
+        self.call_reserved = call_reserved
+        self.spawn = spawn
+        #: Greenlets draining a disconnected client's queue before closing it.
+        self.closers = Group()
+        self._disconnect_frame = frame(Disconnect().to_body(), header_len)
+
+    # ------------------------------------------------------------------ joining
+
+    def join(self, conn: Connection, hello: Hello) -> ServerPeer:
+        """Register the connection's client, announce it, answer it and run ``join``.
+
+        :raises HandshakeError: its announcement does not fit the header width.
+        """
+        info = ClientInfo(conn.peer, hello.name, hello.group)
+        peer = ServerPeer(conn, info, CAPABILITY_MSGPACK in hello.capabilities)
+        joined = info.as_dict()
+        try:
+            everyone_frame = frame(PeerJoined(joined).to_body(), self.header_len)
+            # Only a peer that offered capabilities hears ours: a plain HiSock client never does.
+            answer_frame = (
+                frame(PeerJoined(dict(joined, caps=[CAPABILITY_MSGPACK])).to_body(), self.header_len)
+                if peer.msgpack_ok
+                else everyone_frame
+            )
+        except ValueError as exc:
+            raise HandshakeError(f"the client's announcement does not fit header_len {self.header_len}: {exc}") from exc
+        conn.on_overflow = functools.partial(self.overflowed, peer)
+        self.registry.add(peer)
+        self.stats.joins += 1
+        self.delivery.joined(peer, everyone_frame)
+        peer.send(answer_frame)
+        logger.debug("%s joined", info)
+        self.call_reserved("join", info)
+        return peer
+
+    # ------------------------------------------------------------------ going
+
+    def drop(self, peer: ServerPeer, call_leave: bool, notify: bool, reason: str) -> bool:
+        """Forget a joined client (once); tell the others and run ``leave`` if asked.
+
+        :param reason: why it goes, one of the names in :mod:`hisock_gevent.stats`.
+        :returns: False when it was already gone.
+        """
+        if peer.gone:
+            return False
+        peer.gone = True
+        if not self.registry.remove(peer):
+            return False
+        self.stats.dropped[reason] += 1
+        left_frame = None
+        if notify:
+            try:
+                left_frame = frame(PeerLeft(peer.info.as_dict()).to_body(), self.header_len)
+            except ValueError as exc:
+                logger.warning("not announcing that %s left: %s", peer.info, exc)
+        self.delivery.left(peer, left_frame)
+        logger.debug("%s left", peer.info)
+        if call_leave:
+            self.call_reserved("leave", peer.info)
+        return True
+
+    def close_peer(self, peer: ServerPeer, send_disconnect: bool, drain_timeout: float = DEFAULT_CLOSE_TIMEOUT) -> None:
+        """Close a client's connection, after ``$DISCONN$`` and its queue drain when asked."""
+        conn = peer.conn
+        if not send_disconnect:
+            conn.close()
+            return
+        conn.send(self._disconnect_frame)
+        self.closers.spawn(conn.close, drain_timeout)
+
+    def expel(self, peer: ServerPeer, reason: str) -> None:
+        """Drop a client the server gave up on (with ``leave``), telling it ``$DISCONN$``."""
+        if self.drop(peer, call_leave=True, notify=True, reason=reason):
+            self.close_peer(peer, send_disconnect=True)
+
+    def kick(self, peer: ServerPeer, force: bool, call_func: bool) -> None:
+        """``disconnect_client``: the others hear of it; ``leave`` runs if asked."""
+        self.drop(peer, call_leave=call_func, notify=True, reason=reasons.KICKED)
+        self.close_peer(peer, send_disconnect=not force)
+
+    def kick_at(self, address: Tuple[str, int], force: bool, call_func: bool) -> None:
+        """Another worker asked (through the backplane) to disconnect our client at ``address``."""
+        try:
+            peer = self.registry.find(address)
+        except ClientNotFound:
+            return  # it left meanwhile
+        self.kick(peer, force, call_func)
+
+    def everyone_out(self, force: bool, drain_timeout: float = DEFAULT_CLOSE_TIMEOUT) -> None:
+        """Disconnect every client without announcing it or running ``leave``."""
+        for peer in list(self.registry):
+            self.drop(peer, call_leave=False, notify=False, reason=reasons.SERVER_CLOSED)
+            self.close_peer(peer, send_disconnect=not force, drain_timeout=drain_timeout)
+
+    def overflowed(self, peer: ServerPeer, conn: Connection) -> None:
+        """A joined client was overflowed (by its own backlog or the server's budget).
+
+        Runs in a greenlet of its own (the connection starts it), after the send that found
+        it has returned.
+        """
+        logger.warning("dropping %s: %s", peer.info, conn.error)
+        conn.close()
+        reason = reasons.SLOW_READER if conn.overflowed == "queue" else reasons.MEMORY_LIMIT
+        self.drop(peer, call_leave=True, notify=True, reason=reason)
+
+    def remote_leave(self, info: ClientInfo) -> None:
+        """``leave`` for a client another process held, which went without it saying so.
+
+        Run in a greenlet of its own: the delivery may call this from anywhere on the hub,
+        and a ``leave`` handler may block cooperatively.
+        """
+        logger.debug("%s left with its worker", info)
+        self.spawn(self.call_reserved, "leave", info)
