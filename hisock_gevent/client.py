@@ -1,16 +1,23 @@
 """HiSockClient: HiSock's client API, speaking to HiSock and hisock_gevent servers alike.
 
-The constructor connects and says hello with a plain blocking socket, so it works (and
-raises :class:`ServerNotRunning` or :class:`ConnectionRejected`) from any thread.  The
-first call that needs to *receive* (:meth:`HiSockClient.start`, :meth:`recv`,
-:meth:`get_client`) binds the client to the calling thread's gevent hub: from then on a
-reader greenlet answers keepalives and queues what arrives, and one dispatcher calls the
-handlers.  Methods called from other threads afterwards are run on that hub.
+The constructor connects (raising :class:`ServerNotRunning` at once if nothing listens),
+sends the hello and returns, as HiSock's does: the server's answer is awaited on first
+use, by whatever needs it (``start()``, ``recv()``, ``get_client()``, a send whose bytes
+depend on the dialect the server accepted), and a refusal surfaces there.  The opening
+handshake itself is :class:`~hisock_gevent.protocol.ClientHandshake`'s business.
+
+The client works from any thread: until a hub owns it, it writes with a plain socket that
+never blocks (:class:`~hisock_gevent.plainwriter.PlainWriter`).  The first call that needs
+to *receive* binds it to the calling thread's gevent hub: from then on one reader
+greenlet answers keepalives and puts what arrives in the inbox
+(:class:`~hisock_gevent.inbox.Inbox`), and one dispatcher calls the handlers.  Methods
+called from other threads afterwards are run on that hub.
 """
 
 from __future__ import annotations
 
 import collections
+import enum
 import logging
 import socket as _stdlib_socket
 import ssl
@@ -31,7 +38,6 @@ from .connection import (
     yield_to_loop,
 )
 from .errors import (
-    AuthenticationFailed,
     ClientDisconnected,
     ClientException,
     ClientNotFound,
@@ -40,9 +46,10 @@ from .errors import (
     ServerNotRunning,
     TLSError,
 )
-from .frames import DEFAULT_HEADER_LEN, DEFAULT_MAX_MESSAGE_SIZE, FrameParser, frame
+from .frames import DEFAULT_HEADER_LEN, DEFAULT_MAX_MESSAGE_SIZE, frame
 from .handlers import CLIENT_RESERVED, CLIENT_UNRESERVED_ARGS, HandlerRunner, HandlerTable
 from .home import Home, _allocate_lock
+from .inbox import Ended, Inbox, PeerEvent, Received, Record
 from .messages import (
     CAPABILITY_MSGPACK,
     GETCLT_COMMAND,
@@ -52,7 +59,6 @@ from .messages import (
     Command,
     Disconnect,
     GetClient,
-    Hello,
     KeepAck,
     KeepAlive,
     PeerJoined,
@@ -63,10 +69,11 @@ from .messages import (
 )
 from .outgoing import OutgoingCommand
 from .plainwriter import PlainWriter
+from .protocol import Answer, ClientHandshake
 from .tls import TLSLayer, client_context, perform_handshake
-from .utils import ClientInfo, MessageCacheMember, Sendable, iptup_to_str
+from .utils import ClientInfo, MessageCacheMember, Sendable, iptup_to_str, remember
 
-__all__ = ["HiSockClient", "ThreadedHiSockClient", "connect", "threaded_connect"]
+__all__ = ["HiSockClient", "ThreadedHiSockClient", "ClientState", "connect", "threaded_connect"]
 
 logger = logging.getLogger("hisock_gevent")
 
@@ -76,57 +83,21 @@ DEFAULT_CONNECT_TIMEOUT = 10.0
 DEFAULT_ANSWER_TIMEOUT = 10.0
 #: Seconds queued frames get to reach the server on close.
 DEFAULT_CLOSE_TIMEOUT = 2.0
-#: What may arrive before the server answers our hello, at most (messages, body bytes).
-_MAX_EARLY_MESSAGES = 1024
-_MAX_EARLY_BYTES = 1024 * 1024
-
-# Inbox items are tuples whose first element says what happened.
-_CONNECT, _DISCONNECT, _COMMAND, _FORCED, _CLOSED = "connect", "disconnect", "command", "forced", "closed"
+#: Content whose bytes are the same in both dialects: sent without waiting for the answer.
+_DIALECT_FREE = (str, bytes, int, type(None))
 
 
-class _Inbox:
-    """What the reader received and the dispatcher has not handled yet, bounded in bytes.
+class ClientState(enum.Enum):
+    """Where a client is in its life."""
 
-    When handlers fall behind, :meth:`put` makes the reader wait (cooperatively): it stops
-    reading, and TCP pushes back on the server, instead of the inbox growing without
-    limit.  One item always fits, however large; end markers never wait.
-    """
-
-    def __init__(self, max_bytes: int):
-        self.max_bytes = max_bytes
-        self._items: Deque[Tuple[Tuple[Any, ...], int]] = collections.deque()
-        self._bytes = 0
-        self._filled = Event()
-        self._drained = Event()
-        self._drained.set()
-
-    def put(self, item: Tuple[Any, ...], size: int = 0) -> None:
-        while self._bytes and self._bytes + size > self.max_bytes:
-            self._drained.clear()
-            self._drained.wait()
-        self._append(item, size)
-
-    def put_now(self, item: Tuple[Any, ...]) -> None:
-        """Add ``item`` without waiting for room (the end-of-connection markers)."""
-        self._append(item, 0)
-
-    def _append(self, item: Tuple[Any, ...], size: int) -> None:
-        self._items.append((item, size))
-        self._bytes += size
-        self._filled.set()
-
-    def get(self) -> Tuple[Any, ...]:
-        while not self._items:
-            self._filled.clear()
-            self._filled.wait()
-        item, size = self._items.popleft()
-        self._bytes -= size
-        if self._bytes <= self.max_bytes:
-            self._drained.set()  # a waiting reader looks again
-        return item
-
-    def empty(self) -> bool:
-        return not self._items
+    #: The hello is sent; the server has not answered yet.
+    HELLO_SENT = "hello sent"
+    #: The server accepted us.
+    JOINED = "joined"
+    #: The server refused or disconnected us, or the connection broke.
+    DISCONNECTED = "disconnected"
+    #: :meth:`HiSockClient.close` was called.
+    CLOSED = "closed"
 
 
 class _RecvWaiter:
@@ -146,8 +117,11 @@ class HiSockClient:
     :param header_len: width of every frame header; must match the server's.
     :param cache_size: -1 or below for no message cache, 0 for unlimited, N for the last N.
     :param connect_timeout: seconds to wait for the TCP connection.
-    :param answer_timeout: seconds to wait for the server to answer the hello.
+    :param answer_timeout: seconds the server has to answer the hello (a deadline from the
+        moment it was sent), and to answer a :meth:`get_client`.
     :param max_message_size: the largest frame body accepted from the server.
+    :param max_queue_bytes: bytes that may wait unsent (the server not reading) before the
+        connection is given up, and the most the inbox holds for handlers that fall behind.
     :param use_msgpack: offer the msgpack extension (needed for bool, None in containers,
         ClientInfo and tuples to round-trip; faster for lists and dicts).
     :param auth: credentials for the server's authentication check (anything JSON can
@@ -160,14 +134,18 @@ class HiSockClient:
     :param max_items: most elements accepted in one received payload.
     :raises TypeError: the address is not a tuple.
     :raises ServerNotRunning: nothing accepts connections at ``addr``.
-    :raises ConnectionRejected: the server refused us (full, or its checks said no).
-    :raises AuthenticationFailed: (a ConnectionRejected) the server's check refused ``auth``.
     :raises TLSError: the TLS handshake failed (e.g. the server does not speak TLS).
+
+    A refusal by the server (full, or its checks said no) is not raised here but where the
+    answer is first needed: :meth:`wait_joined`, :meth:`recv`, :meth:`get_client` and
+    sends whose bytes depend on the dialect raise :class:`ConnectionRejected` (or
+    :class:`AuthenticationFailed`); :meth:`start` runs ``force_disconnect`` and returns.
 
     :ivar addr: the server's address.  :ivar name: our name.  :ivar group: our group.
     :ivar header_len: the header width.  :ivar funcs: the handlers registered with :meth:`on`.
     :ivar cache: the message cache (MessageCacheMember items).
     :ivar connect_time: Unix time the connection was made.
+    :ivar state: a :class:`ClientState`.
     """
 
     def __init__(
@@ -215,51 +193,67 @@ class HiSockClient:
         self._runner = HandlerRunner(self._home, "client")
         self._callback: Optional[Callable[[], Any]] = None
 
-        self.closed = False
-        self.connected = False
+        self.state = ClientState.HELLO_SENT
         self.msgpack_ok = False
+        # Why the server refused us, raised where the answer is needed.
+        self._refusal: Optional[ConnectionRejected] = None
+        self._handshake = ClientHandshake(
+            name, group, (CAPABILITY_MSGPACK,) if use_msgpack else (), auth, header_len, max_message_size
+        )
+        self._early: List[ServerMessage] = []  # answered before a hub took over
+        self._answered: Optional[Event] = None
         self._conn: Optional[Connection] = None
-        self._inbox: Optional[_Inbox] = None
+        self._inbox: Optional[Inbox] = None
         self._reader: Optional[gevent.Greenlet] = None
         self._dispatching = False
         self._recv_waiters: Deque[_RecvWaiter] = collections.deque()
         self._getclt_waiters: Deque[AsyncResult] = collections.deque()
-        # Guards the hand-over of the plain socket to a hub (and writes made before it).
+        # Guards the hand-over of the plain socket to a hub (and what is done before it).
         self._bind_lock = _allocate_lock()
-        self._early: List[ServerMessage] = []
-        self._parser = FrameParser(header_len, max_message_size)
 
-        try:
-            sock = _stdlib_socket.create_connection(addr, timeout=connect_timeout)
-        except (ConnectionRefusedError, _stdlib_socket.timeout) as exc:
-            raise ServerNotRunning(f"no HiSock server is accepting connections at {iptup_to_str(addr)}: {exc}") from exc
-        except OSError as exc:
-            raise ServerNotRunning(f"cannot connect to {iptup_to_str(addr)}: {exc}") from exc
-        set_nodelay(sock)
+        sock = self._connect(connect_timeout)
         self._plain_sock: Optional[_stdlib_socket.socket] = sock
-        # Writes before a hub owns the socket: never blocking, bounded by max_queue_bytes.
-        self._plain_writer = PlainWriter(sock, max_queue_bytes)
         self._client_addr: Tuple[str, int] = sock.getsockname()[:2]
         self.connect_time = time.time()
         if ssl_context is None and (cafile is not None or certfile is not None):
             ssl_context = client_context(cafile, certfile, keyfile)
         self._tls: Optional[TLSLayer] = None
+        # Writes before a hub owns the socket: never blocking, bounded by max_queue_bytes.
+        self._plain_writer = PlainWriter(sock, max_queue_bytes)
         try:
             if ssl_context is not None:
-                self._tls = TLSLayer(ssl_context, server_side=False, server_hostname=server_hostname or addr[0])
-                sock.settimeout(answer_timeout)
-                try:
-                    perform_handshake(self._tls, sock.recv, sock.sendall)
-                except _stdlib_socket.timeout as exc:
-                    raise TLSError(f"no TLS handshake answer within {answer_timeout} s") from exc
-                except OSError as exc:
-                    raise TLSError(f"the connection failed during the TLS handshake: {exc}") from exc
-            self._say_hello(use_msgpack, auth)
+                self._tls = self._tls_handshake(sock, ssl_context, server_hostname or addr[0])
+            self._plain_send(frame(self._handshake.hello_body(), header_len))
         except BaseException:
             sock.close()
-            self.closed = True
+            self.state = ClientState.CLOSED
             raise
-        self.connected = True
+        self._answer_deadline = time.monotonic() + answer_timeout
+
+    def _connect(self, timeout: float) -> _stdlib_socket.socket:
+        addr = self.addr
+        try:
+            sock = _stdlib_socket.create_connection(addr, timeout=timeout)
+        except (ConnectionRefusedError, _stdlib_socket.timeout) as exc:
+            raise ServerNotRunning(f"no HiSock server is accepting connections at {iptup_to_str(addr)}: {exc}") from exc
+        except OSError as exc:
+            raise ServerNotRunning(f"cannot connect to {iptup_to_str(addr)}: {exc}") from exc
+        set_nodelay(sock)
+        sock.settimeout(None)
+        return sock
+
+    def _tls_handshake(self, sock: _stdlib_socket.socket, context: ssl.SSLContext, hostname: str) -> TLSLayer:
+        layer = TLSLayer(context, server_side=False, server_hostname=hostname)
+        sock.settimeout(self.answer_timeout)
+        try:
+            perform_handshake(layer, sock.recv, sock.sendall)
+        except _stdlib_socket.timeout as exc:
+            raise TLSError(f"no TLS handshake answer within {self.answer_timeout} s") from exc
+        except OSError as exc:
+            raise TLSError(f"the connection failed during the TLS handshake: {exc}") from exc
+        finally:
+            sock.settimeout(None)
+        return layer
 
     def __repr__(self) -> str:
         return f"<HiSockClient connected to {iptup_to_str(self.addr)}>"
@@ -270,78 +264,106 @@ class HiSockClient:
     def __exit__(self, *exc_info: Any) -> None:
         self.close()
 
-    # ------------------------------------------------------------------ handshake
+    @property
+    def closed(self) -> bool:
+        """True once the connection is over (closed by us, or ended by the server)."""
+        return self.state is ClientState.CLOSED or self.state is ClientState.DISCONNECTED
 
-    def _plain_send(self, data: bytes) -> None:
-        """Write on the socket we have before a hub adopts it (through TLS if any), without
-        waiting for the server (see :class:`~hisock_gevent.plainwriter.PlainWriter`).
+    @property
+    def connected(self) -> bool:
+        """True while the connection is up (the answer may still be on its way)."""
+        return not self.closed
 
-        :raises WriterFailed: (an OSError) the connection failed or the server is not reading.
+    # ------------------------------------------------------------------ the answer to our hello
+
+    def wait_joined(self, timeout: Optional[float] = None) -> None:
+        """Block until the server has accepted our hello (not part of HiSock's API).
+
+        :param timeout: seconds to wait at most; by default what is left of ``answer_timeout``.
+        :raises ConnectionRejected: the server refused us, broke the protocol, or did not
+            answer in time.  :raises AuthenticationFailed: its check refused ``auth``.
+        :raises ClientDisconnected: the client is closed.
         """
-        self._plain_writer.write(self._tls.encrypt(data) if self._tls is not None else data)
+        if self.state is ClientState.JOINED:
+            return
+        if self._refusal is not None:
+            raise self._refusal
+        if self.state is ClientState.CLOSED:
+            raise ClientDisconnected("the client is closed")
+        if timeout is None:
+            timeout = max(0.0, self._answer_deadline - time.monotonic())
+        with self._bind_lock:
+            unbound = self._conn is None and self._plain_sock is not None
+            if unbound:
+                self._read_answer_here(timeout)
+        if not unbound:
+            self._home.call(self._wait_answer_on_hub, timeout)
+        if self._refusal is not None:
+            raise self._refusal
+        if self.state is not ClientState.JOINED:
+            raise ClientDisconnected("the connection to the server closed")
 
-    def _say_hello(self, use_msgpack: bool, auth: Any) -> None:
-        """Send the hello and read until the server's answer (our own $CLTCONN$)."""
+    def _read_answer_here(self, timeout: float) -> None:
+        """No hub owns the socket yet: read the answer from it directly (the lock is held)."""
         sock = self._plain_sock
         assert sock is not None
-        extra: Dict[str, Any] = {"caps": [CAPABILITY_MSGPACK]} if use_msgpack else {}
-        if auth is not None:
-            extra["auth"] = auth
+        deadline = time.monotonic() + timeout
         try:
-            self._plain_send(frame(Hello(self.name, self.group, extra).to_body(), self.header_len))
-        except OSError as exc:
-            raise ConnectionRejected(f"the connection failed during the handshake: {exc}") from exc
-        deadline = time.monotonic() + self.answer_timeout
-        answered = False
-        early_bytes = 0
-        while not answered:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                # A deadline, not a socket timeout: a server that keeps sending other
-                # frames does not stretch it.
-                raise ConnectionRejected(f"the server did not answer our hello within {self.answer_timeout} s")
-            sock.settimeout(remaining)
-            try:
-                data = sock.recv(RECV_CHUNK)
-            except _stdlib_socket.timeout as exc:
-                raise ConnectionRejected(f"the server did not answer our hello within {self.answer_timeout} s") from exc
-            except OSError as exc:
-                raise ConnectionRejected(f"the connection failed during the handshake: {exc}") from exc
-            if not data:
-                hint = "" if self._tls is not None else " (does the server expect TLS?)"
-                raise ConnectionRejected(f"the server closed the connection during the handshake{hint}")
-            try:
+            while self.state is ClientState.HELLO_SENT:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise ConnectionRejected(f"the server did not answer our hello within {self.answer_timeout} s")
+                sock.settimeout(remaining)
+                try:
+                    data = sock.recv(RECV_CHUNK)
+                except _stdlib_socket.timeout:
+                    continue
+                except OSError as exc:
+                    raise ConnectionRejected(f"the connection failed during the handshake: {exc}") from exc
+                if not data:
+                    hint = "" if self._tls is not None else " (does the server expect TLS?)"
+                    raise ConnectionRejected(f"the server closed the connection during the handshake{hint}")
                 if self._tls is not None:
                     data, reply = self._tls.receive(data)
                     if reply:
-                        sock.sendall(reply)
-                bodies = self._parser.feed(data)
-                messages = [parse_server_body(body) for body in bodies]
-            except RemoteProtocolError as exc:
-                raise ConnectionRejected(f"the server's answer broke the protocol: {exc}") from exc
-            for body, message in zip(bodies, messages):
-                if answered:
-                    # What came in the same read as the answer: at most one read's worth.
-                    self._early.append(message)
-                    continue
-                early_bytes += len(body)
-                if len(self._early) >= _MAX_EARLY_MESSAGES or early_bytes > _MAX_EARLY_BYTES:
-                    raise ConnectionRejected(
-                        f"the server sent more than {_MAX_EARLY_MESSAGES} messages or {_MAX_EARLY_BYTES} bytes "
-                        "before answering our hello"
-                    )
-                if isinstance(message, Disconnect):
-                    if message.reason == "authentication failed":
-                        raise AuthenticationFailed("the server's authentication check refused us")
-                    why = f": {message.reason}" if message.reason else ""
-                    raise ConnectionRejected(f"the server refused the connection ($DISCONN$){why}")
-                if isinstance(message, PeerJoined):
-                    # The first $CLTCONN$ after our hello announces us.
-                    caps = message.info.get("caps")
-                    self.msgpack_ok = use_msgpack and isinstance(caps, list) and CAPABILITY_MSGPACK in caps
-                    answered = True
-                self._early.append(message)
-        sock.settimeout(None)
+                        self._plain_send(reply)
+                answer = self._handshake.receive_data(data)
+                if answer is not None:
+                    self._accept(answer)
+                    self._early = answer.early
+        except ConnectionRejected as exc:
+            self._refuse(exc)
+            sock.close()
+            self._plain_sock = None
+        finally:
+            if self._plain_sock is not None:
+                sock.settimeout(None)
+
+    def _wait_answer_on_hub(self, timeout: float) -> None:
+        answered = self._answered
+        assert answered is not None
+        if not answered.wait(timeout) and self.state is ClientState.HELLO_SENT:
+            self._refuse(ConnectionRejected(f"the server did not answer our hello within {self.answer_timeout} s"))
+            self._finish(forced=True)
+
+    def _accept(self, answer: Answer) -> None:
+        self.msgpack_ok = answer.accepts(CAPABILITY_MSGPACK)
+        self.state = ClientState.JOINED
+        if self._answered is not None:
+            self._answered.set()
+
+    def _refuse(self, exc: ConnectionRejected) -> None:
+        if self._refusal is None:
+            self._refusal = exc
+        logger.info("the server at %s refused us: %s", iptup_to_str(self.addr), exc)
+        self.state = ClientState.DISCONNECTED
+        if self._answered is not None:
+            self._answered.set()
+
+    def _answer_overdue(self) -> None:
+        if self.state is ClientState.HELLO_SENT:
+            self._refuse(ConnectionRejected(f"the server did not answer our hello within {self.answer_timeout} s"))
+            self._finish(forced=True)
 
     # ------------------------------------------------------------------ binding to a hub
 
@@ -353,39 +375,54 @@ class HiSockClient:
             if self._conn is not None:
                 return
             self._home.adopt_current_thread()
-            self._inbox = _Inbox(self.max_queue_bytes)
-            if self._plain_sock is None:  # closed before ever being bound
-                self._inbox.put_now((_CLOSED,))
+            self._inbox = Inbox(self.max_queue_bytes)
+            self._answered = Event()
+            if self._plain_sock is None:  # over before ever being bound
+                self._answered.set()
+                self._inbox.put_now(Ended(forced=self._refusal is not None))
                 return
             unsent = self._plain_writer.take_over()
             gsock = gsocket.socket(fileno=self._plain_sock.detach())
             self._plain_sock = None
             self._conn = Connection(
-                gsock, self.addr, self.header_len, self._parser.max_body_len, self.max_queue_bytes,
-                self._on_overflow, self._parser, self._tls,
+                gsock, self.addr, self.header_len, self._handshake.parser.max_body_len, self.max_queue_bytes,
+                self._on_overflow, self._handshake.parser, self._tls,
             )
             for chunk in unsent:  # written before the hub took over, not yet on the wire
                 self._conn.send_raw(chunk)
-            early, self._early = self._early, []
-            for message in early:
-                self._route(message)
+            if self.state is ClientState.JOINED:
+                self._answered.set()
+                early, self._early = self._early, []
+                for message in early:
+                    self._route(message)
+            else:
+                watchdog = gevent.spawn_later(max(0.0, self._answer_deadline - time.monotonic()), self._answer_overdue)
+                self._answered.rawlink(lambda _: watchdog.kill(block=False))
             self._reader = gevent.spawn(self._read_loop)
 
-    def _on_home(self, func: Callable[..., Any], *args: Any) -> Any:
+    def _at_home(self, func: Callable[..., Any], *args: Any) -> Any:
         """Bind if needed, then run ``func`` on the home hub."""
         if self._conn is None and self._home.ident is None:
             self._bind_here()
         return self._home.call(func, *args)
 
+    def _plain_send(self, data: bytes) -> None:
+        """Write on the socket we have before a hub adopts it (through TLS if any), without
+        waiting for the server.
+
+        :raises WriterFailed: (an OSError) the connection failed or the server is not reading.
+        """
+        self._plain_writer.write(self._tls.encrypt(data) if self._tls is not None else data)
+
     def _write(self, data: bytes) -> None:
         """Send a whole frame, on the hub once bound, with the plain socket before that."""
         if self.closed:
-            raise ClientDisconnected("the client is closed")
+            raise self._refusal or ClientDisconnected("the client is closed")
         if self._conn is None:
             with self._bind_lock:
                 if self._conn is None:
                     if self._plain_sock is None:
-                        raise ClientDisconnected("the client is closed")
+                        raise self._refusal or ClientDisconnected("the client is closed")
                     try:
                         self._plain_send(data)
                     except OSError as exc:
@@ -409,98 +446,95 @@ class HiSockClient:
         conn = self._conn
         assert conn is not None
         try:
-            for body in conn.bodies():
+            bodies = conn.bodies()
+            if self.state is ClientState.HELLO_SENT:
+                self._read_answer(bodies)
+            for body in bodies:
                 if not self._route(parse_server_body(body)):
                     return
         except RemoteProtocolError as exc:
             logger.warning("closing the connection to %s: %s", iptup_to_str(self.addr), exc)
+        except ConnectionRejected as exc:
+            self._refuse(exc)
+            self._finish(forced=True)
         finally:
             if not self.closed:
-                self._finish(_CLOSED)
+                self._finish(forced=False)
+
+    def _read_answer(self, bodies: Any) -> None:
+        """The hub owns the socket before the answer came: take it from the reader's frames."""
+        handshake = self._handshake
+        for body in bodies:
+            answer = handshake.receive_message(parse_server_body(body), len(body))
+            if answer is not None:
+                self._accept(answer)
+                for message in answer.early:
+                    if not self._route(message):
+                        return
+                return
+        raise ConnectionRejected("the server closed the connection during the handshake")
 
     def _route(self, message: ServerMessage) -> bool:
         """Act on one message from the server; False once the server has disconnected us."""
-        assert self._inbox is not None
-        kind = type(message)
-        if kind is Command:
-            assert isinstance(message, Command)
-            content = typecast.decode(
-                message.fmt, message.payload, max_depth=self.max_nesting, max_items=self.max_items, pause=yield_to_loop
-            )
-            if message.command == GETCLT_COMMAND and self._getclt_waiters:
-                self._getclt_waiters.popleft().set(content)
-            else:
-                self._inbox.put((_COMMAND, message.command, content, message), len(message.payload))
-        elif kind is KeepAlive:
-            conn = self._conn
-            if conn is not None:
-                conn.send(frame(KeepAck().to_body(), self.header_len))
-        elif kind is PeerJoined:
-            self._inbox.put((_CONNECT, ClientInfo.from_dict(message.info)))  # type: ignore[union-attr]
-        elif kind is PeerLeft:
-            self._inbox.put((_DISCONNECT, ClientInfo.from_dict(message.info)))  # type: ignore[union-attr]
-        elif kind is Disconnect:
-            logger.info("the server at %s disconnected us", iptup_to_str(self.addr))
-            self._finish(_FORCED)
-            return False
+        return _ROUTES[type(message)](self, message)
+
+    def _route_command(self, message: Command) -> bool:
+        content = typecast.decode(
+            message.fmt, message.payload, max_depth=self.max_nesting, max_items=self.max_items, pause=yield_to_loop
+        )
+        if message.command == GETCLT_COMMAND and self._getclt_waiters:
+            self._getclt_waiters.popleft().set(content)
+        else:
+            assert self._inbox is not None
+            self._inbox.put(Received(message.command, content, message), len(message.payload))
         return True
 
-    def _finish(self, how: str) -> None:
+    def _route_keepalive(self, message: KeepAlive) -> bool:
+        conn = self._conn
+        if conn is not None:
+            conn.send(frame(KeepAck().to_body(), self.header_len))
+        return True
+
+    def _route_joined(self, message: PeerJoined) -> bool:
+        assert self._inbox is not None
+        self._inbox.put(PeerEvent("client_connect", ClientInfo.from_dict(message.info)))
+        return True
+
+    def _route_left(self, message: PeerLeft) -> bool:
+        assert self._inbox is not None
+        self._inbox.put(PeerEvent("client_disconnect", ClientInfo.from_dict(message.info)))
+        return True
+
+    def _route_disconnect(self, message: Disconnect) -> bool:
+        why = f": {message.reason}" if message.reason else ""
+        logger.info("the server at %s disconnected us%s", iptup_to_str(self.addr), why)
+        self._finish(forced=True)
+        return False
+
+    def _finish(self, forced: bool) -> None:
         """The connection ended: close it, wake every waiter, and tell the dispatcher."""
-        self.closed = True
+        if not self.closed:
+            self.state = ClientState.DISCONNECTED
         if self._conn is not None:
             self._conn.close()
+        if self._answered is not None:
+            self._answered.set()
         # recv() waiters are woken by the dispatcher when it reaches the end marker, so
         # everything that arrived before the end (and force_disconnect) is handled first.
         while self._getclt_waiters:
             self._getclt_waiters.popleft().set_exception(ClientDisconnected("the connection to the server closed"))
         if self._inbox is not None:
-            self._inbox.put_now((how,))
+            self._inbox.put_now(Ended(forced))
 
     def _on_overflow(self, conn: Connection) -> None:
         logger.warning("the server at %s is not reading; closing", iptup_to_str(self.addr))
-        self._finish(_CLOSED)
+        self._finish(forced=False)
 
     # ------------------------------------------------------------------ dispatching
 
-    def _handle(self, item: Tuple[Any, ...]) -> bool:
-        """Dispatch one inbox item; False when the connection has ended."""
-        kind = item[0]
-        if kind is _COMMAND:
-            _, command, content, message = item
-            for waiter in self._recv_waiters:
-                if waiter.command is None or waiter.command == command:
-                    self._recv_waiters.remove(waiter)
-                    waiter.result.set(content)
-                    self._remember(command, content, message, called=True)
-                    return True
-            entry = self._handlers.command_handler(command)
-            called = True
-            if entry is not None:
-                self._runner.call(entry, (content,), ("", command, None))
-            else:
-                catch_all = self._handlers.reserved_handler("*")
-                if catch_all is not None:
-                    self._runner.call(catch_all, (command, content), ("*", command, None))
-                else:
-                    called = False
-                    logger.debug("no handler for command %r", command)
-            self._remember(command, content, message, called)
-        elif kind is _CONNECT or kind is _DISCONNECT:
-            event = "client_connect" if kind is _CONNECT else "client_disconnect"
-            entry = self._handlers.reserved_handler(event)
-            if entry is not None:
-                self._runner.call(entry, (item[1],), (event, None, None))
-        else:
-            if kind is _FORCED:
-                entry = self._handlers.reserved_handler("force_disconnect")
-                if entry is not None:
-                    self._runner.call(entry, (), ("force_disconnect", None, None))
-            while self._recv_waiters:
-                self._recv_waiters.popleft().result.set_exception(ClientDisconnected("the connection to the server closed"))
-            # Leave the marker for any other loop still waiting on the inbox.
-            assert self._inbox is not None
-            self._inbox.put_now((_CLOSED,))
+    def _handle(self, record: Record) -> bool:
+        """Dispatch one inbox record; False when the connection has ended."""
+        if not _HANDLES[type(record)](self, record):
             return False
         if self._callback is not None:
             try:
@@ -509,12 +543,51 @@ class HiSockClient:
                 self._runner.report(exc, ("callback", None, None))
         return True
 
-    def _remember(self, command: str, content: Any, message: Command, called: bool) -> None:
-        if self.cache_size < 0:
-            return
-        self.cache.append(MessageCacheMember(header=len(message.to_body()), content=content, called=called, command=command))
-        if 0 < self.cache_size < len(self.cache):
-            del self.cache[0]
+    def _handle_received(self, record: Received) -> bool:
+        command, content = record.command, record.content
+        for waiter in self._recv_waiters:
+            if waiter.command is None or waiter.command == command:
+                self._recv_waiters.remove(waiter)
+                waiter.result.set(content)
+                self._remember(record, called=True)
+                return True
+        entry = self._handlers.command_handler(command)
+        called = True
+        if entry is not None:
+            self._runner.call(entry, (content,), ("", command, None))
+        else:
+            catch_all = self._handlers.reserved_handler("*")
+            if catch_all is not None:
+                self._runner.call(catch_all, (command, content), ("*", command, None))
+            else:
+                called = False
+                logger.debug("no handler for command %r", command)
+        self._remember(record, called)
+        return True
+
+    def _handle_peer_event(self, record: PeerEvent) -> bool:
+        entry = self._handlers.reserved_handler(record.event)
+        if entry is not None:
+            self._runner.call(entry, (record.info,), (record.event, None, None))
+        return True
+
+    def _handle_ended(self, record: Ended) -> bool:
+        if record.forced:
+            entry = self._handlers.reserved_handler("force_disconnect")
+            if entry is not None:
+                self._runner.call(entry, (), ("force_disconnect", None, None))
+        failure = self._refusal or ClientDisconnected("the connection to the server closed")
+        while self._recv_waiters:
+            self._recv_waiters.popleft().result.set_exception(failure)
+        # Leave the marker for any other loop still waiting on the inbox.
+        assert self._inbox is not None
+        self._inbox.put_now(Ended(forced=False))
+        return False
+
+    def _remember(self, record: Received, called: bool) -> None:
+        if self.cache_size >= 0:
+            member = MessageCacheMember(header=len(record.message.to_body()), content=record.content, called=called, command=record.command)
+            remember(self.cache, self.cache_size, member)
 
     def start(self, callback: Optional[Callable[[], Any]] = None, error_handler: Optional[Callable[[BaseException], Any]] = None) -> None:
         """Receive and dispatch messages until the client is closed or disconnected.
@@ -572,10 +645,17 @@ class HiSockClient:
     def send(self, command: str, content: Sendable = None) -> None:
         """Send ``command`` and ``content`` to the server.
 
+        Content whose bytes depend on the dialect the server accepted (floats, containers)
+        waits for the server's answer to our hello first; a str, bytes, int or None does
+        not.
+
         :raises ValueError: the command is reserved.  :raises InvalidTypeCast: the content
             cannot be sent to this server.  :raises ClientDisconnected: the client is closed.
+        :raises ConnectionRejected: the server refused us.
         """
         outgoing = OutgoingCommand(command, content, self.header_len)
+        if self.state is not ClientState.JOINED and type(content) not in _DIALECT_FREE:
+            self.wait_joined()
         self._write(outgoing.frame_for(self.msgpack_ok))
 
     def recv(self, recv_on: Optional[str] = None, recv_as: Optional[type] = None, timeout: Optional[float] = None) -> Any:
@@ -587,9 +667,10 @@ class HiSockClient:
         :param recv_as: convert the content to this type (e.g. ``str``, ``int``, ``bytes``).
         :param timeout: seconds to wait; None for no limit.
         :raises ClientDisconnected: the connection closed first.
+        :raises ConnectionRejected: the server refused us.
         :raises gevent.Timeout: (a ``TimeoutError`` too) nothing came in time.
         """
-        content = self._on_home(self._recv_here, recv_on, timeout)
+        content = self._at_home(self._recv_here, recv_on, timeout)
         if recv_as is not None and not isinstance(content, recv_as):
             if recv_as is bytes and isinstance(content, str):
                 return content.encode()
@@ -600,7 +681,7 @@ class HiSockClient:
 
     def _recv_here(self, recv_on: Optional[str], timeout: Optional[float]) -> Any:
         if self.closed and (self._inbox is None or self._inbox.empty()):
-            raise ClientDisconnected("the client is closed")
+            raise self._refusal or ClientDisconnected("the client is closed")
         waiter = _RecvWaiter(recv_on)
         self._recv_waiters.append(waiter)
         try:
@@ -642,7 +723,10 @@ class HiSockClient:
             query = client
         else:
             raise ValueError(f"a client is named by name, (ip, port) or ClientInfo, not {type(client).__name__}")
-        answer = self._on_home(self._get_client_here, query)
+        if self._conn is None and self._home.ident is None:
+            self._bind_here()
+        self.wait_joined()
+        answer = self._home.call(self._get_client_here, query)
         if not isinstance(answer, dict) or answer.get("traceback") == NO_SUCH_CLIENT or "ip" not in answer:
             raise ClientNotFound(f"the server knows no client {query!r}")
         try:
@@ -681,15 +765,16 @@ class HiSockClient:
         Calling it again does nothing.
         """
         if self.closed:
+            self.state = ClientState.CLOSED  # the server ended it already; nothing is open
             return
         with self._bind_lock:
             plain = self._plain_sock
             if plain is not None:
-                self.closed = True
+                self.state = ClientState.CLOSED
                 self._plain_sock = None
         if plain is not None:
             # No lock is held while the goodbye (and what was sent before it) drains.
-            if emit_leave:
+            if emit_leave and self._refusal is None:
                 try:
                     self._plain_send(frame(UserClose().to_body(), self.header_len))
                 except OSError:
@@ -698,18 +783,39 @@ class HiSockClient:
             self._plain_writer.stop()
             plain.close()
             return
+        if self._conn is None:
+            self.state = ClientState.CLOSED  # refused before a hub owned it: nothing is open
+            return
         self._home.call(self._close_here, emit_leave)
 
     def _close_here(self, emit_leave: bool) -> None:
         if self.closed:
+            self.state = ClientState.CLOSED
             return
         conn = self._conn
         if conn is not None and emit_leave and not conn.closed:
             conn.send(frame(UserClose().to_body(), self.header_len))
             conn.close(DEFAULT_CLOSE_TIMEOUT)
-        self._finish(_CLOSED)
+        self._finish(forced=False)
+        self.state = ClientState.CLOSED
         if self._reader is not None and self._reader is not gevent.getcurrent():
             self._reader.kill(block=False)
+
+
+#: Message from the server -> what the reader does with it; False ends the connection.
+_ROUTES: Dict[type, Callable[[HiSockClient, Any], bool]] = {
+    Command: HiSockClient._route_command,
+    KeepAlive: HiSockClient._route_keepalive,
+    PeerJoined: HiSockClient._route_joined,
+    PeerLeft: HiSockClient._route_left,
+    Disconnect: HiSockClient._route_disconnect,
+}
+#: Inbox record -> what the dispatcher does with it; False once the connection has ended.
+_HANDLES: Dict[type, Callable[[HiSockClient, Any], bool]] = {
+    Received: HiSockClient._handle_received,
+    PeerEvent: HiSockClient._handle_peer_event,
+    Ended: HiSockClient._handle_ended,
+}
 
 
 class ThreadedHiSockClient(HiSockClient):
@@ -720,9 +826,7 @@ class ThreadedHiSockClient(HiSockClient):
     are safe to call from any thread.
     """
 
-    def __init__(self, *args: Any, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        self._greenlet: Optional[gevent.Greenlet] = None
+    _greenlet: Optional[gevent.Greenlet] = None
 
     def start(self, callback: Optional[Callable[[], Any]] = None, error_handler: Optional[Callable[[BaseException], Any]] = None) -> None:
         """Start receiving and dispatching in the background; returns at once."""
@@ -758,7 +862,14 @@ class ThreadedHiSockClient(HiSockClient):
 
 
 def connect(addr: Tuple[str, int], name: Optional[str] = None, group: Optional[str] = None, header_len: int = DEFAULT_HEADER_LEN, cache_size: int = -1, **kwargs: Any) -> HiSockClient:
-    """Connect to a HiSock server and return a :class:`HiSockClient`."""
+    """Connect to a HiSock server and return a :class:`HiSockClient`.
+
+    :raises ServerNotRunning: nothing accepts connections at ``addr`` (at once).
+    Keyword arguments are :class:`HiSockClient`'s (``connect_timeout``, ``answer_timeout``,
+    ``max_message_size``, ``max_queue_bytes``, ``use_msgpack``, ``auth``, ``ssl_context``,
+    ``cafile``, ``certfile``, ``keyfile``, ``server_hostname``, ``max_nesting``,
+    ``max_items``).
+    """
     return HiSockClient(addr, name, group, header_len, cache_size, **kwargs)
 
 

@@ -92,14 +92,22 @@ def server(make_server: Callable[..., hisock_gevent.ThreadedHiSockServer]) -> hi
 
 @pytest.fixture
 def make_client() -> Iterator[Callable[..., hisock_gevent.HiSockClient]]:
-    """Factory: ``make_client(server_or_addr, name=None, group=None, **kw)``; closed at teardown."""
+    """Factory: ``make_client(server_or_addr, name=None, group=None, joined=True, **kw)``:
+    a client whose hello the server has accepted (``joined=False``: just made); closed at
+    teardown."""
     clients: List[hisock_gevent.HiSockClient] = []
 
-    def factory(target: Any, name: Any = None, group: Any = None, threaded: bool = False, **kwargs: Any) -> hisock_gevent.HiSockClient:
+    def factory(
+        target: Any, name: Any = None, group: Any = None, threaded: bool = False, joined: bool = True, **kwargs: Any
+    ) -> hisock_gevent.HiSockClient:
         addr = target.get_addr() if hasattr(target, "get_addr") else target
         cls = hisock_gevent.ThreadedHiSockClient if threaded else hisock_gevent.HiSockClient
         client = cls(addr, name, group, **kwargs)
         clients.append(client)
+        if joined:
+            # The constructor returns once the hello is sent (as HiSock's does); most tests
+            # want the server's answer in first, and a refusal raised here.
+            client.wait_joined()
         return client
 
     yield factory

@@ -203,9 +203,13 @@ def test_refused_threaded_client_raises_from_its_constructor(auth_server, make_c
         make_client(auth_server, "mallory", threaded=True, auth="guess")
 
 
-def test_connect_function_raises_authentication_failed(auth_server):
+def test_connect_function_raises_authentication_failed_where_the_answer_is_awaited(auth_server):
+    client = hisock_gevent.connect(auth_server.get_addr(), "mallory", auth="guess")
     with pytest.raises(AuthenticationFailed):
-        hisock_gevent.connect(auth_server.get_addr(), "mallory", auth="guess")
+        client.wait_joined()
+    with pytest.raises(AuthenticationFailed):
+        client.recv(timeout=5)
+    client.close()
 
 
 def test_join_and_leave_never_run_for_a_refused_client(auth_server, make_client):

@@ -830,7 +830,7 @@ def test_12a_answer_timeout_is_a_deadline_and_early_frames_are_bounded(what):
     began = time.monotonic()
     try:
         with pytest.raises(ConnectionRejected):
-            hisock_gevent.HiSockClient(addr, "c", answer_timeout=1.5)
+            hisock_gevent.HiSockClient(addr, "c", answer_timeout=1.5).wait_joined()
     finally:
         stop.set()
         listener.close()

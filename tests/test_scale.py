@@ -217,6 +217,7 @@ def test_max_connections_admits_exactly_the_limit_of_many_concurrent_clients_and
         began = time.monotonic()
         try:
             client = hisock_gevent.HiSockClient(server.get_addr(), connect_timeout=WAIT, answer_timeout=WAIT)
+            client.wait_joined()
             outcome: Tuple[str, Any] = ("joined", client)
         except hisock_gevent.ConnectionRejected as exc:
             outcome = ("rejected", exc)
