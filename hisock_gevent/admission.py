@@ -14,7 +14,7 @@ import logging
 from collections import Counter
 from typing import Any, Callable, Dict, Optional
 
-from . import stats as reasons
+from . import stats
 from .config import ServerConfig
 from .messages import Hello
 from .protocol import AUTH_FAILED_REASON, Refusal, ServerHandshake
@@ -46,15 +46,15 @@ class Admission:
         """Why a new connection from ``ip`` is turned away before it says anything, or None."""
         config = self.config
         if self.closed:
-            return Refusal("the server is closed", reasons.SERVER_CLOSED)
+            return Refusal("the server is closed", stats.SERVER_CLOSED)
         if config.max_connections and self._joined() >= config.max_connections:
-            return Refusal(f"max_connections ({config.max_connections}) reached", reasons.SERVER_FULL)
+            return Refusal(f"max_connections ({config.max_connections}) reached", stats.SERVER_FULL)
         if len(self.pending) >= config.max_pending:
             return Refusal(
-                f"max_pending ({config.max_pending}) connections are still in their handshake", reasons.TOO_MANY_PENDING
+                f"max_pending ({config.max_pending}) connections are still in their handshake", stats.TOO_MANY_PENDING
             )
         if config.max_connections_per_ip and self._per_ip[ip] >= config.max_connections_per_ip:
-            return Refusal(f"max_connections_per_ip ({config.max_connections_per_ip}) reached", reasons.TOO_MANY_FROM_IP)
+            return Refusal(f"max_connections_per_ip ({config.max_connections_per_ip}) reached", stats.TOO_MANY_FROM_IP)
         return None
 
     def came_in(self, conn: Any, ip: str) -> None:
@@ -84,9 +84,9 @@ class Admission:
             return refusal
         config = self.config
         if config.max_connections and self._joined() >= config.max_connections:
-            return Refusal(f"max_connections ({config.max_connections}) reached", reasons.SERVER_FULL)
+            return Refusal(f"max_connections ({config.max_connections}) reached", stats.SERVER_FULL)
         if config.authenticate is not None and not self._authenticated(hello, address):
-            return Refusal(AUTH_FAILED_REASON, reasons.AUTH_FAILED)
+            return Refusal(AUTH_FAILED_REASON, stats.AUTH_FAILED)
         return None
 
     def _authenticated(self, hello: Hello, address: Any) -> bool:

@@ -3,74 +3,37 @@
 The constructor connects (raising :class:`ServerNotRunning` at once if nothing listens),
 sends the hello and returns, as HiSock's does: the server's answer is awaited on first
 use, by whatever needs it (``start()``, ``recv()``, ``get_client()``, a send whose bytes
-depend on the dialect the server accepted), and a refusal surfaces there.  The opening
-handshake itself is :class:`~hisock_gevent.protocol.ClientHandshake`'s business.
+depend on the dialect the server accepted), and a refusal surfaces there.
 
-The client works from any thread: until a hub owns it, it writes with a plain socket that
-never blocks (:class:`~hisock_gevent.plainwriter.PlainWriter`).  The first call that needs
-to *receive* binds it to the calling thread's gevent hub: from then on one reader
-greenlet answers keepalives and puts what arrives in the inbox
-(:class:`~hisock_gevent.inbox.Inbox`), and one dispatcher calls the handlers.  Methods
-called from other threads afterwards are run on that hub.
+The connection itself (TCP, TLS, the handshake, writes before and after a hub owns the
+socket, the reader) is :class:`~hisock_gevent.client_link.ClientLink`'s business; this
+module is the API and the dispatcher, which takes the records the link puts in the inbox
+and calls the handlers.  The first call that needs to *receive* binds the client to the
+calling thread's gevent hub; methods called from other threads afterwards are run there.
 """
 
 from __future__ import annotations
 
 import collections
-import enum
 import logging
-import socket as _stdlib_socket
 import ssl
-import time
 from typing import Any, Callable, Deque, Dict, List, Optional, Tuple, Union
 
 import gevent
-from gevent import socket as gsocket
-from gevent.event import AsyncResult, Event
+from gevent.event import AsyncResult
 
 from . import typecast
-from .connection import (
-    DEFAULT_MAX_QUEUE_BYTES,
-    FRAMES_PER_TURN,
-    RECV_CHUNK,
-    Connection,
-    set_nodelay,
-    yield_to_loop,
-)
-from .errors import (
-    ClientDisconnected,
-    ClientException,
-    ClientNotFound,
-    ConnectionRejected,
-    RemoteProtocolError,
-    ServerNotRunning,
-    TLSError,
-)
+from .client_link import DEFAULT_CLOSE_TIMEOUT, ClientLink, ClientState, decoder
+from .connection import DEFAULT_MAX_QUEUE_BYTES, FRAMES_PER_TURN, yield_to_loop
+from .errors import ClientException, ClientNotFound
 from .frames import DEFAULT_HEADER_LEN, DEFAULT_MAX_MESSAGE_SIZE, frame
 from .handlers import CLIENT_RESERVED, CLIENT_UNRESERVED_ARGS, HandlerRunner, HandlerTable
-from .home import Home, _allocate_lock
-from .inbox import Ended, Inbox, PeerEvent, Received, Record
-from .messages import (
-    CAPABILITY_MSGPACK,
-    GETCLT_COMMAND,
-    NO_SUCH_CLIENT,
-    ChangeGroup,
-    ChangeName,
-    Command,
-    Disconnect,
-    GetClient,
-    KeepAck,
-    KeepAlive,
-    PeerJoined,
-    PeerLeft,
-    ServerMessage,
-    UserClose,
-    parse_server_body,
-)
+from .home import Home
+from .inbox import Ended, PeerEvent, Received, Record
+from .messages import CAPABILITY_MSGPACK, NO_SUCH_CLIENT, ChangeGroup, ChangeName
 from .outgoing import OutgoingCommand
-from .plainwriter import PlainWriter
-from .protocol import Answer, ClientHandshake
-from .tls import TLSLayer, client_context, perform_handshake
+from .protocol import ClientHandshake
+from .tls import client_context
 from .utils import ClientInfo, MessageCacheMember, Sendable, iptup_to_str, remember
 
 __all__ = ["HiSockClient", "ThreadedHiSockClient", "ClientState", "connect", "threaded_connect"]
@@ -81,23 +44,8 @@ logger = logging.getLogger("hisock_gevent")
 DEFAULT_CONNECT_TIMEOUT = 10.0
 #: Seconds to wait for the server's answer to our hello, and for a get_client answer.
 DEFAULT_ANSWER_TIMEOUT = 10.0
-#: Seconds queued frames get to reach the server on close.
-DEFAULT_CLOSE_TIMEOUT = 2.0
 #: Content whose bytes are the same in both dialects: sent without waiting for the answer.
 _DIALECT_FREE = (str, bytes, int, type(None))
-
-
-class ClientState(enum.Enum):
-    """Where a client is in its life."""
-
-    #: The hello is sent; the server has not answered yet.
-    HELLO_SENT = "hello sent"
-    #: The server accepted us.
-    JOINED = "joined"
-    #: The server refused or disconnected us, or the connection broke.
-    DISCONNECTED = "disconnected"
-    #: :meth:`HiSockClient.close` was called.
-    CLOSED = "closed"
 
 
 class _RecvWaiter:
@@ -145,7 +93,6 @@ class HiSockClient:
     :ivar header_len: the header width.  :ivar funcs: the handlers registered with :meth:`on`.
     :ivar cache: the message cache (MessageCacheMember items).
     :ivar connect_time: Unix time the connection was made.
-    :ivar state: a :class:`ClientState`.
     """
 
     def __init__(
@@ -192,68 +139,18 @@ class HiSockClient:
         self._home = Home()
         self._runner = HandlerRunner(self._home, "client")
         self._callback: Optional[Callable[[], Any]] = None
-
-        self.state = ClientState.HELLO_SENT
-        self.msgpack_ok = False
-        # Why the server refused us, raised where the answer is needed.
-        self._refusal: Optional[ConnectionRejected] = None
-        self._handshake = ClientHandshake(
-            name, group, (CAPABILITY_MSGPACK,) if use_msgpack else (), auth, header_len, max_message_size
-        )
-        self._early: List[ServerMessage] = []  # answered before a hub took over
-        self._answered: Optional[Event] = None
-        self._conn: Optional[Connection] = None
-        self._inbox: Optional[Inbox] = None
-        self._reader: Optional[gevent.Greenlet] = None
         self._dispatching = False
         self._recv_waiters: Deque[_RecvWaiter] = collections.deque()
-        self._getclt_waiters: Deque[AsyncResult] = collections.deque()
-        # Guards the hand-over of the plain socket to a hub (and what is done before it).
-        self._bind_lock = _allocate_lock()
-
-        sock = self._connect(connect_timeout)
-        self._plain_sock: Optional[_stdlib_socket.socket] = sock
-        self._client_addr: Tuple[str, int] = sock.getsockname()[:2]
-        self.connect_time = time.time()
         if ssl_context is None and (cafile is not None or certfile is not None):
             ssl_context = client_context(cafile, certfile, keyfile)
-        self._tls: Optional[TLSLayer] = None
-        # Writes before a hub owns the socket: never blocking, bounded by max_queue_bytes.
-        self._plain_writer = PlainWriter(sock, max_queue_bytes)
-        try:
-            if ssl_context is not None:
-                self._tls = self._tls_handshake(sock, ssl_context, server_hostname or addr[0])
-            self._plain_send(frame(self._handshake.hello_body(), header_len))
-        except BaseException:
-            sock.close()
-            self.state = ClientState.CLOSED
-            raise
-        self._answer_deadline = time.monotonic() + answer_timeout
-
-    def _connect(self, timeout: float) -> _stdlib_socket.socket:
-        addr = self.addr
-        try:
-            sock = _stdlib_socket.create_connection(addr, timeout=timeout)
-        except (ConnectionRefusedError, _stdlib_socket.timeout) as exc:
-            raise ServerNotRunning(f"no HiSock server is accepting connections at {iptup_to_str(addr)}: {exc}") from exc
-        except OSError as exc:
-            raise ServerNotRunning(f"cannot connect to {iptup_to_str(addr)}: {exc}") from exc
-        set_nodelay(sock)
-        sock.settimeout(None)
-        return sock
-
-    def _tls_handshake(self, sock: _stdlib_socket.socket, context: ssl.SSLContext, hostname: str) -> TLSLayer:
-        layer = TLSLayer(context, server_side=False, server_hostname=hostname)
-        sock.settimeout(self.answer_timeout)
-        try:
-            perform_handshake(layer, sock.recv, sock.sendall)
-        except _stdlib_socket.timeout as exc:
-            raise TLSError(f"no TLS handshake answer within {self.answer_timeout} s") from exc
-        except OSError as exc:
-            raise TLSError(f"the connection failed during the TLS handshake: {exc}") from exc
-        finally:
-            sock.settimeout(None)
-        return layer
+        handshake = ClientHandshake(
+            name, group, (CAPABILITY_MSGPACK,) if use_msgpack else (), auth, header_len, max_message_size
+        )
+        self._link = ClientLink(
+            addr, self._home, handshake, header_len, max_queue_bytes, answer_timeout, connect_timeout,
+            decoder(max_nesting, max_items), ssl_context, server_hostname,
+        )
+        self.connect_time = self._link.connect_time
 
     def __repr__(self) -> str:
         return f"<HiSockClient connected to {iptup_to_str(self.addr)}>"
@@ -265,16 +162,24 @@ class HiSockClient:
         self.close()
 
     @property
+    def state(self) -> ClientState:
+        """Where the client is in its life (a :class:`ClientState`)."""
+        return self._link.state
+
+    @property
     def closed(self) -> bool:
         """True once the connection is over (closed by us, or ended by the server)."""
-        return self.state is ClientState.CLOSED or self.state is ClientState.DISCONNECTED
+        return self._link.closed
 
     @property
     def connected(self) -> bool:
         """True while the connection is up (the answer may still be on its way)."""
-        return not self.closed
+        return not self._link.closed
 
-    # ------------------------------------------------------------------ the answer to our hello
+    @property
+    def msgpack_ok(self) -> bool:
+        """True when the server accepted the msgpack extension (known once it answered)."""
+        return self._link.msgpack_ok
 
     def wait_joined(self, timeout: Optional[float] = None) -> None:
         """Block until the server has accepted our hello (not part of HiSock's API).
@@ -284,251 +189,13 @@ class HiSockClient:
             answer in time.  :raises AuthenticationFailed: its check refused ``auth``.
         :raises ClientDisconnected: the client is closed.
         """
-        if self.state is ClientState.JOINED:
-            return
-        if self._refusal is not None:
-            raise self._refusal
-        if self.state is ClientState.CLOSED:
-            raise ClientDisconnected("the client is closed")
-        if timeout is None:
-            timeout = max(0.0, self._answer_deadline - time.monotonic())
-        with self._bind_lock:
-            unbound = self._conn is None and self._plain_sock is not None
-            if unbound:
-                self._read_answer_here(timeout)
-        if not unbound:
-            self._home.call(self._wait_answer_on_hub, timeout)
-        if self._refusal is not None:
-            raise self._refusal
-        if self.state is not ClientState.JOINED:
-            raise ClientDisconnected("the connection to the server closed")
-
-    def _read_answer_here(self, timeout: float) -> None:
-        """No hub owns the socket yet: read the answer from it directly (the lock is held)."""
-        sock = self._plain_sock
-        assert sock is not None
-        deadline = time.monotonic() + timeout
-        try:
-            while self.state is ClientState.HELLO_SENT:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise ConnectionRejected(f"the server did not answer our hello within {self.answer_timeout} s")
-                sock.settimeout(remaining)
-                try:
-                    data = sock.recv(RECV_CHUNK)
-                except _stdlib_socket.timeout:
-                    continue
-                except OSError as exc:
-                    raise ConnectionRejected(f"the connection failed during the handshake: {exc}") from exc
-                if not data:
-                    hint = "" if self._tls is not None else " (does the server expect TLS?)"
-                    raise ConnectionRejected(f"the server closed the connection during the handshake{hint}")
-                if self._tls is not None:
-                    data, reply = self._tls.receive(data)
-                    if reply:
-                        self._plain_send(reply)
-                answer = self._handshake.receive_data(data)
-                if answer is not None:
-                    self._accept(answer)
-                    self._early = answer.early
-        except ConnectionRejected as exc:
-            self._refuse(exc)
-            sock.close()
-            self._plain_sock = None
-        finally:
-            if self._plain_sock is not None:
-                sock.settimeout(None)
-
-    def _wait_answer_on_hub(self, timeout: float) -> None:
-        answered = self._answered
-        assert answered is not None
-        if not answered.wait(timeout) and self.state is ClientState.HELLO_SENT:
-            self._refuse(ConnectionRejected(f"the server did not answer our hello within {self.answer_timeout} s"))
-            self._finish(forced=True)
-
-    def _accept(self, answer: Answer) -> None:
-        self.msgpack_ok = answer.accepts(CAPABILITY_MSGPACK)
-        self.state = ClientState.JOINED
-        if self._answered is not None:
-            self._answered.set()
-
-    def _refuse(self, exc: ConnectionRejected) -> None:
-        if self._refusal is None:
-            self._refusal = exc
-        logger.info("the server at %s refused us: %s", iptup_to_str(self.addr), exc)
-        self.state = ClientState.DISCONNECTED
-        if self._answered is not None:
-            self._answered.set()
-
-    def _answer_overdue(self) -> None:
-        if self.state is ClientState.HELLO_SENT:
-            self._refuse(ConnectionRejected(f"the server did not answer our hello within {self.answer_timeout} s"))
-            self._finish(forced=True)
-
-    # ------------------------------------------------------------------ binding to a hub
-
-    def _bind_here(self) -> None:
-        """Adopt the calling thread's hub as home, if no hub owns the client yet."""
-        if self._conn is not None:
-            return
-        with self._bind_lock:
-            if self._conn is not None:
-                return
-            self._home.adopt_current_thread()
-            self._inbox = Inbox(self.max_queue_bytes)
-            self._answered = Event()
-            if self._plain_sock is None:  # over before ever being bound
-                self._answered.set()
-                self._inbox.put_now(Ended(forced=self._refusal is not None))
-                return
-            unsent = self._plain_writer.take_over()
-            gsock = gsocket.socket(fileno=self._plain_sock.detach())
-            self._plain_sock = None
-            self._conn = Connection(
-                gsock, self.addr, self.header_len, self._handshake.parser.max_body_len, self.max_queue_bytes,
-                self._on_overflow, self._handshake.parser, self._tls,
-            )
-            for chunk in unsent:  # written before the hub took over, not yet on the wire
-                self._conn.send_raw(chunk)
-            if self.state is ClientState.JOINED:
-                self._answered.set()
-                early, self._early = self._early, []
-                for message in early:
-                    self._route(message)
-            else:
-                watchdog = gevent.spawn_later(max(0.0, self._answer_deadline - time.monotonic()), self._answer_overdue)
-                self._answered.rawlink(lambda _: watchdog.kill(block=False))
-            self._reader = gevent.spawn(self._read_loop)
+        self._link.wait_joined(timeout)
 
     def _at_home(self, func: Callable[..., Any], *args: Any) -> Any:
-        """Bind if needed, then run ``func`` on the home hub."""
-        if self._conn is None and self._home.ident is None:
-            self._bind_here()
+        """Bind to the calling thread's hub if no hub owns the client yet, then run ``func`` there."""
+        if not self._link.bound and self._home.ident is None:
+            self._link.bind()
         return self._home.call(func, *args)
-
-    def _plain_send(self, data: bytes) -> None:
-        """Write on the socket we have before a hub adopts it (through TLS if any), without
-        waiting for the server.
-
-        :raises WriterFailed: (an OSError) the connection failed or the server is not reading.
-        """
-        self._plain_writer.write(self._tls.encrypt(data) if self._tls is not None else data)
-
-    def _write(self, data: bytes) -> None:
-        """Send a whole frame, on the hub once bound, with the plain socket before that."""
-        if self.closed:
-            raise self._refusal or ClientDisconnected("the client is closed")
-        if self._conn is None:
-            with self._bind_lock:
-                if self._conn is None:
-                    if self._plain_sock is None:
-                        raise self._refusal or ClientDisconnected("the client is closed")
-                    try:
-                        self._plain_send(data)
-                    except OSError as exc:
-                        raise ClientDisconnected(str(exc)) from exc
-                    return
-        self._home.call(self._write_here, data)
-
-    def _write_here(self, data: bytes) -> None:
-        conn = self._conn
-        if conn is None or conn.closed:
-            raise ClientDisconnected("the connection to the server is closed")
-        conn.send(data)
-        if conn.queued_bytes and gevent.getcurrent().parent is None and not Home.program_is_patched():
-            # The thread's main greenlet of a plain program may not enter gevent again for
-            # a while: finish the write now, as a blocking socket would.
-            conn.flush()
-
-    # ------------------------------------------------------------------ reading
-
-    def _read_loop(self) -> None:
-        conn = self._conn
-        assert conn is not None
-        try:
-            bodies = conn.bodies()
-            if self.state is ClientState.HELLO_SENT:
-                self._read_answer(bodies)
-            for body in bodies:
-                if not self._route(parse_server_body(body)):
-                    return
-        except RemoteProtocolError as exc:
-            logger.warning("closing the connection to %s: %s", iptup_to_str(self.addr), exc)
-        except ConnectionRejected as exc:
-            self._refuse(exc)
-            self._finish(forced=True)
-        finally:
-            if not self.closed:
-                self._finish(forced=False)
-
-    def _read_answer(self, bodies: Any) -> None:
-        """The hub owns the socket before the answer came: take it from the reader's frames."""
-        handshake = self._handshake
-        for body in bodies:
-            answer = handshake.receive_message(parse_server_body(body), len(body))
-            if answer is not None:
-                self._accept(answer)
-                for message in answer.early:
-                    if not self._route(message):
-                        return
-                return
-        raise ConnectionRejected("the server closed the connection during the handshake")
-
-    def _route(self, message: ServerMessage) -> bool:
-        """Act on one message from the server; False once the server has disconnected us."""
-        return _ROUTES[type(message)](self, message)
-
-    def _route_command(self, message: Command) -> bool:
-        content = typecast.decode(
-            message.fmt, message.payload, max_depth=self.max_nesting, max_items=self.max_items, pause=yield_to_loop
-        )
-        if message.command == GETCLT_COMMAND and self._getclt_waiters:
-            self._getclt_waiters.popleft().set(content)
-        else:
-            assert self._inbox is not None
-            self._inbox.put(Received(message.command, content, message), len(message.payload))
-        return True
-
-    def _route_keepalive(self, message: KeepAlive) -> bool:
-        conn = self._conn
-        if conn is not None:
-            conn.send(frame(KeepAck().to_body(), self.header_len))
-        return True
-
-    def _route_joined(self, message: PeerJoined) -> bool:
-        assert self._inbox is not None
-        self._inbox.put(PeerEvent("client_connect", ClientInfo.from_dict(message.info)))
-        return True
-
-    def _route_left(self, message: PeerLeft) -> bool:
-        assert self._inbox is not None
-        self._inbox.put(PeerEvent("client_disconnect", ClientInfo.from_dict(message.info)))
-        return True
-
-    def _route_disconnect(self, message: Disconnect) -> bool:
-        why = f": {message.reason}" if message.reason else ""
-        logger.info("the server at %s disconnected us%s", iptup_to_str(self.addr), why)
-        self._finish(forced=True)
-        return False
-
-    def _finish(self, forced: bool) -> None:
-        """The connection ended: close it, wake every waiter, and tell the dispatcher."""
-        if not self.closed:
-            self.state = ClientState.DISCONNECTED
-        if self._conn is not None:
-            self._conn.close()
-        if self._answered is not None:
-            self._answered.set()
-        # recv() waiters are woken by the dispatcher when it reaches the end marker, so
-        # everything that arrived before the end (and force_disconnect) is handled first.
-        while self._getclt_waiters:
-            self._getclt_waiters.popleft().set_exception(ClientDisconnected("the connection to the server closed"))
-        if self._inbox is not None:
-            self._inbox.put_now(Ended(forced))
-
-    def _on_overflow(self, conn: Connection) -> None:
-        logger.warning("the server at %s is not reading; closing", iptup_to_str(self.addr))
-        self._finish(forced=False)
 
     # ------------------------------------------------------------------ dispatching
 
@@ -576,18 +243,18 @@ class HiSockClient:
             entry = self._handlers.reserved_handler("force_disconnect")
             if entry is not None:
                 self._runner.call(entry, (), ("force_disconnect", None, None))
-        failure = self._refusal or ClientDisconnected("the connection to the server closed")
         while self._recv_waiters:
-            self._recv_waiters.popleft().result.set_exception(failure)
+            self._recv_waiters.popleft().result.set_exception(self._link.failure())
         # Leave the marker for any other loop still waiting on the inbox.
-        assert self._inbox is not None
-        self._inbox.put_now(Ended(forced=False))
+        inbox = self._link.inbox
+        assert inbox is not None
+        inbox.put_now(Ended(forced=False))
         return False
 
     def _remember(self, record: Received, called: bool) -> None:
         if self.cache_size >= 0:
-            member = MessageCacheMember(header=len(record.message.to_body()), content=record.content, called=called, command=record.command)
-            remember(self.cache, self.cache_size, member)
+            size = len(record.message.to_body())
+            remember(self.cache, self.cache_size, MessageCacheMember(header=size, content=record.content, called=called, command=record.command))
 
     def start(self, callback: Optional[Callable[[], Any]] = None, error_handler: Optional[Callable[[BaseException], Any]] = None) -> None:
         """Receive and dispatch messages until the client is closed or disconnected.
@@ -601,7 +268,7 @@ class HiSockClient:
         """
         self._callback = callback
         self._runner.error_handler = error_handler
-        self._bind_here()
+        self._link.bind()
         if not self._home.is_here():
             raise ClientException(
                 "start() must run on the thread the client is bound to; "
@@ -610,7 +277,7 @@ class HiSockClient:
         self._dispatch_loop()
 
     def _dispatch_loop(self) -> None:
-        inbox = self._inbox
+        inbox = self._link.inbox
         assert inbox is not None
         self._dispatching = True
         turn = FRAMES_PER_TURN
@@ -654,9 +321,9 @@ class HiSockClient:
         :raises ConnectionRejected: the server refused us.
         """
         outgoing = OutgoingCommand(command, content, self.header_len)
-        if self.state is not ClientState.JOINED and type(content) not in _DIALECT_FREE:
-            self.wait_joined()
-        self._write(outgoing.frame_for(self.msgpack_ok))
+        if self._link.state is not ClientState.JOINED and type(content) not in _DIALECT_FREE:
+            self._link.wait_joined()
+        self._link.write(outgoing.frame_for(self._link.msgpack_ok))
 
     def recv(self, recv_on: Optional[str] = None, recv_as: Optional[type] = None, timeout: Optional[float] = None) -> Any:
         """Block until a command message arrives (``recv_on`` or any) and return its content.
@@ -680,8 +347,10 @@ class HiSockClient:
         return content
 
     def _recv_here(self, recv_on: Optional[str], timeout: Optional[float]) -> Any:
-        if self.closed and (self._inbox is None or self._inbox.empty()):
-            raise self._refusal or ClientDisconnected("the client is closed")
+        inbox = self._link.inbox
+        assert inbox is not None
+        if self.closed and inbox.empty():
+            raise self._link.failure()
         waiter = _RecvWaiter(recv_on)
         self._recv_waiters.append(waiter)
         try:
@@ -689,8 +358,7 @@ class HiSockClient:
                 if not self._dispatching:
                     # Nobody dispatches: we do, until our message is in.  If the connection
                     # ends first, the dispatcher fails every waiter with ClientDisconnected.
-                    assert self._inbox is not None
-                    while not waiter.result.ready() and self._handle(self._inbox.get()):
+                    while not waiter.result.ready() and self._handle(inbox.get()):
                         pass
                 return waiter.result.get()
         finally:
@@ -699,12 +367,12 @@ class HiSockClient:
 
     def change_name(self, new_name: Optional[str]) -> None:
         """Change our name; None (or "") goes back to the name we connected with."""
-        self._write(frame(ChangeName(new_name or "").to_body(), self.header_len))
+        self._link.write(frame(ChangeName(new_name or "").to_body(), self.header_len))
         self.name = new_name or self._connect_name
 
     def change_group(self, new_group: Optional[str]) -> None:
         """Change our group; None (or "") goes back to the group we connected with."""
-        self._write(frame(ChangeGroup(new_group or "").to_body(), self.header_len))
+        self._link.write(frame(ChangeGroup(new_group or "").to_body(), self.header_len))
         self.group = new_group or self._connect_group
 
     def get_client(self, client: Union[str, Tuple[str, int], ClientInfo]) -> ClientInfo:
@@ -723,10 +391,10 @@ class HiSockClient:
             query = client
         else:
             raise ValueError(f"a client is named by name, (ip, port) or ClientInfo, not {type(client).__name__}")
-        if self._conn is None and self._home.ident is None:
-            self._bind_here()
-        self.wait_joined()
-        answer = self._home.call(self._get_client_here, query)
+        if not self._link.bound and self._home.ident is None:
+            self._link.bind()
+        self._link.wait_joined()
+        answer = self._home.call(self._link.ask_client, query)
         if not isinstance(answer, dict) or answer.get("traceback") == NO_SUCH_CLIENT or "ip" not in answer:
             raise ClientNotFound(f"the server knows no client {query!r}")
         try:
@@ -734,25 +402,13 @@ class HiSockClient:
         except (KeyError, ValueError, TypeError, IndexError) as exc:
             raise ClientException(f"the server's answer about {query!r} is not a client info: {answer!r}") from exc
 
-    def _get_client_here(self, query: str) -> Any:
-        result = AsyncResult()
-        self._getclt_waiters.append(result)
-        self._write_here(frame(GetClient(query).to_body(), self.header_len))
-        try:
-            return result.get(timeout=self.answer_timeout)
-        except gevent.Timeout as exc:
-            raise ClientException(f"the server did not answer get_client within {self.answer_timeout} s") from exc
-        finally:
-            if result in self._getclt_waiters:
-                self._getclt_waiters.remove(result)
-
     def get_server_addr(self) -> Tuple[str, int]:
         """The ``(ip, port)`` of the server."""
         return self.addr
 
     def get_client_addr(self) -> Tuple[str, int]:
         """Our own ``(ip, port)`` as the server sees it on this machine."""
-        return self._client_addr
+        return self._link.local_addr
 
     def get_cache(self, idx: Union[int, slice, None] = None) -> Any:
         """The message cache, or one entry (or slice) of it."""
@@ -764,52 +420,9 @@ class HiSockClient:
         A running :meth:`start` returns; a blocked :meth:`recv` raises ClientDisconnected.
         Calling it again does nothing.
         """
-        if self.closed:
-            self.state = ClientState.CLOSED  # the server ended it already; nothing is open
-            return
-        with self._bind_lock:
-            plain = self._plain_sock
-            if plain is not None:
-                self.state = ClientState.CLOSED
-                self._plain_sock = None
-        if plain is not None:
-            # No lock is held while the goodbye (and what was sent before it) drains.
-            if emit_leave and self._refusal is None:
-                try:
-                    self._plain_send(frame(UserClose().to_body(), self.header_len))
-                except OSError:
-                    pass
-            self._plain_writer.flush(DEFAULT_CLOSE_TIMEOUT)
-            self._plain_writer.stop()
-            plain.close()
-            return
-        if self._conn is None:
-            self.state = ClientState.CLOSED  # refused before a hub owned it: nothing is open
-            return
-        self._home.call(self._close_here, emit_leave)
-
-    def _close_here(self, emit_leave: bool) -> None:
-        if self.closed:
-            self.state = ClientState.CLOSED
-            return
-        conn = self._conn
-        if conn is not None and emit_leave and not conn.closed:
-            conn.send(frame(UserClose().to_body(), self.header_len))
-            conn.close(DEFAULT_CLOSE_TIMEOUT)
-        self._finish(forced=False)
-        self.state = ClientState.CLOSED
-        if self._reader is not None and self._reader is not gevent.getcurrent():
-            self._reader.kill(block=False)
+        self._link.close(emit_leave)
 
 
-#: Message from the server -> what the reader does with it; False ends the connection.
-_ROUTES: Dict[type, Callable[[HiSockClient, Any], bool]] = {
-    Command: HiSockClient._route_command,
-    KeepAlive: HiSockClient._route_keepalive,
-    PeerJoined: HiSockClient._route_joined,
-    PeerLeft: HiSockClient._route_left,
-    Disconnect: HiSockClient._route_disconnect,
-}
 #: Inbox record -> what the dispatcher does with it; False once the connection has ended.
 _HANDLES: Dict[type, Callable[[HiSockClient, Any], bool]] = {
     Received: HiSockClient._handle_received,
@@ -836,11 +449,11 @@ class ThreadedHiSockClient(HiSockClient):
         self._runner.error_handler = error_handler
 
         def run() -> None:
-            self._bind_here()
+            self._link.bind()
             self._dispatch_loop()
 
         if Home.program_is_patched():
-            self._bind_here()
+            self._link.bind()
             self._greenlet = gevent.spawn(self._dispatch_loop)
         else:
             self._home.start_thread(run, "hisock-client")

@@ -18,7 +18,7 @@ from typing import Any, Callable, Tuple
 
 from gevent.pool import Group
 
-from . import stats as reasons
+from . import stats
 from .connection import Connection
 from .errors import ClientNotFound, HandshakeError
 from .frames import frame
@@ -150,7 +150,7 @@ class Membership:
 
     def kick(self, peer: ServerPeer, force: bool, call_func: bool) -> None:
         """``disconnect_client``: the others hear of it; ``leave`` runs if asked."""
-        self.drop(peer, call_leave=call_func, notify=True, reason=reasons.KICKED)
+        self.drop(peer, call_leave=call_func, notify=True, reason=stats.KICKED)
         self.close_peer(peer, send_disconnect=not force)
 
     def kick_at(self, address: Tuple[str, int], force: bool, call_func: bool) -> None:
@@ -164,7 +164,7 @@ class Membership:
     def everyone_out(self, force: bool, drain_timeout: float = DEFAULT_CLOSE_TIMEOUT) -> None:
         """Disconnect every client without announcing it or running ``leave``."""
         for peer in list(self.registry):
-            self.drop(peer, call_leave=False, notify=False, reason=reasons.SERVER_CLOSED)
+            self.drop(peer, call_leave=False, notify=False, reason=stats.SERVER_CLOSED)
             self.close_peer(peer, send_disconnect=not force, drain_timeout=drain_timeout)
 
     def overflowed(self, peer: ServerPeer, conn: Connection) -> None:
@@ -175,7 +175,7 @@ class Membership:
         """
         logger.warning("dropping %s: %s", peer.info, conn.error)
         conn.close()
-        reason = reasons.SLOW_READER if conn.overflowed == "queue" else reasons.MEMORY_LIMIT
+        reason = stats.SLOW_READER if conn.overflowed == "queue" else stats.MEMORY_LIMIT
         self.drop(peer, call_leave=True, notify=True, reason=reason)
 
     def remote_leave(self, info: ClientInfo) -> None:

@@ -27,7 +27,7 @@ from gevent.event import Event
 from gevent.pool import Group
 from gevent.server import StreamServer
 
-from . import stats as reasons
+from . import stats
 from .admission import Admission
 from .budget import SendBudget, default_total_queue_bytes
 from .config import (
@@ -393,7 +393,7 @@ class HiSockServer:
         for peer in peers:
             if not peer.gone and peer.last_ack < sent_at:
                 logger.warning("dropping %s: no keepalive answer within %.1f s", peer.info, self.config.keepalive_timeout)
-                self._membership.expel(peer, reasons.KEEPALIVE_TIMEOUT)
+                self._membership.expel(peer, stats.KEEPALIVE_TIMEOUT)
 
     def _idle_sweep(self) -> None:
         """Drop joined clients that have sent nothing for ``idle_timeout`` seconds."""
@@ -406,7 +406,7 @@ class HiSockServer:
             for peer in list(self._registry):
                 if not peer.gone and peer.conn.last_received < deadline:
                     logger.warning("dropping %s: nothing received for %.1f s (idle_timeout)", peer.info, idle_timeout)
-                    self._membership.expel(peer, reasons.IDLE_TIMEOUT)
+                    self._membership.expel(peer, stats.IDLE_TIMEOUT)
 
     def _budget_exceeded(self) -> None:
         # Called from inside a send: the shedding happens afterwards, in a greenlet.

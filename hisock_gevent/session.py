@@ -16,8 +16,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import gevent
 
-from . import stats as reasons
-from . import typecast
+from . import stats, typecast
 from .admission import Admission
 from .budget import SendBudget
 from .config import ServerConfig
@@ -124,13 +123,13 @@ class ServerSession:
         connections.add(conn)
         admission.came_in(conn, address[0])
         context.stats.connection_opened(len(connections))
-        end_reason = reasons.LEFT
+        end_reason = stats.LEFT
         try:
             end_reason = self._serve(conn)
         except RemoteProtocolError as exc:
             logger.warning("closing %s:%s: %s", address[0], address[1], exc)
             context.stats.rejected[rejection_reason(exc)] += 1
-            end_reason = reasons.PROTOCOL_ERROR
+            end_reason = stats.PROTOCOL_ERROR
             peer = self.peer
             if peer is not None and peer.msgpack_ok and not peer.gone:
                 # A hisock_gevent client is told why before the connection closes.
@@ -140,7 +139,7 @@ class ServerSession:
             # protocol error; the others and the serving loop carry on.
             logger.exception("closing %s:%s: unexpected error while serving it", address[0], address[1])
             context.stats.rejected["internal_error"] += 1
-            end_reason = reasons.PROTOCOL_ERROR
+            end_reason = stats.PROTOCOL_ERROR
         finally:
             connections.discard(conn)
             admission.went(conn, address[0])
@@ -169,12 +168,12 @@ class ServerSession:
         if context.config.ssl_context is not None:
             conn.tls = self._tls_handshake()
             if conn.tls is None:
-                return reasons.LEFT
+                return stats.LEFT
         bodies = conn.bodies()
         hello = self._read_hello(bodies)
         context.admission.said_hello(conn)
         if hello is None or not self._admit(hello):
-            return reasons.LEFT
+            return stats.LEFT
         peer = self.peer = context.membership.join(conn, hello)
         traffic = context.stats.traffic
         dispatch = _DISPATCH
@@ -188,17 +187,17 @@ class ServerSession:
         else:
             # (A client dropped meanwhile, as a slow reader say, was logged already.)
             if not peer.gone and _log_unclean_end(conn):
-                return reasons.CONNECTION_LOST
-        return reasons.LEFT
+                return stats.CONNECTION_LOST
+        return stats.LEFT
 
     def _turn_away(self, refusal: Refusal) -> None:
         """Send a new connection ``$DISCONN$`` and close it, without reading anything."""
-        if refusal.reason == reasons.SERVER_CLOSED:
+        if refusal.reason == stats.SERVER_CLOSED:
             self.sock.close()
             return
-        stats = self.context.stats
-        stats.accepted += 1
-        stats.refused[refusal.reason] += 1
+        counters = self.context.stats
+        counters.accepted += 1
+        counters.refused[refusal.reason] += 1
         logger.warning("refusing %s:%s: %s", self.address[0], self.address[1], refusal.text)
         header_len = self.context.config.header_len
         conn = Connection(self.sock, self.address, header_len)
@@ -238,7 +237,7 @@ class ServerSession:
                 return None
         if body is None:
             logger.warning("closing %s:%s: no hello within %.1f s", conn.peer[0], conn.peer[1], config.handshake_timeout)
-            self.context.stats.refused[reasons.NO_HELLO] += 1
+            self.context.stats.refused[stats.NO_HELLO] += 1
             return None
         self.context.stats.traffic.messages_in += 1
         return self.context.admission.handshake.receive_hello(body)
@@ -253,7 +252,7 @@ class ServerSession:
             return True
         # The client as it asked to be known, unless its name itself is the problem.
         who: Any = f"{conn.peer[0]}:{conn.peer[1]}"
-        if refusal.reason != reasons.INVALID_NAME:
+        if refusal.reason != stats.INVALID_NAME:
             who = ClientInfo(conn.peer, hello.name, hello.group)
         logger.warning("refusing %s: %s", who, refusal.text)
         self.context.stats.refused[refusal.reason] += 1
