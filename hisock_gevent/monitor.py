@@ -29,7 +29,8 @@ from gevent.pywsgi import WSGIServer
 
 from .history import DEFAULT_HISTORY_INTERVAL, DEFAULT_HISTORY_POINTS, StatsHistory
 
-__all__ = ["stats_app", "serve_stats", "prometheus_text", "StatsHTTPServer", "page_data_json"]
+__all__ = [
+    "StatsPages","stats_app", "serve_stats", "prometheus_text", "StatsHTTPServer", "page_data_json"]
 
 logger = logging.getLogger("hisock_gevent")
 
@@ -278,3 +279,40 @@ def serve_stats(
         assert address is not None
         logger.info("stats at http://%s:%s/", address[0], address[1])
     return server
+
+
+class StatsPages:
+    """The stats pages of one server: given listening sockets from any thread, served on
+    the server's hub once it serves (:meth:`start`), stopped with it (:meth:`stop`)."""
+
+    def __init__(self, stats: StatsSource):
+        self._stats = stats
+        self._waiting: List[Any] = []  # listeners given before the server served
+        self._serving: List[StatsHTTPServer] = []
+        self._started = False
+
+    def add(self, listener: Any, run_on_hub: Callable[..., Any]) -> None:
+        """Serve the pages on ``listener`` (now if the server serves, else at :meth:`start`);
+        ``run_on_hub(func, *args)`` runs a call on the server's hub."""
+        if self._started:
+            run_on_hub(self._serve, listener)
+        else:
+            self._waiting.append(listener)
+
+    def start(self) -> None:
+        """The server serves (called on its hub): serve the pages given so far."""
+        self._started = True
+        waiting, self._waiting = self._waiting, []
+        for listener in waiting:
+            self._serve(listener)
+
+    def _serve(self, listener: Any) -> None:
+        self._serving.append(serve_stats(self._stats, listener=listener))
+
+    def stop(self) -> None:
+        """The server closed: stop every page and close the sockets never served."""
+        for server in self._serving:
+            server.stop(timeout=0.2)
+        for listener in self._waiting:
+            listener.close()
+        self._waiting.clear()

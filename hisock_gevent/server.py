@@ -204,9 +204,7 @@ class HiSockServer:
         # The greenlet of every open connection, and the connections, joined or not.
         self._serving = Group()
         self._connections: Set[Connection] = set()
-        # serve_stats(): sockets waiting for start(), and the pywsgi servers close() stops.
-        self._stats_listeners: List[_stdlib_socket.socket] = []
-        self._stats_http: List[Any] = []
+        self._pages: Optional[Any] = None  # serve_stats(): a monitor.StatsPages
         # The keepalive loop and its pending expiry checks, the idle sweep.
         self._timers = Group()
         self._stopped: Optional[Event] = None
@@ -311,9 +309,8 @@ class HiSockServer:
         membership = self._membership
         self._delivery.start(ServerLink(self._registry, self.header_len, membership.remote_leave, membership.kick_at))
         self._stream_server = StreamServer(self._listener, self._serve_connection, spawn=self._serving.spawn)
-        for listener in self._stats_listeners:
-            self._start_stats_http(listener)
-        self._stats_listeners.clear()
+        if self._pages is not None:
+            self._pages.start()
         self._stream_server.start()
         if self.config.keepalive:
             self._timers.spawn(self._keepalive_loop)
@@ -365,10 +362,8 @@ class HiSockServer:
         except OSError:
             pass
         self._delivery.stop()
-        for http in self._stats_http:
-            http.stop(timeout=0.2)
-        for listener in self._stats_listeners:
-            listener.close()
+        if self._pages is not None:
+            self._pages.stop()
         self._home.close()
         logger.info("server at %s:%s closed", *self.addr)
         if self._stopped is not None:
@@ -464,19 +459,17 @@ class HiSockServer:
         """
         if self._closed:
             raise RuntimeError("the server is closed")
+        if self._pages is None:
+            from .monitor import StatsPages
+
+            self._pages = StatsPages(self.stats)
+            if self._stream_server is not None:
+                self._home.call(self._pages.start)  # already serving
         listener = _bind_listener((host, port), 128, reuse_port=False)
         address = listener.getsockname()[:2]
         logger.info("stats at http://%s:%s/", address[0], address[1])
-        if self._stream_server is None:
-            self._stats_listeners.append(listener)  # start() serves it
-        else:
-            self._home.call(self._start_stats_http, listener)
+        self._pages.add(listener, self._home.call)
         return address[0], address[1]
-
-    def _start_stats_http(self, listener: _stdlib_socket.socket) -> None:
-        from .monitor import serve_stats
-
-        self._stats_http.append(serve_stats(self.stats, listener=listener))
 
     @at_home
     def get_all_clients(self, key: Union[Callable[[ClientInfo], Any], str, None] = None) -> List[Any]:
