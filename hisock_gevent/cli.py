@@ -15,22 +15,25 @@ prompt itself is :mod:`hisock_gevent.console`; the chat server is :mod:`hisock_g
 How ``serve`` applies its options
 ---------------------------------
 
-A :class:`~hisock_gevent.HiSockServer` binds its socket in its constructor, so options
-cannot simply be set on one that exists.  ``ATTR`` names either
+``serve`` imports the program inside :func:`~hisock_gevent.server.deferred_servers`: a
+server the program makes at import neither binds nor serves there (its ``start()``
+returns at once), so a program written to run on its own (``server = start_server(("127.0.0.1",
+6969))`` ... ``server.start()``) runs unchanged under ``serve`` on the address the command
+names, even when 6969 is taken.  ``ATTR`` names either
 
 * a **factory**: a callable returning an unstarted HiSockServer.  Every option the
   factory has a keyword parameter for (``host``, ``port``, ``max_connections``,
   ``header_len``, ``keepalive``, ``certfile``, ``keyfile``, ``backplane``, ``reuse_port``,
-  ``listener``; or any of them when it takes ``**kwargs``) is passed to it.  This is the
-  recommended form: the factory builds the server exactly as it wants, and handlers that
-  keep a reference to the server (e.g. ``self.server``) keep the right one.
-* an **instance** (or a factory that did not accept some of the given options): when no
-  option is given it is served as it is.  Otherwise a new HiSockServer is built with the
-  instance's settings overridden by the options, every handler in ``server.funcs`` is
-  registered on it (same ``threaded``/``override``), the old server is closed, and
+  ``listener``; or any of them when it takes ``**kwargs``) is passed to it.  The factory
+  builds the server exactly as it wants, and handlers that keep a reference to the
+  server (e.g. ``self.server``) keep the right one.
+* an **instance**, made at import (or a factory that did not accept some of the given
+  options): a new HiSockServer is built from its configuration
+  (``dataclasses.replace(server.config, ...)``) changed by the options, every handler in
+  ``server.funcs`` is registered on it (same ``threaded``/``override``), and
   ``MODULE.ATTR`` is replaced by the new server, so module-level handlers that look up
   the global (``server.send_client(...)``) use the new one.  Handlers holding a
-  reference of their own still point at the closed server: use a factory for those.
+  reference of their own still point at the old one: use a factory for those.
 
 ``reuse_port`` (``--reuse-port``) and ``listener`` (``--listen-fd``, given by ``--workers``)
 share a port with other processes, so a factory must take them itself: a factory that
@@ -41,9 +44,7 @@ rebuilt with them like with any other option.
 this process; see :mod:`hisock_gevent.workers`.  Each worker is this command again with
 hidden options (``--reuse-port`` or ``--listen-fd FD``, ``--worker-index I`` and
 ``--ready-fd FD``, the pipe on which it tells the supervisor it serves and lives).  An
-instance target works with ``--reuse-port`` (the worker's import binds with SO_REUSEPORT
-too, and the server is rebuilt on the shared port); with ``--listen-fd`` it is refused,
-since every worker would bind it at import on its own.
+instance target works with either.
 
 Exit status: 0 after a clean stop (SIGINT/SIGTERM close the server gracefully, ``send``
 succeeded, the client reached the end of its input); 1 when ``send --wait`` got an
@@ -78,7 +79,7 @@ from .errors import (
     TLSError,
 )
 from .lines import LineError, format_content, parse_payload, visible
-from .server import DEFAULT_BACKLOG, HiSockServer, ThreadedHiSockServer
+from .server import DEFAULT_BACKLOG, HiSockServer, ThreadedHiSockServer, deferred_servers
 
 __all__ = ["main", "parse_hostport", "parse_payload"]
 
@@ -267,14 +268,11 @@ def _build_server(spec: str, options: Dict[str, Any], worker: bool = False) -> H
     :param worker: we are one of ``--workers``' processes: with an inherited socket the
         target must be a factory.
     """
-    owner, attr, target = _import_target(spec)
+    # A server the program makes (and starts) at import neither binds nor serves: it is
+    # rebuilt below on the address the command names, and served by us.
+    with deferred_servers():
+        owner, attr, target = _import_target(spec)
     if isinstance(target, HiSockServer):
-        if worker and "listener" in options:
-            raise UsageError(
-                f"{spec} is a server made at import, which every worker would bind on its own "
-                "when they share one inherited socket (--no-reuse-port); name a factory instead "
-                "(a function taking host, port, reuse_port and listener, or **kwargs, and returning the server)"
-            )
         server = target
         rest = dict(options)
     elif callable(target):
@@ -303,13 +301,15 @@ def _build_server(spec: str, options: Dict[str, Any], worker: bool = False) -> H
         raise UsageError(f"{spec} is a {type(target).__name__}, not a HiSockServer or a factory returning one")
     if server.closed:
         raise UsageError(f"{spec}: the server is already closed")
-    if rest:
-        if isinstance(server, ThreadedHiSockServer):
+    if rest or server.deferred:
+        if isinstance(server, ThreadedHiSockServer) and not server.deferred:
             raise UsageError(f"{spec}: options cannot be applied to a ThreadedHiSockServer; use a factory taking them")
         try:
             server = _rebuild(server, rest)
         except OSError as exc:
-            raise UsageError(f"cannot serve on {options.get('host') or server.addr[0]}:{options.get('port', server.addr[1])}: {exc}") from exc
+            host, port = options.get("host") or server.addr[0], options.get("port", server.addr[1])
+            reason = os.strerror(exc.errno) if exc.errno else str(exc)
+            raise UsageError(f"cannot serve on {host}:{port}: {reason}") from exc
         except (TypeError, ValueError) as exc:
             raise UsageError(f"cannot build the server: {exc}") from exc
         if getattr(owner, attr, None) is target:

@@ -14,13 +14,14 @@ thread: calls from outside the server's home thread are run there.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
 import os
 import socket as _stdlib_socket
 import time
-from typing import Any, Callable, Dict, List, Optional, Set, Tuple, TypeVar, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Set, Tuple, TypeVar, Union
 
 import gevent
 from gevent.event import Event
@@ -79,6 +80,25 @@ _OPTIONS = frozenset(field.name for field in dataclasses.fields(ServerConfig))
 #: makes (one made at import included) binds with SO_REUSEPORT, so all can share the port.
 REUSE_PORT_ENV = "HISOCK_GEVENT_REUSE_PORT"
 
+# Inside deferred_servers(): servers made do not bind, and their start() returns at once.
+_deferring = [False]
+
+
+@contextlib.contextmanager
+def deferred_servers() -> Iterator[None]:
+    """Servers made inside neither bind nor serve: their ``start()`` returns at once.
+
+    ``hisock-gevent serve MODULE:ATTR`` imports the program inside it, so that a server the
+    program makes (and starts) at import, on the address written in it, is only a
+    description: serve then runs it itself, rebuilt on the address the command names.
+    """
+    before = _deferring[0]
+    _deferring[0] = True
+    try:
+        yield
+    finally:
+        _deferring[0] = before
+
 
 def _acts(method: _F) -> _F:
     """A method that sends or disconnects: on a closed server it raises ServerClosed
@@ -104,7 +124,11 @@ def _bind_listener(addr: Tuple[str, int], backlog: int, reuse_port: bool) -> _st
         listener.setsockopt(_stdlib_socket.SOL_SOCKET, _stdlib_socket.SO_REUSEADDR, 1)
         if reuse_port:
             listener.setsockopt(_stdlib_socket.SOL_SOCKET, _stdlib_socket.SO_REUSEPORT, 1)
-        listener.bind(addr)
+        try:
+            listener.bind(addr)
+        except OSError as exc:
+            # Name the address: "Address already in use" alone does not say which.
+            raise OSError(exc.errno, f"cannot bind {addr[0]}:{addr[1]}: {exc.strerror}") from exc
         listener.listen(backlog)
         listener.setblocking(False)
     except BaseException:
@@ -173,13 +197,18 @@ class HiSockServer:
         self.header_len = config.header_len
         self.cache: List[MessageCacheMember] = []
 
+        #: True for a server made inside :func:`deferred_servers`: not bound, never served.
+        self.deferred = _deferring[0] and config.listener is None
         listener = config.listener
-        if listener is None:
-            listener = _bind_listener(addr, config.backlog, config.reuse_port)
+        if self.deferred:
+            self.addr: Tuple[str, int] = (addr[0], addr[1])
         else:
-            listener.setblocking(False)
+            if listener is None:
+                listener = _bind_listener(addr, config.backlog, config.reuse_port)
+            else:
+                listener.setblocking(False)
+            self.addr = listener.getsockname()[:2]
         self._listener = listener
-        self.addr: Tuple[str, int] = listener.getsockname()[:2]
 
         self._registry: ClientRegistry[ServerPeer] = ClientRegistry()
         self._delivery = self._make_delivery(config.delivery, config.backplane)
@@ -295,6 +324,9 @@ class HiSockServer:
         """
         if self._closed:
             return
+        if self.deferred:
+            logger.debug("start() of %r made under serve: serve runs it itself", self)
+            return
         self._begin_serving(callback, error_handler)
         assert self._stopped is not None
         self._stopped.wait()
@@ -357,10 +389,11 @@ class HiSockServer:
         for group in (self._serving, self._runner.greenlets):
             others = [greenlet for greenlet in list(group) if greenlet is not me]
             gevent.killall(others, block=True, timeout=0.5)
-        try:
-            self._listener.close()
-        except OSError:
-            pass
+        if self._listener is not None:
+            try:
+                self._listener.close()
+            except OSError:
+                pass
         self._delivery.stop()
         if self._pages is not None:
             self._pages.stop()
@@ -583,7 +616,7 @@ class ThreadedHiSockServer(HiSockServer):
 
     def start(self, callback: Optional[Callable[[], Any]] = None, error_handler: Optional[Callable[[BaseException], Any]] = None) -> None:
         """Start serving in the background and return at once."""
-        if self._closed or self._greenlet is not None or self._home.alive:
+        if self._closed or self._greenlet is not None or self._home.alive or self.deferred:
             return
         if Home.program_is_patched():
             self._begin_serving(callback, error_handler)

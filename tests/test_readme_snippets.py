@@ -1,0 +1,85 @@
+"""The README's own code, as a newcomer would use it (issue 13, items 9 and 11).
+
+The server snippet of the API guide, saved as it is, runs under ``hisock-gevent serve``
+on the port the command names, whatever port the snippet itself says and even when that
+port is taken; its ``broadcast`` handler does not fail for a sender outside any group.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+from pathlib import Path
+
+import pytest
+from cliprogram import Program
+
+import hisock_gevent
+
+pytestmark = pytest.mark.timeout(60)
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def server_snippet() -> str:
+    """The first Python block after the README's "### A server" heading."""
+    text = README.read_text()
+    section = text[text.index("### A server") :]
+    match = re.search(r"```python\n(.*?)```", section, re.S)
+    assert match, "no python block under '### A server'"
+    return match.group(1)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_the_server_snippet_runs_under_serve_on_the_port_the_command_names(tmp_path, caplog):
+    code = server_snippet()
+    assert "server.start()" in code and "6969" in code  # the snippet as documented
+    (tmp_path / "myapp.py").write_text(code)
+    port = free_port()
+    # Whoever holds the snippet's own port, serve does not need it.
+    holder = socket.socket()
+    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        holder.bind(("127.0.0.1", 6969))
+        holder.listen(1)
+    except OSError:
+        pass  # someone else holds it already: just as good
+    program = Program(["serve", "myapp:server", "--port", str(port)], cwd=tmp_path)
+    try:
+        host, served = program.address()
+        assert served == port
+        alice = hisock_gevent.HiSockClient((host, served), "alice")  # in no group
+        bob = hisock_gevent.HiSockClient((host, served), "bob")
+        assert alice.recv("welcome", timeout=10) == "hello, alice!"
+        assert bob.recv("welcome", timeout=10) == "hello, bob!"
+        alice.send("broadcast", "hi all")  # no group: the handler must not raise
+        alice.send("slow_job", "job")
+        assert alice.recv("done", timeout=10) == "job"
+        bob.close()
+        assert alice.recv("system", timeout=10) == "bob left"
+        alice.close()
+    finally:
+        program.kill()
+        holder.close()
+    assert "Traceback" not in "".join(program.seen["stderr"])
+
+
+def test_serve_names_the_address_it_cannot_bind(tmp_path):
+    (tmp_path / "myapp.py").write_text(server_snippet())
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen(1)
+    taken = holder.getsockname()[1]
+    program = Program(["serve", "myapp:server", "--port", str(taken)], cwd=tmp_path)
+    try:
+        line = program.expect(rf"127\.0\.0\.1:{taken}", "stderr", timeout=20)
+        assert "in use" in line.string
+        assert program.wait(timeout=20) == 2
+    finally:
+        program.kill()
+        holder.close()
