@@ -661,8 +661,8 @@ def build_parser() -> argparse.ArgumentParser:
         "handlers copied over (and replace MODULE.ATTR).  SIGINT/SIGTERM close the server gracefully "
         "(exit status 0).  Logs 'serving on HOST:PORT' once listening.  With --workers N, N worker "
         "processes serve the port under a supervisor that restarts any that dies; ATTR may be a server "
-        "made at import (each worker binds the port with SO_REUSEPORT and rebuilds it) or a factory "
-        "taking reuse_port and listener (or **kwargs), which --no-reuse-port requires.",
+        "made at import (it binds nothing at import: each worker rebuilds it on the shared port) or a "
+        "factory taking reuse_port and listener (or **kwargs).",
     )
     serve.add_argument("target", metavar="MODULE:ATTR", help="e.g. app:server or app:make_server")
     serve.add_argument("--host", default=None, help="address to serve at (default: the server's own)")
@@ -681,7 +681,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve with N worker processes on one port, supervised: a worker that dies is restarted "
         "(default 1: serve in this process).  Needs --port.  MODULE:ATTR may be a server made at import "
         "(it is rebuilt on the shared port with its handlers) or a factory taking reuse_port and "
-        "listener (or **kwargs); with --no-reuse-port only such a factory works",
+        "listener (or **kwargs)",
     )
     serve.add_argument(
         "--reuse-port", action="store_true", default=None,
