@@ -10,6 +10,7 @@ import logging
 
 from . import client, server, utils
 from .client import HiSockClient, ThreadedHiSockClient, connect, threaded_connect
+from .constants import __version__
 from .errors import (
     AuthenticationFailed,
     ClientDisconnected,
@@ -49,8 +50,6 @@ from .utils import (
     iptup_to_str,
     validate_ipv4,
 )
-
-__version__ = "3.0.0"
 
 logging.getLogger("hisock_gevent").addHandler(logging.NullHandler())
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import collections
 import logging
 import ssl
+import time
 from typing import Any, Callable, Deque, Dict, List, Optional, Tuple, Union
 
 import gevent
@@ -34,7 +35,7 @@ from .messages import CAPABILITY_MSGPACK, NO_SUCH_CLIENT, ChangeGroup, ChangeNam
 from .outgoing import OutgoingCommand
 from .protocol import ClientHandshake
 from .tls import client_context
-from .utils import ClientInfo, MessageCacheMember, Sendable, iptup_to_str, remember
+from .utils import RECV_BUFFERSIZE, ClientInfo, MessageCacheMember, Sendable, iptup_to_str, remember
 
 __all__ = ["HiSockClient", "ThreadedHiSockClient", "ClientState", "connect", "threaded_connect"]
 
@@ -46,6 +47,11 @@ DEFAULT_CONNECT_TIMEOUT = 10.0
 DEFAULT_ANSWER_TIMEOUT = 10.0
 #: Content whose bytes are the same in both dialects: sent without waiting for the answer.
 _DIALECT_FREE = (str, bytes, int, type(None))
+#: Command messages nobody took (no waiter, no handler) are kept this long, this many at
+#: most, for a recv() that comes just after them: send() then recv() cannot lose a reply
+#: that overtook the recv().
+UNCLAIMED_SECONDS = 5.0
+UNCLAIMED_MAX = 256
 
 
 class _RecvWaiter:
@@ -95,6 +101,9 @@ class HiSockClient:
     :ivar connect_time: Unix time the connection was made.
     """
 
+    #: HiSock's read size; informational here (the client reads up to 256 KiB at a time).
+    RECV_BUFFERSIZE = RECV_BUFFERSIZE
+
     def __init__(
         self,
         addr: Tuple[str, int],
@@ -141,6 +150,8 @@ class HiSockClient:
         self._callback: Optional[Callable[[], Any]] = None
         self._dispatching = False
         self._recv_waiters: Deque[_RecvWaiter] = collections.deque()
+        # (time.monotonic(), record) of command messages nobody took yet (see UNCLAIMED_*).
+        self._unclaimed: Deque[Tuple[float, Received]] = collections.deque(maxlen=UNCLAIMED_MAX)
         if ssl_context is None and (cafile is not None or certfile is not None):
             ssl_context = client_context(cafile, certfile, keyfile)
         handshake = ClientHandshake(
@@ -228,9 +239,22 @@ class HiSockClient:
                 self._runner.call(catch_all, (command, content), ("*", command, None))
             else:
                 called = False
-                logger.debug("no handler for command %r", command)
+                logger.debug("no handler for command %r; kept a while for recv()", command)
+                self._unclaimed.append((time.monotonic(), record))
         self._remember(record, called)
         return True
+
+    def _take_unclaimed(self, command: Optional[str]) -> Optional[Received]:
+        """The oldest recent unclaimed message for ``command`` (any, for None), removed."""
+        unclaimed = self._unclaimed
+        too_old = time.monotonic() - UNCLAIMED_SECONDS
+        while unclaimed and unclaimed[0][0] < too_old:
+            unclaimed.popleft()
+        for entry in unclaimed:
+            if command is None or entry[1].command == command:
+                unclaimed.remove(entry)
+                return entry[1]
+        return None
 
     def _handle_peer_event(self, record: PeerEvent) -> bool:
         entry = self._handlers.reserved_handler(record.event)
@@ -288,8 +312,21 @@ class HiSockClient:
                     # A full inbox never makes get() wait: let the hub's other work run.
                     turn = FRAMES_PER_TURN
                     yield_to_loop()
+        except (SystemExit, KeyboardInterrupt):
+            self._leave_before_exiting()
+            raise
         finally:
             self._dispatching = False
+
+    def _leave_before_exiting(self) -> None:
+        """A handler raised SystemExit or KeyboardInterrupt (a game's "quit"): say goodbye
+        and close, so the object stays usable, then the exception ends this thread as it
+        would have."""
+        self._dispatching = False
+        try:
+            self._link.close(emit_leave=True)
+        except Exception:
+            logger.debug("closing before exiting failed", exc_info=True)
 
     # ------------------------------------------------------------------ API
 
@@ -330,6 +367,9 @@ class HiSockClient:
 
         The message is returned instead of being passed to its handler.  While no
         :meth:`start` loop runs, other messages that arrive meanwhile go to their handlers.
+        A message that came shortly before (at most 5 s, 256 messages) and that nobody
+        took (no handler, no ``*``) is returned first: ``send()`` then ``recv()`` cannot
+        lose a reply that overtook the ``recv()``.
 
         :param recv_as: convert the content to this type (e.g. ``str``, ``int``, ``bytes``).
         :param timeout: seconds to wait; None for no limit.
@@ -351,6 +391,9 @@ class HiSockClient:
         assert inbox is not None
         if self.closed and inbox.empty():
             raise self._link.failure()
+        early = self._take_unclaimed(recv_on)
+        if early is not None:
+            return early.content
         waiter = _RecvWaiter(recv_on)
         self._recv_waiters.append(waiter)
         try:
@@ -361,6 +404,9 @@ class HiSockClient:
                     while not waiter.result.ready() and self._handle(inbox.get()):
                         pass
                 return waiter.result.get()
+        except (SystemExit, KeyboardInterrupt):
+            self._leave_before_exiting()
+            raise
         finally:
             if waiter in self._recv_waiters:
                 self._recv_waiters.remove(waiter)

@@ -316,6 +316,8 @@ class ClientLink:
         """
         if self.closed:
             raise self.failure()
+        if self._conn is not None and not self.home.alive:
+            raise ClientDisconnected("the client's thread has ended")
         if self._conn is None:
             with self._lock:
                 if self._conn is None:
@@ -461,6 +463,15 @@ class ClientLink:
             return
         if self._conn is None:
             self.state = ClientState.CLOSED
+            return
+        if not self.home.alive:
+            # The hub that owned the socket is gone (its thread ended): just close it.
+            self.state = ClientState.CLOSED
+            raw = getattr(self._conn.sock, "_sock", self._conn.sock)
+            try:
+                raw.close()
+            except OSError:
+                pass
             return
         self.home.call(self._close_here, emit_leave)
 

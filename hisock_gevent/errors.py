@@ -84,8 +84,12 @@ class ServerNotRunning(HiSockError):
     """Nothing accepted the connection at the server's address."""
 
 
-class ClientDisconnected(HiSockError):
-    """The connection is closed: the operation cannot be carried out."""
+class ClientDisconnected(HiSockError, ConnectionError):
+    """The connection is closed: the operation cannot be carried out.
+
+    Also a :class:`ConnectionError` (an OSError), as HiSock programs catch those around
+    sends.
+    """
 
 
 class NoMessageException(HiSockError):

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import inspect
 import logging
+import sys
+import traceback
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 import gevent
@@ -218,7 +220,12 @@ class HandlerRunner:
             self.report(exc, context)
 
     def report(self, exc: BaseException, context: Context) -> None:
-        """Hand an exception to the error handler, or log it with its context."""
+        """Hand an exception to the error handler, or log it with its context.
+
+        When nobody configured logging (only our NullHandler would see it), the traceback
+        is printed to stderr instead, as ``threading.excepthook`` does: a handler error
+        must never vanish.
+        """
         handler = self.error_handler
         if handler is not None:
             try:
@@ -226,4 +233,21 @@ class HandlerRunner:
                 return
             except Exception:
                 logger.exception("%s: error_handler failed while handling an error in %s", self.owner, _describe(context))
-        logger.error("%s: handler error in %s", self.owner, _describe(context), exc_info=exc)
+        if _logging_configured():
+            logger.error("%s: handler error in %s", self.owner, _describe(context), exc_info=exc)
+            return
+        print(f"hisock_gevent {self.owner}: handler error in {_describe(context)}:", file=sys.stderr)
+        traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
+
+
+def _logging_configured() -> bool:
+    """True when a record of our logger at ERROR reaches some handler other than a NullHandler."""
+    current: Optional[logging.Logger] = logger
+    while current is not None:
+        for handler in current.handlers:
+            if not isinstance(handler, logging.NullHandler) and handler.level <= logging.ERROR:
+                return True
+        if not current.propagate:
+            return False
+        current = current.parent
+    return False

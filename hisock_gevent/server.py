@@ -42,7 +42,7 @@ from .config import (
     ServerConfig,
 )
 from .connection import Connection
-from .errors import ServerClosed
+from .errors import ClientException, GroupNotFound, ServerClosed, ServerException
 from .frames import DEFAULT_HEADER_LEN, frame
 from .handlers import SERVER_RESERVED, SERVER_UNRESERVED_ARGS, HandlerRunner, HandlerTable
 from .home import Home, at_home
@@ -53,7 +53,7 @@ from .registry import ClientRef, ClientRegistry, Delivery, GroupRef, LocalDelive
 from .session import ServerSession, SessionContext
 from .stats import ServerStats
 from .tls import server_context
-from .utils import ClientInfo, MessageCacheMember, Sendable
+from .utils import RECV_BUFFERSIZE, ClientInfo, MessageCacheMember, Sendable
 
 __all__ = [
     "HiSockServer",
@@ -69,6 +69,10 @@ __all__ = [
     "DEFAULT_MAX_NAME_LENGTH",
     "DEFAULT_BACKLOG",
     "DEFAULT_CLOSE_TIMEOUT",
+    # HiSock's server module exported these too; ported programs import them from here.
+    "ClientException",
+    "ServerException",
+    "GroupNotFound",
 ]
 
 logger = logging.getLogger("hisock_gevent")
@@ -160,6 +164,9 @@ class HiSockServer:
     :raises TypeError: if the address is not a tuple.
     :raises ValueError: an option is out of range.
     """
+
+    #: HiSock's read size; informational here (connections read up to 256 KiB at a time).
+    RECV_BUFFERSIZE = RECV_BUFFERSIZE
 
     def __init__(
         self,

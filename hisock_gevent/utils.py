@@ -6,9 +6,10 @@ Nothing here touches gevent; the input_* helpers use the built-in ``input()``.
 from __future__ import annotations
 
 import ipaddress
+import re
 import socket
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Type, Union
 
 # HiSock kept its exceptions in utils; code importing them from there keeps working.
 from .errors import (  # noqa: F401
@@ -36,12 +37,70 @@ __all__ = [
     "get_local_ip",
     "input_server_config",
     "input_client_config",
+    "make_header",
+    "receive_message",
+    "validate_command_not_reserved",
+    "SendableTypes",
+    "RECV_BUFFERSIZE",
 ]
+
+#: Bytes HiSock asks of a socket per read (``HiSockServer.RECV_BUFFERSIZE``); kept for
+#: programs that use it with :func:`receive_message`.
+RECV_BUFFERSIZE = 8192
+_RESERVED_FORM = re.compile(r"\$.+\$")
 
 #: What the send methods accept (HiSock's ``Sendable``); containers nest freely.
 Sendable = Union[bytes, str, int, float, None, "ClientInfo", List[Any], Tuple[Any, ...], Dict[Any, Any]]
+#: HiSock's name for the type of a Sendable value (for type hints).
+SendableTypes = Type[Sendable]
 #: The ways a caller can name one client: ``(ip, port)``, ``"ip:port"``, a name, or a ClientInfo.
 Client = Union[Tuple[str, int], str, "ClientInfo"]
+
+
+def make_header(header_message: Union[str, bytes], header_len: int, encode: bool = True) -> Union[str, bytes]:
+    """HiSock's helper: the header announcing ``header_message``'s length, padded with
+    spaces to ``header_len`` characters; bytes unless ``encode`` is False."""
+    digits = str(len(header_message))
+    header = digits + " " * (header_len - len(digits))
+    return header.encode() if encode else header
+
+
+def receive_message(
+    connection: socket.socket, header_len: int, buffer_size: int = RECV_BUFFERSIZE
+) -> Union[Dict[str, Optional[bytes]], bool]:
+    """HiSock's helper: read one frame from a blocking socket.
+
+    :returns: ``{"header": <header bytes>, "data": <body, or None if the connection ended
+        in the middle>}``, or False when the connection ended (or was reset) first.
+    """
+
+    def read_exactly(count: int, chunk: int) -> Optional[bytes]:
+        parts = []
+        left = count
+        while left > 0:
+            part = connection.recv(min(left, chunk))
+            if not part:
+                return None
+            parts.append(part)
+            left -= len(part)
+        return b"".join(parts)
+
+    try:
+        header = read_exactly(header_len, header_len)
+        if header is None:
+            return False
+        return {"header": header, "data": read_exactly(int(header), buffer_size)}
+    except ConnectionResetError:
+        return False
+
+
+def validate_command_not_reserved(command: str) -> None:
+    """HiSock's helper: refuse a command of the ``$...$`` form HiSock keeps for itself.
+
+    :raises ValueError: the command is reserved.
+    """
+    if _RESERVED_FORM.search(command):
+        raise ValueError('The format "$command$" is used for reserved functions - consider using a different format.')
 
 
 def iptup_to_str(formatted_tuple: Tuple[str, int]) -> str:
@@ -93,23 +152,15 @@ def validate_ipv4(
     return True
 
 
-def get_local_ip() -> str:
-    """Return this machine's IP address on its default route (no packet is sent).
+def get_local_ip(all_ips: bool = False) -> Union[str, List[str]]:
+    """This machine's IP address as HiSock finds it: its host name resolved
+    (``socket.gethostbyname``); with ``all_ips``, every address the name resolves to.
 
-    Falls back to resolving the host name, then to ``127.0.0.1``.
+    :raises OSError: the host name does not resolve (as with HiSock).
     """
-    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    try:
-        # connect() on UDP only picks a route; nothing goes on the wire.
-        probe.connect(("10.255.255.255", 1))
-        return str(probe.getsockname()[0])
-    except OSError:
-        try:
-            return socket.gethostbyname(socket.gethostname())
-        except OSError:
-            return "127.0.0.1"
-    finally:
-        probe.close()
+    if all_ips:
+        return list(socket.gethostbyname_ex(socket.gethostname())[2])
+    return socket.gethostbyname(socket.gethostname())
 
 
 def _ask(prompt: str, parse: Callable[[str], Any], error: str) -> Any:

@@ -17,7 +17,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "hisock_gevent"
 #: Module -> layer: 1 bytes, 2 one connection, 3 server and client pieces, 4 the faces.
 LAYERS: Dict[str, int] = {
     # 1: no sockets, no gevent
-    "errors": 1, "utils": 1, "frames": 1, "messages": 1, "typecast": 1, "protocol": 1,
+    "errors": 1, "utils": 1, "constants": 1, "frames": 1, "messages": 1, "typecast": 1, "protocol": 1,
     "outgoing": 1, "stats": 1, "budget": 1, "tls": 1, "history": 1, "lines": 1,
     "cluster_messages": 1, "cluster_mirror": 1, "cluster_sync": 1,
     # 2: one peer on gevent
