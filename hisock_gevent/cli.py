@@ -133,6 +133,8 @@ def parse_hostport(text: str) -> Tuple[str, int]:
 
     :raises argparse.ArgumentTypeError: not of that form, or the port is not 0-65535.
     """
+    if text.startswith("[") or text.count(":") > 1:
+        raise argparse.ArgumentTypeError(f"IPv6 addresses are not supported (HiSock is IPv4 only): {text!r}")
     host, sep, port_text = text.rpartition(":")
     if not sep or not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
         raise argparse.ArgumentTypeError(f"expected HOST:PORT (e.g. 127.0.0.1:6969), not {text!r}")

@@ -145,6 +145,8 @@ class ClientLink:
 
     def _connect(self, timeout: float) -> _stdlib_socket.socket:
         addr = self.addr
+        if ":" in str(addr[0]):
+            raise ValueError(f"IPv6 addresses are not supported (HiSock is IPv4 only): {addr[0]!r}")
         try:
             sock = _stdlib_socket.create_connection(addr, timeout=timeout)
         except (ConnectionRefusedError, _stdlib_socket.timeout) as exc:

@@ -120,6 +120,8 @@ def _acts(method: _F) -> _F:
 def _bind_listener(addr: Tuple[str, int], backlog: int, reuse_port: bool) -> _stdlib_socket.socket:
     """A plain listening socket: bound now (so errors and the real port show at once),
     served later by whichever thread runs start()."""
+    if ":" in str(addr[0]):
+        raise ValueError(f"IPv6 addresses are not supported (HiSock serves IPv4 only): {addr[0]!r}")
     reuse_port = reuse_port or os.environ.get(REUSE_PORT_ENV) == "1"
     if reuse_port and not hasattr(_stdlib_socket, "SO_REUSEPORT"):
         raise ValueError("reuse_port=True needs SO_REUSEPORT, which this system does not have")
@@ -355,7 +357,8 @@ class HiSockServer:
             self._timers.spawn(self._keepalive_loop)
         if self.config.idle_timeout:
             self._timers.spawn(self._idle_sweep)
-        logger.info("serving at %s:%s", *self.addr)
+        # DEBUG: the program (or hisock-gevent serve, which says "serving on") tells its user.
+        logger.debug("serving at %s:%s", *self.addr)
 
     def _serve_connection(self, sock: Any, address: Tuple[str, int]) -> None:
         """Greenlet per accepted connection (the StreamServer's handler)."""

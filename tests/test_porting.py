@@ -236,3 +236,25 @@ def test_many_blocking_threaded_handlers_run_at_once_in_a_plain_program(make_ser
         client.send("nap")
     done.wait_for(80, timeout=10)
     assert time.monotonic() - began < 2.5  # HiSock starts a thread each: not 64 at a time
+
+
+def test_close_does_not_run_leave_for_the_clients_it_disconnects(make_server, make_client, recorder):
+    left = recorder()
+    srv = make_server()
+    srv.on("leave")(lambda info: left(info.name))
+    srv.start()
+    client = make_client(srv, "stays")
+    forced = threading.Event()
+    client.on("force_disconnect")(forced.set)
+    threading.Thread(target=client.start, daemon=True).start()
+    srv.close()
+    assert forced.wait(5)  # the client was told $DISCONN$
+    assert left.items == []
+
+
+@pytest.mark.parametrize("host", ["::1", "[::1]"])
+def test_ipv6_is_refused_with_a_clear_error(host):
+    with pytest.raises(ValueError, match="IPv6 addresses are not supported"):
+        hisock_gevent.HiSockServer((host, 0))
+    with pytest.raises(ValueError, match="IPv6 addresses are not supported"):
+        hisock_gevent.HiSockClient((host, 6969))
