@@ -217,7 +217,7 @@ export function infoObject(name = "alice", group = "lobby", port = 50000) {
 
 /** Play the server's side of the handshake on `ws`: open, read the hello, answer it. */
 export function accept(ws, { caps = ["msgpack", "call"] } = {}) {
-    ws.open();
+    if (ws.readyState === FakeWebSocket.CONNECTING) ws.open();
     const hello = parseClientBody(ws.sent[0]);
     if (hello.type !== "Hello") throw new Error(`the first message is ${hello.type}, not a hello`);
     const answer = infoObject(hello.name, hello.group);
