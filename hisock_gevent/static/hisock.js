@@ -930,21 +930,19 @@ class MsgpackReader {
  */
 export function decodeContent(fmt, payload, { maxNesting = MAX_NESTING, maxItems = MAX_ITEMS } = {}) {
     const limits = { maxNesting, maxItems };
-    for (const byte of fmt) if (byte > 0x7f) throw malformed("fmt is not ASCII");
-    const text = latin1(fmt);
-    if (text !== "m") return decodeNative(text, payload, limits);
-    const reader = new MsgpackReader(limits);
-    let raw;
     try {
-        raw = reader.read(payload);
+        for (const byte of fmt) if (byte > 0x7f) throw malformed("fmt is not ASCII");
+        const text = latin1(fmt);
+        if (text !== "m") return decodeNative(text, payload, limits);
+        const reader = new MsgpackReader(limits);
+        return reader.finish(reader.read(payload));
     } catch (err) {
+        // Bytes from the network never escape as anything else (the library's DecodeError
+        // and RangeError for a cut-short document included).
         if (err instanceof MalformedPayload) throw err;
-        if (err instanceof DecodeError || err instanceof RangeError || err instanceof TypeError) {
-            throw malformed(`msgpack: ${err.message}`);
-        }
-        throw malformed(`msgpack: ${err}`);
+        const kind = err instanceof DecodeError ? "msgpack" : err?.name ?? "error";
+        throw malformed(`${kind}: ${err?.message ?? err}`);
     }
-    return reader.finish(raw);
 }
 
 // =========================================================================== frame bodies
@@ -1316,6 +1314,9 @@ function reportError(error, where) {
  */
 export class HiSockClient {
     constructor(url, options = {}) {
+        for (const key of Object.keys(options)) {
+            if (!Object.hasOwn(DEFAULTS, key)) throw new TypeError(`unknown option ${JSON.stringify(key)}`);
+        }
         const opts = { ...DEFAULTS, ...options };
         for (const key of ["name", "group"]) {
             if (opts[key] != null && typeof opts[key] !== "string") {

@@ -119,6 +119,12 @@ describe("joining", () => {
         assert.ok(sockets[0].closedByClient);
     });
 
+    test("a misspelt option is an error, not silently ignored", () => {
+        assert.throws(() => makeClient({ reconectDelay: 5 }), /unknown option "reconectDelay"/);
+        assert.throws(() => makeClient({ reconnectDelay: 0 }), RangeError);
+        assert.throws(() => makeClient({ name: 5 }), TypeError);
+    });
+
     test("connect() twice is an error", async () => {
         const { client } = await connected();
         await assert.rejects(client.connect(), /already/);
