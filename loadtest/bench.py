@@ -1,4 +1,4 @@
-"""Benchmark hisock_gevent against a hand-written gevent server, in one command.
+"""Benchmark hisock_gevent against two hand-written servers (gevent, asyncio on uvloop), in one command.
 
     python loadtest/bench.py --quick        # every scenario, a few minutes
     python loadtest/bench.py --smoke        # a tiny version of every scenario, seconds (CI)
@@ -10,7 +10,11 @@ Each server under test runs in its own process, started fresh for every case:
 
 * ``hisock``   -- ``loadtest/hisock_server.py``: hisock_gevent's public API only;
 * ``baseline`` -- ``loadtest/baselines/gevent_server.py``: the same wire work by hand on a
-  bare ``gevent.server.StreamServer`` (the ceiling for Python on gevent).
+  bare ``gevent.server.StreamServer`` (the ceiling for Python on gevent);
+* ``uvloop``   -- ``loadtest/baselines/uvloop_server.py``: the same wire work by hand as an
+  asyncio ``Protocol`` on uvloop (what the protocol costs on a C event loop without
+  greenlets).  Without uvloop it runs on asyncio's default loop, says so on its ``PORT``
+  line, and the table's column and the JSON (``"loop"``) are labelled after it.
 
 Load comes from separate ``loadtest/loadgen.py`` processes speaking the wire protocol with
 raw gevent sockets.  Scenarios (each bounded in time):
@@ -23,9 +27,10 @@ raw gevent sockets.  Scenarios (each bounded in time):
 * S4 bulk: 1 MiB ``bytes`` payloads one way with a small ack; MB/s.
 * S5 codec: ``hisock_gevent.typecast`` encode+decode, native letters vs msgpack.
 
-Prints one table (absolute figures, and the ratio hisock/baseline measured in the same
-run) and writes every figure as JSON (``loadtest/results/bench-<mode>-<time>.json`` unless
-``--json`` says otherwise).  ``--compare OLD.json NEW.json`` prints two runs side by side.
+Prints one table (absolute figures, and the ratios hisock/gevent baseline and hisock/uvloop
+baseline measured in the same run) and writes every figure and ratio as JSON
+(``loadtest/results/bench-<mode>-<time>.json`` unless ``--json`` says otherwise).
+``--compare OLD.json NEW.json`` prints two runs side by side.
 Exit status 0 when every case ran (whatever the figures), 1 when a case failed to run.
 
 ``--workers N`` compares, for S1 and S2 only, one ``hisock`` process with ``hisock xN``: N
@@ -50,7 +55,7 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -60,7 +65,10 @@ PYTHON = sys.executable
 SERVERS = {
     "hisock": os.path.join(HERE, "hisock_server.py"),
     "baseline": os.path.join(HERE, "baselines", "gevent_server.py"),
+    "uvloop": os.path.join(HERE, "baselines", "uvloop_server.py"),
 }
+#: The servers every hisock figure is divided by, in the order of the table's columns.
+BASELINES = ("baseline", "uvloop")
 LOADGEN = os.path.join(HERE, "loadgen.py")
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 #: Seconds a fresh redis-server has to answer PING, and tries on other free ports.
@@ -374,6 +382,8 @@ class Case:
         self.gens: List[Proc] = []
         self.redis: Optional[Proc] = None
         self._redis_dir: Optional[str] = None
+        #: What the first server said after its port, e.g. "uvloop 0.21.0" (or "").
+        self.banner = ""
         try:
             if workers:
                 self._redis_dir = tempfile.mkdtemp(prefix="bench-redis-")
@@ -394,7 +404,15 @@ class Case:
         line = self.servers[-1].line(15.0)
         if not line.startswith("PORT "):
             raise CaseFailed(f"{label} said {line!r}")
-        return int(line.split()[1])
+        words = line.split(None, 2)
+        if n == 0 and len(words) > 2:
+            banner = words[2].strip()
+            self.banner = banner[1:-1] if banner.startswith("(") and banner.endswith(")") else banner
+        return int(words[1])
+
+    def about(self) -> Dict[str, str]:
+        """What to record next to the figures: the event loop a baseline said it runs on."""
+        return {"loop": self.banner} if self.banner else {}
 
     @property
     def server_pids(self) -> List[int]:
@@ -501,7 +519,7 @@ def run_s1(
         "p50_ms": result["p50_ms"], "p99_ms": result["p99_ms"],
         "gen_cpu": result["cpu"], "server_cpu": cpu["server"], "other_cpu": cpu["other"],
         "server_cpu_us_per_rt": cpu["server"] / rate * 1e6 if rate else None,
-        "errors": result["errors"],
+        "errors": result["errors"], **case.about(),
     }
     if workers:
         shares = [worker_cpu[str(i)] for i in range(workers)]
@@ -553,6 +571,7 @@ def run_s2(kind: str, clients: int, cfg: Dict[str, Any], pin: bool, workers: int
         "clients": clients, "repeats": len(times), "median_ms": median * 1000, "min_ms": min(times) * 1000,
         "max_ms": max(times) * 1000, "deliveries_per_s": clients / median, "ramp_s": ramp, "settle_s": settle,
         "gen_procs": procs, "server_cpu_ms_per_broadcast": server_ms, "gen_cpu_ms_per_broadcast": gen_ms,
+        **case.about(),
     }
     if workers:
         figures.update(cluster)
@@ -592,7 +611,7 @@ def run_s3(kind: str, clients: int, cfg: Dict[str, Any], pin: bool) -> Dict[str,
     return {
         "clients": clients, "connected": connected, "held": held, "errors": errors, "ramp_s": ramp,
         "settle_s": settle, "rss_idle_kib": rss_idle, "rss_held_kib": rss_held, "rss_peak_kib": rss_peak,
-        "rss_per_conn_kib": per_conn, "ramp_cpu": ramp_cpu,
+        "rss_per_conn_kib": per_conn, "ramp_cpu": ramp_cpu, **case.about(),
     }
 
 
@@ -614,6 +633,7 @@ def run_s4(kind: str, cfg: Dict[str, Any], pin: bool) -> Dict[str, Any]:
         "messages_per_s": result["acks"] / result["elapsed"], "gen_cpu": result["cpu"], "server_cpu": cpu["server"],
         "other_cpu": cpu["other"], "server_rss_kib": rss, "errors": result["errors"],
         "server_cpu_ms_per_mb": cpu["server"] / (result["bytes"] / result["elapsed"] / 1e6) * 1000 if result["bytes"] else None,
+        **case.about(),
     }
 
 
@@ -781,52 +801,9 @@ def limits(results: Dict[str, Any], kinds: Sequence[str] = tuple(SERVERS)) -> Li
         for row in rows:
             for kind in kinds:
                 if isinstance(row.get(kind), dict) and "limit" in row[kind]:
-                    case = ", ".join(f"{k}={v}" for k, v in row.items() if k not in kinds)
+                    case = ", ".join(f"{k}={v}" for k, v in row.items() if k not in kinds and k != "ratios")
                     found.append(f"{scenario} {case} {kind}: {row[kind]['limit']}")
     return found
-
-
-def table_rows(results: Dict[str, Any]) -> List[Tuple[str, str, str, str, str, str]]:
-    rows: List[Tuple[str, str, str, str, str, str]] = []
-    for row in results.get("S1", []):
-        case = f"C={row['clients']} W={row['window']}"
-        h, b = row.get("hisock"), row.get("baseline")
-        rows.append(("S1 ping-pong", case, "round trips/s", fmt_num(get(h, "rt_per_s")), fmt_num(get(b, "rt_per_s")), versus(get(h, "rt_per_s"), get(b, "rt_per_s"), HIGHER)))
-        rows.append(("", "", "p50 / p99 latency ms", _pair(h, "p50_ms", "p99_ms"), _pair(b, "p50_ms", "p99_ms"), versus(get(h, "p99_ms"), get(b, "p99_ms"), LOWER, note="p99")))
-        rows.append(("", "", "server CPU us per round trip", fmt_num(get(h, "server_cpu_us_per_rt"), 1), fmt_num(get(b, "server_cpu_us_per_rt"), 1), versus(get(h, "server_cpu_us_per_rt"), get(b, "server_cpu_us_per_rt"), LOWER)))
-        rows.append(("", "", "CPU % gen / server / other", _cpu(h), _cpu(b), ""))
-    for row in results.get("S2", []):
-        h, b = row.get("hisock"), row.get("baseline")
-        case = f"N={row['clients']:,}"
-        rows.append(("S2 fan-out", case, "all received, median ms", fmt_num(get(h, "median_ms"), 1), fmt_num(get(b, "median_ms"), 1), versus(get(h, "median_ms"), get(b, "median_ms"), LOWER)))
-        rows.append(("", "", "deliveries/s", fmt_num(get(h, "deliveries_per_s")), fmt_num(get(b, "deliveries_per_s")), versus(get(h, "deliveries_per_s"), get(b, "deliveries_per_s"), HIGHER)))
-        rows.append(("", "", "CPU ms/broadcast server / gen", _pair(h, "server_cpu_ms_per_broadcast", "gen_cpu_ms_per_broadcast", 1), _pair(b, "server_cpu_ms_per_broadcast", "gen_cpu_ms_per_broadcast", 1), versus(get(h, "server_cpu_ms_per_broadcast"), get(b, "server_cpu_ms_per_broadcast"), LOWER, note="srv")))
-        rows.append(("", "", "join storm (ramp) s", fmt_num(get(h, "ramp_s"), 1), fmt_num(get(b, "ramp_s"), 1), versus(get(h, "ramp_s"), get(b, "ramp_s"), LOWER)))
-    for row in results.get("S3", []):
-        h, b = row.get("hisock"), row.get("baseline")
-        case = f"N={row['clients']:,}"
-        rows.append(("S3 connections", case, "held", fmt_num(get(h, "held")), fmt_num(get(b, "held")), versus(get(h, "held"), get(b, "held"), HIGHER)))
-        rows.append(("", "", "server RSS KiB/conn", fmt_num(get(h, "rss_per_conn_kib"), 1), fmt_num(get(b, "rss_per_conn_kib"), 1), versus(get(h, "rss_per_conn_kib"), get(b, "rss_per_conn_kib"), LOWER)))
-        rows.append(("", "", "server RSS MiB idle/held/peak", _rss(h), _rss(b), ""))
-        rows.append(("", "", "open + hand-shake all, s", fmt_num(get(h, "ramp_s"), 1), fmt_num(get(b, "ramp_s"), 1), versus(get(h, "ramp_s"), get(b, "ramp_s"), LOWER)))
-    for row in results.get("S4", []):
-        h, b = row.get("hisock"), row.get("baseline")
-        rows.append(("S4 bulk", "1 MiB, window 2", "MB/s (10^6 B)", fmt_num(get(h, "mb_per_s"), 1), fmt_num(get(b, "mb_per_s"), 1), versus(get(h, "mb_per_s"), get(b, "mb_per_s"), HIGHER)))
-        rows.append(("", "", "server CPU ms per MB", fmt_num(get(h, "server_cpu_ms_per_mb"), 2), fmt_num(get(b, "server_cpu_ms_per_mb"), 2), versus(get(h, "server_cpu_ms_per_mb"), get(b, "server_cpu_ms_per_mb"), LOWER)))
-        rows.append(("", "", "CPU % gen / server / other", _cpu(h), _cpu(b), ""))
-    for row in results.get("S5", []):
-        if "error" in row:
-            rows.append(("S5 codec", "-", "error", row["error"][:40], "", ""))
-            continue
-        rows.append((
-            "S5 codec" if row is results["S5"][0] else "",
-            row["payload"],
-            "encode+decode us/op",
-            f"{row['msgpack_us']:.1f} msgpack",
-            f"{row['native_us']:.1f} native",
-            f"{row['speedup']:.1f}x faster ({HIGHER} is better)",
-        ))
-    return rows
 
 
 def _pair(result: Any, a: str, b: str, digits: int = 2) -> str:
@@ -846,20 +823,150 @@ def _rss(result: Any) -> str:
     return "-" if i is None or h is None else f"{i / 1024:.0f} / {h / 1024:.0f} / {(p or 0) / 1024:.0f}"
 
 
+def _num(key: str, digits: int = 0) -> Callable[[Any], str]:
+    return lambda result: fmt_num(get(result, key), digits)
+
+
+class Metric(NamedTuple):
+    """One row of the table: its label, how one server's result shows in its cell, and the
+    figure the ratio columns divide (hisock / each baseline) with which way is better and
+    a note for the ratio cell.  A row without a ``key`` has no ratio."""
+
+    label: str
+    cell: Callable[[Any], str]
+    key: Optional[str] = None
+    better: str = ""
+    note: str = ""
+
+
+#: The table's rows for the scenarios that run against servers (S5 runs in-process), and
+#: the figures whose ratios go into the JSON (``row["ratios"][<baseline>][<key>]``).
+METRICS: Dict[str, List[Metric]] = {
+    "S1": [
+        Metric("round trips/s", _num("rt_per_s"), "rt_per_s", HIGHER),
+        Metric("p50 / p99 latency ms", lambda r: _pair(r, "p50_ms", "p99_ms"), "p99_ms", LOWER, note="p99"),
+        Metric("server CPU us per round trip", _num("server_cpu_us_per_rt", 1), "server_cpu_us_per_rt", LOWER),
+        Metric("CPU % gen / server / other", _cpu),
+    ],
+    "S2": [
+        Metric("all received, median ms", _num("median_ms", 1), "median_ms", LOWER),
+        Metric("deliveries/s", _num("deliveries_per_s"), "deliveries_per_s", HIGHER),
+        Metric(
+            "CPU ms/broadcast server / gen", lambda r: _pair(r, "server_cpu_ms_per_broadcast", "gen_cpu_ms_per_broadcast", 1),
+            "server_cpu_ms_per_broadcast", LOWER, note="srv",
+        ),
+        Metric("join storm (ramp) s", _num("ramp_s", 1), "ramp_s", LOWER),
+    ],
+    "S3": [
+        Metric("held", _num("held"), "held", HIGHER),
+        Metric("server RSS KiB/conn", _num("rss_per_conn_kib", 1), "rss_per_conn_kib", LOWER),
+        Metric("server RSS MiB idle/held/peak", _rss),
+        Metric("open + hand-shake all, s", _num("ramp_s", 1), "ramp_s", LOWER),
+    ],
+    "S4": [
+        Metric("MB/s (10^6 B)", _num("mb_per_s", 1), "mb_per_s", HIGHER),
+        Metric("server CPU ms per MB", _num("server_cpu_ms_per_mb", 2), "server_cpu_ms_per_mb", LOWER),
+        Metric("CPU % gen / server / other", _cpu),
+    ],
+}
+TITLES = {"S1": "S1 ping-pong", "S2": "S2 fan-out", "S3": "S3 connections", "S4": "S4 bulk"}
+
+
+def case_label(scenario: str, row: Dict[str, Any]) -> str:
+    if scenario == "S1":
+        return f"C={row['clients']} W={row['window']}"
+    if scenario == "S4":
+        return "1 MiB, window 2"
+    return f"N={row['clients']:,}"
+
+
+def add_ratios(results: Dict[str, Any]) -> None:
+    """Give every S1-S4 row ``"ratios"``: for each baseline, hisock's figure divided by the
+    baseline's for every metric with a ratio (None where either figure is missing).
+    Which way is better for each key: ``RATIO_BETTER``."""
+    for scenario, metrics in METRICS.items():
+        for row in results.get(scenario, []):
+            h = row.get("hisock")
+            row["ratios"] = {
+                kind: {m.key: _quotient(get(h, m.key), get(row.get(kind), m.key)) for m in metrics if m.key}
+                for kind in BASELINES if kind in row
+            }
+
+
+def _quotient(a: Optional[float], b: Optional[float]) -> Optional[float]:
+    return None if a is None or not b else round(a / b, 4)
+
+
+#: Which way is better for each ratio key of the JSON (written into its ``meta``).
+RATIO_BETTER = {m.key: m.better for metrics in METRICS.values() for m in metrics if m.key}
+
+
+def baseline_loop(results: Dict[str, Any]) -> Optional[str]:
+    """The event loop the uvloop baseline said it ran on (the first case that says), e.g.
+    "uvloop 0.21.0" or "asyncio default loop; uvloop is not installed"."""
+    for rows in results.values():
+        for row in rows:
+            loop = get(row.get("uvloop"), "loop")
+            if loop:
+                return str(loop)
+    return None
+
+
+def loop_titles(results: Dict[str, Any]) -> Tuple[str, str]:
+    """The uvloop baseline's column title and ratio title, after the loop it said it ran:
+    ("uvloop baseline", "ratio h/uvloop"), or the asyncio fallback's titles."""
+    loop = baseline_loop(results)
+    if loop is None or loop.startswith("uvloop"):
+        return "uvloop baseline", "ratio h/uvloop"
+    return "asyncio baseline (no uvloop)", "ratio h/asyncio"
+
+
+def table_rows(results: Dict[str, Any]) -> List[Tuple[str, ...]]:
+    """Rows of (scenario, case, metric, hisock, gevent baseline, uvloop baseline,
+    ratio to the gevent baseline, ratio to the uvloop baseline)."""
+    rows: List[Tuple[str, ...]] = []
+    for scenario, metrics in METRICS.items():
+        for row in results.get(scenario, []):
+            h = row.get("hisock")
+            for i, m in enumerate(metrics):
+                cells = [m.cell(row.get(kind)) for kind in ("hisock", *BASELINES)]
+                ratios = [versus(get(h, m.key), get(row.get(kind), m.key), m.better, m.note) if m.key else "" for kind in BASELINES]
+                lead = (TITLES[scenario], case_label(scenario, row)) if i == 0 else ("", "")
+                rows.append((*lead, m.label, *cells, *ratios))
+    for row in results.get("S5", []):
+        if "error" in row:
+            rows.append(("S5 codec", "-", "error", row["error"][:40], "", "", "", ""))
+            continue
+        rows.append((
+            "S5 codec" if row is results["S5"][0] else "",
+            row["payload"],
+            "encode+decode us/op",
+            f"{row['msgpack_us']:.1f} msgpack",
+            f"{row['native_us']:.1f} native",
+            "",
+            f"{row['speedup']:.1f}x faster ({HIGHER} is better)",
+            "",
+        ))
+    return rows
+
+
 def render_table(results: Dict[str, Any]) -> str:
-    return render_rows(("scenario", "case", "metric", "hisock_gevent", "baseline", "ratio h/b"), table_rows(results))
+    title, ratio_title = loop_titles(results)
+    header = ("scenario", "case", "metric", "hisock_gevent", "gevent baseline", title, "ratio h/gevent", ratio_title)
+    return render_rows(header, table_rows(results))
 
 
 def render_rows(header: Tuple[str, ...], body: Sequence[Tuple[str, ...]]) -> str:
-    """Text columns, a rule under the header and between scenarios; the two figures
-    right-aligned, the ratio column (ratio, then which way is better) left-aligned."""
+    """Text columns, a rule under the header and between scenarios; the figures
+    right-aligned, the ratio columns (ratio, then which way is better) left-aligned."""
     rows = [header] + list(body)
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    right = [i >= 3 and not header[i].startswith("ratio") for i in range(len(header))]
     lines = []
     for n, r in enumerate(rows):
         if n > 1 and r[0]:
             lines.append("-+-".join("-" * w for w in widths))
-        cells = [r[i].rjust(widths[i]) if i in (3, 4) else r[i].ljust(widths[i]) for i in range(len(header))]
+        cells = [r[i].rjust(widths[i]) if right[i] else r[i].ljust(widths[i]) for i in range(len(header))]
         lines.append(" | ".join(cells))
         if n == 0:
             lines.append("=+=".join("=" * w for w in widths))
@@ -1097,19 +1204,26 @@ def run_profile(cfg: Dict[str, Any], pin: bool, clients: int, window: int, top: 
 
 
 def compare(old_path: str, new_path: str) -> None:
-    """Print the table rows of two result files side by side (hisock figure and ratio)."""
+    """Print the table rows of two result files side by side: the hisock figure, and its
+    ratio to each baseline (a file from before the uvloop baseline has "-" there)."""
     with open(old_path) as f:
         old = json.load(f)
     with open(new_path) as f:
         new = json.load(f)
     before = {r[:3]: r for r in _keyed(table_rows(old["results"]))}
-    print(f"{'scenario / case':<34} {'metric':<32} {'old hisock':>16} {'new hisock':>16} {'old h/b':>14} {'new h/b':>14}  better")
+    print(
+        f"{'scenario / case':<34} {'metric':<32} {'old hisock':>16} {'new hisock':>16} "
+        f"{'old h/gevent':>12} {'new h/gevent':>12} {'old h/uvloop':>12} {'new h/uvloop':>12}  better"
+    )
     for row in _keyed(table_rows(new["results"])):
-        prev = before.get(row[:3], ("", "", "", "-", "-", "-"))
+        prev = before.get(row[:3], ("", "", "", "-", "-", "-", "-", "-"))
         label = f"{row[0]} {row[1]}"
-        old_ratio, _ = _split_ratio(prev[5])
-        new_ratio, better = _split_ratio(row[5])
-        print(f"{label[:34]:<34} {row[2][:32]:<32} {prev[3]:>16} {row[3]:>16} {old_ratio:>14} {new_ratio:>14}  {better}")
+        (old_g, _), (old_u, _) = _split_ratio(prev[6]), _split_ratio(prev[7])
+        (new_g, better), (new_u, _) = _split_ratio(row[6]), _split_ratio(row[7])
+        print(
+            f"{label[:34]:<34} {row[2][:32]:<32} {prev[3]:>16} {row[3]:>16} "
+            f"{old_g:>12} {new_g:>12} {old_u:>12} {new_u:>12}  {better}"
+        )
 
 
 def _split_ratio(cell: str) -> Tuple[str, str]:
@@ -1132,12 +1246,15 @@ def _keyed(rows: List[Tuple[str, ...]]) -> List[Tuple[str, ...]]:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description="hisock_gevent vs a hand-written gevent server (see loadtest/README.md)")
+    parser = argparse.ArgumentParser(description="hisock_gevent vs hand-written gevent and uvloop servers (see loadtest/README.md)")
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="every scenario with short windows (a few minutes)")
     size.add_argument("--smoke", action="store_true", help="a tiny version of every scenario (seconds; for CI)")
     parser.add_argument("--scenarios", default="S1,S2,S3,S4,S5", help="comma-separated subset, e.g. S1,S4")
-    parser.add_argument("--servers", default="hisock,baseline", help="comma-separated subset of hisock,baseline")
+    parser.add_argument(
+        "--servers", default="hisock,baseline,uvloop",
+        help="comma-separated subset of hisock,baseline,uvloop (baseline = the gevent baseline; uvloop = the asyncio one)",
+    )
     parser.add_argument("--json", metavar="PATH", help="where to write the results (default loadtest/results/bench-<mode>-<time>.json)")
     parser.add_argument("--no-pin", action="store_true", help="do not pin the server to CPU 0 and the generators to the others")
     parser.add_argument("--profile", action="store_true", help="run S1 (C=50, W=4) against hisock_gevent under cProfile and print the top functions")
@@ -1178,6 +1295,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     load_before = os.getloadavg()
     log(f"bench.py --{mode}: servers {', '.join(kinds)}; scenarios {', '.join(scenarios)}; {NCPU} CPUs; pinning {'on' if pin and NCPU >= 2 else 'off'}")
     results, failures = run_all(mode, kinds, scenarios, pin)
+    add_ratios(results)
     wall = time.time() - started
     document = {
         "targets": target_lines(results),
@@ -1188,6 +1306,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             "python": platform.python_version(), "platform": platform.platform(), "cpus": NCPU, "pinned": pin and NCPU >= 2,
             "loadavg_before": load_before, "loadavg_after": os.getloadavg(), "targets": TARGETS,
             "settings": {k: v for k, v in cfg.items()}, "failures": failures,
+            "baseline_loop": baseline_loop(results), "ratio_better": RATIO_BETTER,
         },
         "results": results,
     }
@@ -1197,6 +1316,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     print()
     print(render_table(results))
     print()
+    loop = document["meta"]["baseline_loop"]
+    if loop is not None and loop.startswith("uvloop"):
+        print(f"uvloop baseline: an asyncio Protocol on {loop} (loadtest/baselines/uvloop_server.py).")
+    elif loop is not None:
+        print(f"asyncio baseline: uvloop_server.py ran on the {loop}; install uvloop (pip install -e '.[load]') for the uvloop figures.")
     bounded = limits(results)
     if bounded:
         print("Stopped by their time bound (shown as '-'):\n  " + "\n  ".join(bounded))

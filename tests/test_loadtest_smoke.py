@@ -1,9 +1,11 @@
-"""The load-test tooling still runs: ``bench.py --smoke`` and the Locust users.
+"""The load-test tooling still runs: ``bench.py --smoke``, its baselines and the Locust users.
 
-No performance thresholds here -- only that every scenario runs against both servers and
-reports figures, that ``--workers 2`` runs S1 and S2 on one process and on two joined by
-Redis (skipped without redis-server or redis-py, except under CI), and that the Locust
-users talk to the example servers without failures.
+No performance thresholds here -- only that every scenario runs against hisock_gevent and
+both baselines and reports figures with a ratio to each baseline, that the two baselines
+(gevent, and asyncio on uvloop or on asyncio's own loop) put the same bytes on the wire,
+that ``--workers 2`` runs S1 and S2 on one process and on two joined by Redis (skipped
+without redis-server or redis-py, except under CI), and that the Locust users talk to the
+example servers without failures.
 Everything runs in subprocesses: bench.py starts its own server and generator processes,
 and importing locust would monkey-patch this (deliberately unpatched) pytest process.
 """
@@ -21,16 +23,20 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Dict, Iterator, List
+from typing import Dict, Iterator, List, Tuple
 
 import pytest
+from rawpeer import RawPeer, cmd_body, wire_frame
 from redis_server import require_redis
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "loadtest" / "bench.py"
 LOCUSTFILE = ROOT / "loadtest" / "locustfile.py"
+BASELINES = ROOT / "loadtest" / "baselines"
 SCENARIOS = {"S1", "S2", "S3", "S4", "S5"}
-SERVERS = ("hisock", "baseline")
+SERVERS = ("hisock", "baseline", "uvloop")
+#: find_spec, not import: the asyncio baseline falls back to asyncio's own loop without it.
+HAVE_UVLOOP = importlib.util.find_spec("uvloop") is not None
 
 
 def _output(proc: subprocess.CompletedProcess[bytes]) -> str:
@@ -38,7 +44,7 @@ def _output(proc: subprocess.CompletedProcess[bytes]) -> str:
 
 
 @pytest.mark.timeout(180)
-def test_bench_smoke_runs_every_scenario_against_both_servers(tmp_path: Path) -> None:
+def test_bench_smoke_runs_every_scenario_against_hisock_and_both_baselines(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     proc = subprocess.run(
         [sys.executable, str(BENCH), "--smoke", "--json", str(out)],
@@ -56,14 +62,28 @@ def test_bench_smoke_runs_every_scenario_against_both_servers(tmp_path: Path) ->
             for server in SERVERS:
                 assert "error" not in row[server], (scenario, server, row[server])
                 assert "limit" not in row[server], (scenario, server, row[server])
+            # The uvloop baseline answered: every ratio to it is a number, like the gevent one's.
+            for baseline in ("baseline", "uvloop"):
+                ratios = row["ratios"][baseline]
+                assert ratios and all(isinstance(x, float) and x > 0 for x in ratios.values()), (scenario, baseline, ratios)
+            expected_loop = "uvloop " if HAVE_UVLOOP else "asyncio default loop"
+            assert row["uvloop"]["loop"].startswith(expected_loop), row["uvloop"]
     assert results["S5"] and all("speedup" in row for row in results["S5"])
     assert document["meta"]["failures"] == []
+    assert set(document["meta"]["ratio_better"].values()) == {"higher", "lower"}
     printed = proc.stdout.decode()
     assert "round trips/s" in printed  # the table was printed
-    # Every ratio in the table says which way is better.
-    ratios = [line.rsplit(" | ", 1)[1].strip() for line in printed.splitlines() if line.count(" | ") == 5]
-    figures = [cell for cell in ratios[1:] if re.match(r"[\d.]+x", cell)]
-    assert figures and all(re.search(r"\((\w+; )?(higher|lower) is better\)$", cell) for cell in figures), ratios
+    # Two ratio columns, labelled after the loop the second baseline ran on.
+    header = next(line for line in printed.splitlines() if line.startswith("scenario "))
+    assert [cell.strip() for cell in header.split(" | ")][-2:] == (
+        ["ratio h/gevent", "ratio h/uvloop"] if HAVE_UVLOOP else ["ratio h/gevent", "ratio h/asyncio"]
+    ), header
+    # Every ratio in the table, to either baseline, says which way is better.
+    table = [line.split(" | ") for line in printed.splitlines() if line.count(" | ") == 7]
+    for column in (-2, -1):
+        cells = [cells[column].strip() for cells in table[1:]]
+        figures = [cell for cell in cells if re.match(r"[\d.]+x", cell)]
+        assert figures and all(re.search(r"\((\w+; )?(higher|lower) is better\)$", cell) for cell in figures), cells
     # Targets its tiny cases cannot reach are not judged (S3 wants 10,000 clients).
     assert "Targets (informative" in printed and "from the issue" not in printed
     assert document["targets"] and not [line for line in document["targets"] if line.startswith(("S2", "S3"))]
@@ -95,6 +115,107 @@ def test_bench_smoke_workers_compares_one_process_with_two_joined_by_redis(tmp_p
             assert row["hisock x2"]["workers"] == 2
     assert document["meta"]["failures"] == []
     assert "hisock x2" in proc.stdout.decode()  # the table was printed
+
+
+# ---------------------------------------------------------------- the baselines' bytes
+
+#: The hand-written baselines, as argv after the interpreter: the uvloop one runs twice
+#: when uvloop is installed (once forced onto asyncio's own loop, its fallback).
+BASELINE_ARGVS = {
+    "gevent": [str(BASELINES / "gevent_server.py")],
+    "asyncio": [str(BASELINES / "uvloop_server.py"), "--loop", "asyncio"],
+    **({"uvloop": [str(BASELINES / "uvloop_server.py"), "--loop", "uvloop"]} if HAVE_UVLOOP else {}),
+}
+
+
+def _ping(content: bytes, fmt: bytes) -> bytes:
+    return wire_frame(cmd_body("ping", fmt, content))
+
+
+def _baseline_transcript(argv: List[str]) -> List[Tuple[str, bytes]]:
+    """Play one script of clients against a baseline; return what each client received,
+    in order, with the clients' port numbers replaced by their names."""
+    proc = subprocess.Popen([sys.executable, *argv, "--port", "0"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    peers: List[RawPeer] = []
+    names: Dict[int, bytes] = {}
+    seen: List[Tuple[str, bytes]] = []
+
+    def connect(name: str) -> RawPeer:
+        peer = RawPeer(addr)
+        peers.append(peer)
+        names[peer.addr[1]] = name.encode()
+        return peer
+
+    def note(name: str, body: bytes) -> None:
+        for port, who in names.items():
+            body = body.replace(b"127.0.0.1:%d" % port, b"127.0.0.1:" + who).replace(b'"127.0.0.1",%d]' % port, b'"127.0.0.1",' + who + b"]")
+        seen.append((name, body))
+
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline().decode()
+        assert line.startswith("PORT "), (line, proc.stderr.read().decode() if proc.poll() is not None and proc.stderr else "")
+        addr = ("127.0.0.1", int(line.split()[1]))
+
+        a = connect("A")
+        note("A", a.hello("a"))
+        b = connect("B")
+        note("B", b.hello("b", group="g"))
+        note("A", a.read_frame())  # B's arrival
+        # One request per frame, then three in one segment: each is answered in order.
+        for content, fmt in ((b"hi", b"2s"), (b"7", b"1i"), (b"\x00raw", b"4b"), (b"", b"")):
+            a.send_raw(_ping(content, fmt))
+            note("A", a.read_frame())
+        a.send_raw(_ping(b"1", b"1s") + _ping(b"22", b"2s") + _ping(b"333", b"3s"))
+        for _ in range(3):
+            note("A", a.read_frame())
+        b.send_frame(cmd_body("broadcast", b"5s", b"hello"))  # to everyone, the sender too
+        note("A", a.read_frame())
+        note("B", b.read_frame())
+        a.send_frame(cmd_body("bulk", b"5b", b"12345"))
+        note("A", a.read_frame())
+        a.send_frame(cmd_body("nobody-handles-this", b"1s", b"x"))  # ignored
+        a.send_raw(_ping(b"after", b"5s"))
+        note("A", a.read_frame())
+        # Bad peers are dropped without a word, and nobody hears of them.
+        for name, data in (
+            ("C", b"not a number!!!!"),  # a header that is not a length
+            ("D", _ping(b"x", b"1s")),  # a command before the hello
+            ("E", wire_frame(b"$CLTHELLO${not json")),
+            ("F", b"%-16d" % (17 * 1024 * 1024)),  # longer than the baselines take
+        ):
+            peer = connect(name)
+            peer.send_raw(data)
+            note(name, peer.read_until_eof())
+        a.send_frame(b"$USRCLOSE$")
+        note("A", a.read_until_eof())
+        note("B", b.read_frame())  # A's departure
+        b.send_raw(_ping(b"last", b"4s"))
+        note("B", b.read_frame())  # nothing else came first
+    finally:
+        for peer in peers:
+            peer.close()
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+    return seen
+
+
+@pytest.mark.timeout(60)
+def test_baselines_put_the_same_bytes_on_the_wire() -> None:
+    transcripts = {name: _baseline_transcript(argv) for name, argv in BASELINE_ARGVS.items()}
+    expected = transcripts.pop("gevent")
+    for name, transcript in transcripts.items():
+        assert transcript == expected, name
+    bodies = dict(enumerate(body for _, body in expected))
+    assert bodies[0] == b'$CLTCONN${"ip":["127.0.0.1",A],"name":"a","group":null,"ipstr":"127.0.0.1:A"}'
+    assert bodies[3] == b"$CMD$pong$MSG$2       2shi"
+    assert bodies[12] == b"$CMD$ack$MSG$2       1i5"
+    assert [who for who, body in expected if body == b""] == ["C", "D", "E", "F", "A"]
+    assert expected[-2] == ("B", b'$CLTDISCONN${"ip":["127.0.0.1",A],"name":"a","group":null,"ipstr":"127.0.0.1:A"}')
 
 
 # ---------------------------------------------------------------- Locust
