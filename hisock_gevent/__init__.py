@@ -13,6 +13,9 @@ from .client import HiSockClient, ThreadedHiSockClient, connect, threaded_connec
 from .constants import __version__
 from .errors import (
     AuthenticationFailed,
+    CallError,
+    CallNotSupported,
+    CallTimeout,
     ClientDisconnected,
     ClientException,
     ClientNotFound,
@@ -95,6 +98,9 @@ __all__ = [
     "FrameTimeout",
     "InvalidName",
     "ContentTooLarge",
+    "CallError",
+    "CallNotSupported",
+    "CallTimeout",
     "HandshakeError",
     "TLSError",
     "AuthenticationFailed",

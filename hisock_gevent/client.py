@@ -15,6 +15,7 @@ calling thread's gevent hub; methods called from other threads afterwards are ru
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 import ssl
 import time
@@ -26,12 +27,20 @@ from gevent.event import AsyncResult
 from . import typecast
 from .client_link import DEFAULT_CLOSE_TIMEOUT, ClientLink, ClientState, decoder
 from .connection import DEFAULT_MAX_QUEUE_BYTES, FRAMES_PER_TURN, yield_to_loop
-from .errors import ClientException, ClientNotFound
+from .errors import CallError, CallNotSupported, ClientException, ClientNotFound, ContentTooLarge
 from .frames import DEFAULT_HEADER_LEN, DEFAULT_MAX_MESSAGE_SIZE, frame
 from .handlers import CLIENT_RESERVED, CLIENT_UNRESERVED_ARGS, HandlerRunner, HandlerTable
 from .home import Home
-from .inbox import Ended, PeerEvent, Received, Record
-from .messages import CAPABILITY_MSGPACK, NO_SUCH_CLIENT, ChangeGroup, ChangeName
+from .inbox import CallRequest, Ended, PeerEvent, Received, Record
+from .messages import (
+    CAPABILITY_CALL,
+    CAPABILITY_MSGPACK,
+    NO_SUCH_CLIENT,
+    CallFailed,
+    ChangeGroup,
+    ChangeName,
+    Reply,
+)
 from .outgoing import OutgoingCommand
 from .protocol import ClientHandshake
 from .tls import client_context
@@ -45,6 +54,8 @@ logger = logging.getLogger("hisock_gevent")
 DEFAULT_CONNECT_TIMEOUT = 10.0
 #: Seconds to wait for the server's answer to our hello, and for a get_client answer.
 DEFAULT_ANSWER_TIMEOUT = 10.0
+#: Seconds a :meth:`HiSockClient.call` waits for its answer unless told otherwise.
+DEFAULT_CALL_TIMEOUT = 10.0
 #: Content whose bytes are the same in both dialects: sent without waiting for the answer.
 _DIALECT_FREE = (str, bytes, int, type(None))
 #: Command messages nobody took (no waiter, no handler) are kept this long, this many at
@@ -76,8 +87,9 @@ class HiSockClient:
     :param max_message_size: the largest frame body accepted from the server.
     :param max_queue_bytes: bytes that may wait unsent (the server not reading) before the
         connection is given up, and the most the inbox holds for handlers that fall behind.
-    :param use_msgpack: offer the msgpack extension (needed for bool, None in containers,
-        ClientInfo and tuples to round-trip; faster for lists and dicts).
+    :param use_msgpack: offer hisock_gevent's extensions: msgpack (needed for bool, None
+        in containers, ClientInfo and tuples to round-trip; faster for lists and dicts)
+        and calls (:meth:`call`).  False makes the hello a plain HiSock one.
     :param auth: credentials for the server's authentication check (anything JSON can
         carry), sent in the hello.
     :param ssl_context: connect with TLS using this context; or give ``cafile`` (the CA
@@ -141,6 +153,7 @@ class HiSockClient:
         self.cache: List[MessageCacheMember] = []
         self.answer_timeout = answer_timeout
         self.max_queue_bytes = max_queue_bytes
+        self.max_message_size = max_message_size
         self.max_nesting = max_nesting
         self.max_items = max_items
         self._handlers = HandlerTable(CLIENT_RESERVED, CLIENT_UNRESERVED_ARGS)
@@ -155,7 +168,7 @@ class HiSockClient:
         if ssl_context is None and (cafile is not None or certfile is not None):
             ssl_context = client_context(cafile, certfile, keyfile)
         handshake = ClientHandshake(
-            name, group, (CAPABILITY_MSGPACK,) if use_msgpack else (), auth, header_len, max_message_size
+            name, group, (CAPABILITY_MSGPACK, CAPABILITY_CALL) if use_msgpack else (), auth, header_len, max_message_size
         )
         self._link = ClientLink(
             addr, self._home, handshake, header_len, max_queue_bytes, answer_timeout, connect_timeout,
@@ -255,6 +268,32 @@ class HiSockClient:
                 unclaimed.remove(entry)
                 return entry[1]
         return None
+
+    def _handle_call(self, record: CallRequest) -> bool:
+        """The server calls one of our handlers: it runs apart from the dispatcher, and
+        what it returns (or raises) goes back to the server."""
+        entry = self._handlers.command_handler(record.command)
+        answer = functools.partial(self._answer_call, record.call_id)
+        if entry is None:
+            answer(False, CallError("FunctionNotFoundException", f"no handler for {record.command!r}"))
+        else:
+            self._runner.answer(entry, (record.content,), answer)
+        return True
+
+    def _answer_call(self, call_id: int, ok: bool, value: Any) -> None:
+        if ok:
+            try:
+                fmt, payload = typecast.encode(value, msgpack_ok=self._link.msgpack_ok)
+                body = Reply(call_id, fmt, payload).to_body()
+                if len(body) > self.max_message_size:
+                    raise ContentTooLarge(f"the answer is {len(body)} bytes, more than {self.max_message_size}")
+            except Exception as exc:  # not Sendable, too large: the server hears why
+                ok, value = False, exc
+        if not ok:
+            kind = value.remote_type if isinstance(value, CallError) else type(value).__name__
+            text = value.remote_message if isinstance(value, CallError) else str(value)
+            body = CallFailed(call_id, kind, text[:1000]).to_body()
+        self._link.answer_call(body)
 
     def _handle_peer_event(self, record: PeerEvent) -> bool:
         entry = self._handlers.reserved_handler(record.event)
@@ -411,6 +450,29 @@ class HiSockClient:
             if waiter in self._recv_waiters:
                 self._recv_waiters.remove(waiter)
 
+    def call(self, command: str, content: Sendable = None, timeout: float = DEFAULT_CALL_TIMEOUT) -> Any:
+        """Run the server's handler for ``command`` with ``content`` and return what it
+        returns (not part of HiSock's API: the ``call`` extension, PROTOCOL.md section 7).
+
+        Many calls may be in flight at once, from any threads or greenlets, and from
+        inside handlers; answers are matched by id.  :meth:`recv` keeps working beside it.
+
+        :raises CallError: the server's handler raised (``remote_type`` and
+            ``remote_message`` say what), or there is none for ``command``.
+        :raises CallNotSupported: (a CallError) the server does not answer calls (a plain
+            HiSock server, or ``use_msgpack=False``); raised at once.
+        :raises CallTimeout: (a TimeoutError) no answer within ``timeout`` seconds.
+        :raises ClientDisconnected: the connection ended before the answer (at once).
+        """
+        outgoing = OutgoingCommand(command, content, self.header_len)
+        if not self._link.bound and self._home.ident is None:
+            self._link.bind()
+        self._link.wait_joined()
+        if not self._link.call_ok:
+            raise CallNotSupported(f"the server at {iptup_to_str(self.addr)} does not answer calls (a plain HiSock server?)")
+        body = outgoing.frame_for(self._link.msgpack_ok)[self.header_len :]
+        return self._home.call(self._link.call_here, command, body, timeout)
+
     def change_name(self, new_name: Optional[str]) -> None:
         """Change our name; None (or "") goes back to the name we connected with."""
         self._link.write(frame(ChangeName(new_name or "").to_body(), self.header_len))
@@ -472,6 +534,7 @@ class HiSockClient:
 #: Inbox record -> what the dispatcher does with it; False once the connection has ended.
 _HANDLES: Dict[type, Callable[[HiSockClient, Any], bool]] = {
     Received: HiSockClient._handle_received,
+    CallRequest: HiSockClient._handle_call,
     PeerEvent: HiSockClient._handle_peer_event,
     Ended: HiSockClient._handle_ended,
 }

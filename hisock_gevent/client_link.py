@@ -28,6 +28,8 @@ from gevent.event import AsyncResult, Event
 from . import typecast
 from .connection import RECV_CHUNK, Connection, set_nodelay, yield_to_loop
 from .errors import (
+    CallError,
+    CallTimeout,
     ClientDisconnected,
     ClientException,
     ConnectionRejected,
@@ -37,10 +39,13 @@ from .errors import (
 )
 from .frames import frame
 from .home import Home, _allocate_lock
-from .inbox import Ended, Inbox, PeerEvent, Received
+from .inbox import CallRequest, Ended, Inbox, PeerEvent, Received
 from .messages import (
+    CAPABILITY_CALL,
     CAPABILITY_MSGPACK,
     GETCLT_COMMAND,
+    Call,
+    CallFailed,
     Command,
     Disconnect,
     GetClient,
@@ -48,8 +53,10 @@ from .messages import (
     KeepAlive,
     PeerJoined,
     PeerLeft,
+    Reply,
     ServerMessage,
     UserClose,
+    call_body,
     parse_server_body,
 )
 from .plainwriter import PlainWriter
@@ -112,6 +119,8 @@ class ClientLink:
         self.decode = decode
         self.state = ClientState.HELLO_SENT
         self.msgpack_ok = False
+        #: True once the server accepted the ``call`` extension.
+        self.call_ok = False
         #: Why the server refused us (raised where the answer is needed), or None.
         self.refusal: Optional[ConnectionRejected] = None
         #: The inbox, once a hub owns the link.
@@ -121,6 +130,9 @@ class ClientLink:
         self._conn: Optional[Connection] = None
         self._reader: Optional[gevent.Greenlet] = None
         self._getclt_waiters: Deque[AsyncResult] = collections.deque()
+        # Our calls waiting for an answer (call id -> AsyncResult), and the last id given.
+        self._calls: Dict[int, AsyncResult] = {}
+        self._last_call_id = 0
         # Guards the hand-over of the plain socket to a hub (and what is done before it).
         self._lock = _allocate_lock()
 
@@ -251,6 +263,7 @@ class ClientLink:
 
     def _accept(self, answer: Answer) -> None:
         self.msgpack_ok = answer.accepts(CAPABILITY_MSGPACK)
+        self.call_ok = answer.accepts(CAPABILITY_CALL)
         self.state = ClientState.JOINED
         if self._answered is not None:
             self._answered.set()
@@ -355,6 +368,33 @@ class ClientLink:
             if result in self._getclt_waiters:
                 self._getclt_waiters.remove(result)
 
+    def call_here(self, command: str, command_body: bytes, timeout: float) -> Any:
+        """Send a call (on the hub) and wait for its answer; nothing stays behind after.
+
+        :raises CallError: the server's handler raised, or it has none.
+        :raises CallTimeout: no answer within ``timeout``.
+        :raises ClientDisconnected: the connection ended first.
+        """
+        if self.closed:
+            raise self.failure()
+        self._last_call_id += 1
+        call_id = self._last_call_id
+        result = AsyncResult()
+        self._calls[call_id] = result
+        try:
+            self._write_here(frame(call_body(call_id, command_body), self.header_len))
+            try:
+                return result.get(timeout=timeout)
+            except gevent.Timeout:
+                raise CallTimeout(f"the server did not answer {command!r} within {timeout} s") from None
+        finally:
+            self._calls.pop(call_id, None)
+
+    def answer_call(self, body: bytes) -> None:
+        """Send the answer to one of the server's calls (a Reply or CallFailed body), on the hub."""
+        if self._conn is not None and not self.closed:
+            self._conn.send(frame(body, self.header_len))
+
     # ------------------------------------------------------------------ reading
 
     def _read_loop(self) -> None:
@@ -417,6 +457,25 @@ class ClientLink:
         self.inbox.put(PeerEvent("client_disconnect", ClientInfo.from_dict(message.info)))
         return True
 
+    def _route_call(self, message: Call) -> bool:
+        command = message.command
+        content = self.decode(command.fmt, command.payload)
+        assert self.inbox is not None
+        self.inbox.put(CallRequest(message.call_id, command.command, content), len(command.payload))
+        return True
+
+    def _route_reply(self, message: Reply) -> bool:
+        result = self._calls.pop(message.call_id, None)
+        if result is not None:  # else: it timed out, and the late answer is dropped
+            result.set(self.decode(message.fmt, message.payload))
+        return True
+
+    def _route_call_failed(self, message: CallFailed) -> bool:
+        result = self._calls.pop(message.call_id, None)
+        if result is not None:
+            result.set_exception(CallError(message.kind, message.message))
+        return True
+
     def _route_disconnect(self, message: Disconnect) -> bool:
         why = f": {message.reason}" if message.reason else ""
         logger.info("the server at %s disconnected us%s", iptup_to_str(self.addr), why)
@@ -433,6 +492,9 @@ class ClientLink:
             self._answered.set()
         while self._getclt_waiters:
             self._getclt_waiters.popleft().set_exception(ClientDisconnected("the connection to the server closed"))
+        calls, self._calls = self._calls, {}
+        for result in calls.values():  # fail at once: nobody waits out a timeout
+            result.set_exception(ClientDisconnected("the connection to the server closed before the answer"))
         if self.inbox is not None:
             self.inbox.put_now(Ended(forced))
 
@@ -498,6 +560,9 @@ _ROUTES: Dict[type, Callable[[ClientLink, Any], bool]] = {
     PeerJoined: ClientLink._route_joined,
     PeerLeft: ClientLink._route_left,
     Disconnect: ClientLink._route_disconnect,
+    Call: ClientLink._route_call,
+    Reply: ClientLink._route_reply,
+    CallFailed: ClientLink._route_call_failed,
 }
 
 

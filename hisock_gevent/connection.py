@@ -49,6 +49,7 @@ __all__ = [
     "RECV_CHUNK",
     "set_nodelay",
     "yield_to_loop",
+    "Interrupted",
 ]
 
 logger = logging.getLogger("hisock_gevent")
@@ -107,6 +108,12 @@ def _write_batch() -> _WriteBatch:
     if batch is None or batch._loop is not hub.loop:
         batch = _batches.batch = _WriteBatch(hub.loop)
     return batch
+
+
+class Interrupted(Exception):
+    """Raised (by a gevent.Timeout) into a reader waiting for bytes in
+    :meth:`Connection.bodies`: the generator then yields None instead of ending, so whoever
+    iterates it can stop waiting and carry on iterating later."""
 
 
 def yield_to_loop() -> None:
@@ -282,6 +289,10 @@ class Connection:
                 else:
                     with gevent.Timeout(frame_deadline - monotonic(), self._frame_timeout()):
                         data = recv(RECV_CHUNK)
+            except Interrupted:
+                yield None  # type: ignore[misc]  # the waiting iterator gave up; nothing is lost
+                data = b""
+                continue
             except OSError as exc:
                 if not self.closed and self.error is None:
                     self.error = f"connection error: {exc}"

@@ -34,6 +34,9 @@ __all__ = [
     "FrameTimeout",
     "InvalidName",
     "ContentTooLarge",
+    "CallError",
+    "CallNotSupported",
+    "CallTimeout",
     "HandshakeError",
     "TLSError",
     "AuthenticationFailed",
@@ -130,6 +133,32 @@ class InvalidName(RemoteProtocolError):
 
 class ContentTooLarge(HiSockError, ValueError):
     """What we were asked to send makes a frame larger than the peer accepts."""
+
+
+class CallError(HiSockError):
+    """The handler on the other side of a :meth:`call` raised (or there was none).
+
+    :ivar remote_type: the name of the exception's class there (``"ValueError"``, or
+        ``"FunctionNotFoundException"`` when nobody handles the command).
+    :ivar remote_message: its message.
+    """
+
+    def __init__(self, remote_type: str, remote_message: str):
+        super().__init__(f"{remote_type}: {remote_message}")
+        self.remote_type = remote_type
+        self.remote_message = remote_message
+
+
+class CallNotSupported(CallError):
+    """The peer cannot answer calls: it did not negotiate the ``call`` extension (a plain
+    HiSock peer, or one that did not offer it)."""
+
+    def __init__(self, message: str):
+        super().__init__("CallNotSupported", message)
+
+
+class CallTimeout(HiSockError, TimeoutError):
+    """No answer to a :meth:`call` within its timeout."""
 
 
 class HandshakeError(RemoteProtocolError):

@@ -205,6 +205,42 @@ class HandlerRunner:
         else:
             self.home.workers().submit(self._on_worker, func, call_args, context)
 
+    def answer(self, entry: Dict[str, Any], args: Tuple[Any, ...], done: Callable[[bool, Any], Any]) -> None:
+        """Run a handler for a call (the ``call`` extension) and hand ``done(ok, value)``
+        its return value (``ok``) or the exception it raised, on the home hub.
+
+        It never runs in the caller's greenlet: the caller is a connection's reader, which
+        must stay free to bring in the replies the handler may itself wait for.  In a plain
+        program a ``threaded=True`` handler runs on a worker thread; otherwise a greenlet.
+        """
+        func = entry["func"]
+        call_args = args[: entry["num_args"]]
+        if entry["threaded"] and not self.home.program_is_patched():
+            self.home.workers().submit(self._answer_on_worker, func, call_args, done)
+        else:
+            self.greenlets.spawn(self._answer, func, call_args, done)
+
+    def _answer(self, func: Callable[..., Any], args: Tuple[Any, ...], done: Callable[[bool, Any], Any]) -> None:
+        try:
+            value = func(*args)
+        except gevent.GreenletExit:
+            raise
+        except Exception as exc:  # goes back to the caller as a CallError
+            done(False, exc)
+            return
+        done(True, value)
+
+    def _answer_on_worker(self, func: Callable[..., Any], args: Tuple[Any, ...], done: Callable[[bool, Any], Any]) -> None:
+        with self.home.worker_thread():
+            try:
+                outcome: Tuple[bool, Any] = (True, func(*args))
+            except Exception as exc:  # goes back to the caller as a CallError
+                outcome = (False, exc)
+            try:
+                self.home.call(done, *outcome)
+            except Exception:  # the owner closed meanwhile: nobody is left to answer
+                logger.debug("%s: could not answer a call", self.owner, exc_info=True)
+
     def _on_worker(self, func: Callable[..., Any], args: Tuple[Any, ...], context: Context) -> None:
         # While a worker runs a handler, close() called from it must not wait for the
         # home thread (which in turn waits for its workers): see Home.join_thread.

@@ -17,7 +17,7 @@ from gevent.event import Event
 from .messages import Command
 from .utils import ClientInfo
 
-__all__ = ["Received", "PeerEvent", "Ended", "Record", "Inbox"]
+__all__ = ["Received", "CallRequest", "PeerEvent", "Ended", "Record", "Inbox"]
 
 
 class Received(NamedTuple):
@@ -26,6 +26,14 @@ class Received(NamedTuple):
     command: str
     content: Any
     message: Command
+
+
+class CallRequest(NamedTuple):
+    """The server calls one of our handlers (the ``call`` extension)."""
+
+    call_id: int
+    command: str
+    content: Any
 
 
 class PeerEvent(NamedTuple):
@@ -41,7 +49,7 @@ class Ended(NamedTuple):
     forced: bool
 
 
-Record = Union[Received, PeerEvent, Ended]
+Record = Union[Received, CallRequest, PeerEvent, Ended]
 
 
 class Inbox:

@@ -14,15 +14,15 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from typing import Any, Callable, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 from gevent.pool import Group
 
 from . import stats
 from .connection import Connection
-from .errors import ClientNotFound, HandshakeError
+from .errors import ClientDisconnected, ClientNotFound, HandshakeError
 from .frames import frame
-from .messages import CAPABILITY_MSGPACK, Disconnect, Hello, PeerJoined, PeerLeft
+from .messages import CAPABILITY_CALL, CAPABILITY_MSGPACK, Disconnect, Hello, PeerJoined, PeerLeft
 from .registry import ClientRegistry, Delivery
 from .stats import ServerStats
 from .utils import ClientInfo
@@ -33,24 +33,51 @@ logger = logging.getLogger("hisock_gevent")
 
 #: Seconds queued frames get to drain when a client is disconnected or the server closes.
 DEFAULT_CLOSE_TIMEOUT = 2.0
+#: The extensions a server accepts when a client offers them, in the order it lists them.
+SERVER_CAPABILITIES = (CAPABILITY_MSGPACK, CAPABILITY_CALL)
 
 
 class ServerPeer:
     """A joined client as the server sees it: its connection, info and dialect."""
 
-    __slots__ = ("conn", "sock", "info", "connect_name", "connect_group", "msgpack_ok", "last_ack", "gone", "send")
+    __slots__ = (
+        "conn", "sock", "info", "connect_name", "connect_group", "msgpack_ok", "call_ok",
+        "last_ack", "gone", "send", "calls", "session",
+    )
 
-    def __init__(self, conn: Connection, info: ClientInfo, msgpack_ok: bool):
+    def __init__(self, conn: Connection, info: ClientInfo, caps: Tuple[str, ...] = ()):
         self.conn = conn
         self.sock = conn.sock
         self.info = info
         self.connect_name = info.name
         self.connect_group = info.group
-        self.msgpack_ok = msgpack_ok
+        #: The extensions this client negotiated.
+        self.msgpack_ok = CAPABILITY_MSGPACK in caps
+        self.call_ok = CAPABILITY_CALL in caps
         self.last_ack = time.monotonic()
         self.gone = False
         #: Queue a frame to this client (the connection's own method: a hot path).
         self.send = conn.send
+        #: Our calls to this client waiting for an answer: call id -> AsyncResult (made on
+        #: first use); ``calls[0]`` is never an id, it holds the last id given.
+        self.calls: Optional[Dict[int, Any]] = None
+        #: The session serving this client (it reads for a call made from its own reader).
+        self.session: Any = None
+
+    def next_call_id(self) -> int:
+        calls = self.calls
+        if calls is None:
+            calls = self.calls = {0: 0}
+        calls[0] += 1
+        return calls[0]
+
+    def fail_calls(self, exc: BaseException) -> None:
+        """The client went: every call waiting for it fails at once (none is left behind)."""
+        calls, self.calls = self.calls, None
+        if calls:
+            calls.pop(0, None)
+            for result in calls.values():
+                result.set_exception(exc)
 
 
 class Membership:
@@ -87,14 +114,16 @@ class Membership:
         :raises HandshakeError: its announcement does not fit the header width.
         """
         info = ClientInfo(conn.peer, hello.name, hello.group)
-        peer = ServerPeer(conn, info, CAPABILITY_MSGPACK in hello.capabilities)
+        offered = hello.capabilities
+        accepted = tuple(cap for cap in SERVER_CAPABILITIES if cap in offered)
+        peer = ServerPeer(conn, info, accepted)
         joined = info.as_dict()
         try:
             everyone_frame = frame(PeerJoined(joined).to_body(), self.header_len)
             # Only a peer that offered capabilities hears ours: a plain HiSock client never does.
             answer_frame = (
-                frame(PeerJoined(dict(joined, caps=[CAPABILITY_MSGPACK])).to_body(), self.header_len)
-                if peer.msgpack_ok
+                frame(PeerJoined(dict(joined, caps=list(accepted))).to_body(), self.header_len)
+                if "caps" in hello.extra
                 else everyone_frame
             )
         except ValueError as exc:
@@ -119,6 +148,7 @@ class Membership:
         if peer.gone:
             return False
         peer.gone = True
+        peer.fail_calls(ClientDisconnected(f"{peer.info} left before answering"))
         if not self.registry.remove(peer):
             return False
         self.stats.dropped[reason] += 1

@@ -38,12 +38,19 @@ __all__ = [
     "is_reserved_command",
     "name_problem",
     "CAPABILITY_MSGPACK",
+    "CAPABILITY_CALL",
+    "Call",
+    "call_body",
+    "Reply",
+    "CallFailed",
     "GETCLT_COMMAND",
     "NO_SUCH_CLIENT",
 ]
 
 #: Capability a hisock_gevent peer lists in its hello (and the server in its answer).
 CAPABILITY_MSGPACK = "msgpack"
+#: Capability of the request/response extension (``$CALL$``, ``$REPLY$``, ``$CALLERR$``).
+CAPABILITY_CALL = "call"
 #: Command of the server's answer to ``$GETCLT$``.
 GETCLT_COMMAND = "$GETCLT$"
 #: ``traceback`` value of a ``$GETCLT$`` answer when the client does not exist.
@@ -181,6 +188,51 @@ class KeepAlive:
         return b"$KEEPALIVE$"
 
 
+# ---------------------------------------------------------------- both directions (call extension)
+
+
+@dataclass(frozen=True)
+class Call:
+    """``$CALL$<id>:`` + a command message: run that command's handler and answer with
+    its return value (:class:`Reply`) or why it failed (:class:`CallFailed`)."""
+
+    call_id: int
+    command: Command
+
+    def to_body(self) -> bytes:
+        return call_body(self.call_id, self.command.to_body())
+
+
+def call_body(call_id: int, command_body: bytes) -> bytes:
+    """The body of a :class:`Call` around an already-built command message body."""
+    return b"$CALL$%d:" % call_id + command_body
+
+
+@dataclass(frozen=True)
+class Reply:
+    """``$REPLY$<id>:`` + 8-byte fmt length + fmt + payload: a handler's return value."""
+
+    call_id: int
+    fmt: bytes
+    payload: bytes
+
+    def to_body(self) -> bytes:
+        return b"".join((b"$REPLY$%d:" % self.call_id, fmt_length_field(len(self.fmt)), self.fmt, self.payload))
+
+
+@dataclass(frozen=True)
+class CallFailed:
+    """``$CALLERR$<id>:`` + a JSON object ``{"type", "message"}``: the handler raised (or
+    there was none)."""
+
+    call_id: int
+    kind: str
+    message: str
+
+    def to_body(self) -> bytes:
+        return b"$CALLERR$%d:" % self.call_id + _json({"type": self.kind, "message": self.message})
+
+
 # ---------------------------------------------------------------- both directions
 
 
@@ -199,8 +251,8 @@ class Command(NamedTuple):
         return command_body(self.command.encode(), self.fmt, self.payload)
 
 
-ClientMessage = Union[Hello, UserClose, ChangeName, ChangeGroup, KeepAck, GetClient, Command]
-ServerMessage = Union[PeerJoined, PeerLeft, Disconnect, KeepAlive, Command]
+ClientMessage = Union[Hello, UserClose, ChangeName, ChangeGroup, KeepAck, GetClient, Command, Call, Reply, CallFailed]
+ServerMessage = Union[PeerJoined, PeerLeft, Disconnect, KeepAlive, Command, Call, Reply, CallFailed]
 
 
 def command_prefix(command: bytes) -> bytes:
@@ -298,6 +350,51 @@ def _parse_hello(payload: bytes) -> Hello:
     return Hello(name, group, obj)
 
 
+#: The longest call id accepted (ids are positive integers below 2**64).
+_MAX_ID_DIGITS = 20
+
+
+def _call_id(payload: bytes) -> Tuple[int, bytes]:
+    """``<decimal id>:<rest>`` -> (id, rest)."""
+    head, sep, rest = payload.partition(b":")
+    if not sep or not head.isdigit() or len(head) > _MAX_ID_DIGITS:
+        raise MalformedMessage("a call message has no valid id")
+    return int(head), rest
+
+
+def _parse_call(payload: bytes) -> Call:
+    call_id, rest = _call_id(payload)
+    if not rest.startswith(_CMD):
+        raise MalformedMessage("a call does not carry a command message")
+    return Call(call_id, _parse_command(rest))
+
+
+def _parse_reply(payload: bytes) -> Reply:
+    call_id, rest = _call_id(payload)
+    field = rest[:_FMT_LEN_WIDTH]
+    fmt_len = _FMT_LEN_OF.get(field)
+    if fmt_len is None:
+        digits = field.strip(b" ")
+        if len(field) < _FMT_LEN_WIDTH or not digits.isdigit():
+            raise MalformedMessage("a reply has no valid fmt length")
+        fmt_len = int(digits)
+    fmt_end = _FMT_LEN_WIDTH + fmt_len
+    if fmt_end > len(rest):
+        raise MalformedMessage("fmt length runs past the end of the reply")
+    return Reply(call_id, rest[_FMT_LEN_WIDTH:fmt_end], rest[fmt_end:])
+
+
+def _parse_call_failed(payload: bytes) -> CallFailed:
+    call_id, rest = _call_id(payload)
+    try:
+        obj = json.loads(rest)
+    except (ValueError, RecursionError) as exc:
+        raise MalformedMessage("a call error is not JSON") from exc
+    if not isinstance(obj, dict) or not isinstance(obj.get("type"), str) or not isinstance(obj.get("message"), str):
+        raise MalformedMessage("a call error is not {type, message}")
+    return CallFailed(call_id, obj["type"], obj["message"])
+
+
 def _parse_details(payload: bytes) -> Optional[Dict[str, Any]]:
     """The optional JSON after $DISCONN$; anything unreadable is ignored (it is only advice)."""
     if not payload:
@@ -341,6 +438,9 @@ _CLIENT_TAGS: Dict[bytes, _ClientParser] = {
     b"$CHGROUP$": lambda p: ChangeGroup(_text(p, "group")),
     b"$KEEPACK$": lambda _: KeepAck(),
     b"$GETCLT$": lambda p: GetClient(_text(p, "client query")),
+    b"$CALL$": _parse_call,
+    b"$REPLY$": _parse_reply,
+    b"$CALLERR$": _parse_call_failed,
 }
 
 _SERVER_TAGS: Dict[bytes, _ServerParser] = {
@@ -348,6 +448,9 @@ _SERVER_TAGS: Dict[bytes, _ServerParser] = {
     b"$CLTDISCONN$": lambda p: PeerLeft(_parse_info(p)),
     b"$DISCONN$": lambda p: Disconnect(_parse_details(p)),
     b"$KEEPALIVE$": lambda _: KeepAlive(),
+    b"$CALL$": _parse_call,
+    b"$REPLY$": _parse_reply,
+    b"$CALLERR$": _parse_call_failed,
 }
 
 

@@ -24,7 +24,7 @@ import time
 from typing import Any, Callable, Dict, Iterator, List, Optional, Set, Tuple, TypeVar, Union
 
 import gevent
-from gevent.event import Event
+from gevent.event import AsyncResult, Event
 from gevent.pool import Group
 from gevent.server import StreamServer
 
@@ -42,12 +42,19 @@ from .config import (
     ServerConfig,
 )
 from .connection import Connection
-from .errors import ClientException, GroupNotFound, ServerClosed, ServerException
+from .errors import (
+    CallNotSupported,
+    CallTimeout,
+    ClientException,
+    GroupNotFound,
+    ServerClosed,
+    ServerException,
+)
 from .frames import DEFAULT_HEADER_LEN, frame
 from .handlers import SERVER_RESERVED, SERVER_UNRESERVED_ARGS, HandlerRunner, HandlerTable
 from .home import Home, at_home
 from .membership import DEFAULT_CLOSE_TIMEOUT, Membership, ServerPeer
-from .messages import KeepAlive
+from .messages import KeepAlive, call_body
 from .outgoing import OutgoingCommand
 from .registry import ClientRef, ClientRegistry, Delivery, GroupRef, LocalDelivery, ServerLink
 from .session import ServerSession, SessionContext
@@ -79,6 +86,9 @@ logger = logging.getLogger("hisock_gevent")
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 _OPTIONS = frozenset(field.name for field in dataclasses.fields(ServerConfig))
+
+#: Seconds a :meth:`HiSockServer.call` waits for its answer unless told otherwise.
+DEFAULT_CALL_TIMEOUT = 10.0
 
 #: Set to "1" by ``serve --workers`` in its workers' environment: every server a worker
 #: makes (one made at import included) binds with SO_REUSEPORT, so all can share the port.
@@ -580,6 +590,54 @@ class HiSockServer:
         :raises ContentTooLarge: the message would be longer than ``peer_max_message_size``.
         """
         self._delivery.to_all(self._outgoing(command, content))
+
+    # ------------------------------------------------------------------ calls
+
+    @_acts
+    @at_home
+    def call(self, client: ClientRef, command: str, content: Sendable = None, timeout: float = DEFAULT_CALL_TIMEOUT) -> Any:
+        """Run the client's handler for ``command`` with ``content`` and return what it
+        returns (not part of HiSock's API: the ``call`` extension, which hisock_gevent
+        clients offer; PROTOCOL.md section 7).
+
+        Callable from any handler, the one handling this very client's message included,
+        and from any thread; many calls may be in flight at once.
+
+        :raises CallError: the client's handler raised (``remote_type`` and
+            ``remote_message`` say what), or it has none for ``command``.
+        :raises CallNotSupported: (a CallError) the client did not negotiate calls (a
+            plain HiSock client), or another worker holds it (calls reach only this
+            worker's clients).
+        :raises CallTimeout: (a TimeoutError) no answer within ``timeout`` seconds.
+        :raises ClientDisconnected: the client left before answering.
+        :raises ClientNotFound: no such client.
+        """
+        info = self._delivery.find_client(client)
+        peer = self._registry.at(info.ip)
+        if peer is None or peer.info is not info:
+            raise CallNotSupported(f"{info} is held by another worker: call() reaches only this worker's clients")
+        if not peer.call_ok:
+            raise CallNotSupported(f"{info} did not offer the call extension (a plain HiSock client cannot answer calls)")
+        outgoing = self._outgoing(command, content)
+        body = outgoing.frame_for(peer.msgpack_ok)[self.header_len :]
+        call_id = peer.next_call_id()
+        result = AsyncResult()
+        assert peer.calls is not None
+        peer.calls[call_id] = result
+        try:
+            peer.send(frame(call_body(call_id, body), self.header_len))
+            session = peer.session
+            if session is not None and session.greenlet is gevent.getcurrent():
+                # Called from a handler running in this client's own reader: only that
+                # reader can bring the answer in, so it reads on while we wait.
+                return session.wait_reply(result, timeout)
+            try:
+                return result.get(timeout=timeout)
+            except gevent.Timeout:
+                raise CallTimeout(f"{info} did not answer {command!r} within {timeout} s") from None
+        finally:
+            if peer.calls is not None:
+                peer.calls.pop(call_id, None)
 
     # ------------------------------------------------------------------ disconnecting
 

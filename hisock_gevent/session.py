@@ -10,6 +10,7 @@ that drops the client once.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -20,14 +21,26 @@ from . import stats, typecast
 from .admission import Admission
 from .budget import SendBudget
 from .config import ServerConfig
-from .connection import Connection, set_nodelay, yield_to_loop
-from .errors import ClientNotFound, HandshakeError, InvalidName, RemoteProtocolError, TLSError
+from .connection import Connection, Interrupted, set_nodelay, yield_to_loop
+from .errors import (
+    CallError,
+    CallTimeout,
+    ClientDisconnected,
+    ClientNotFound,
+    ContentTooLarge,
+    HandshakeError,
+    InvalidName,
+    RemoteProtocolError,
+    TLSError,
+)
 from .frames import FrameParser, frame
 from .handlers import HandlerRunner, HandlerTable
 from .membership import DEFAULT_CLOSE_TIMEOUT, Membership, ServerPeer
 from .messages import (
     GETCLT_COMMAND,
     NO_SUCH_CLIENT,
+    Call,
+    CallFailed,
     ChangeGroup,
     ChangeName,
     Command,
@@ -35,6 +48,7 @@ from .messages import (
     GetClient,
     Hello,
     KeepAck,
+    Reply,
     UserClose,
     name_problem,
     parse_client_body,
@@ -99,7 +113,7 @@ class SessionContext:
 class ServerSession:
     """One accepted connection, from the door to the drop (call :meth:`run`)."""
 
-    __slots__ = ("context", "sock", "address", "conn", "peer")
+    __slots__ = ("context", "sock", "address", "conn", "peer", "greenlet", "_bodies", "_ending", "_failure")
 
     def __init__(self, context: SessionContext, sock: Any, address: Tuple[str, int]):
         self.context = context
@@ -107,6 +121,13 @@ class ServerSession:
         self.address = (address[0], address[1])
         self.conn: Optional[Connection] = None
         self.peer: Optional[ServerPeer] = None
+        #: The greenlet that reads this connection (and runs its inline handlers).
+        self.greenlet: Any = None
+        self._bodies: Any = None
+        # Set when something read by wait_reply() ends the connection: the goodbye, or
+        # the protocol error to raise once the handler that waited has returned.
+        self._ending = False
+        self._failure: Optional[RemoteProtocolError] = None
 
     # ------------------------------------------------------------------ the life
 
@@ -164,17 +185,21 @@ class ServerSession:
     def _serve(self, conn: Connection) -> str:
         """Handshake, join and messages; returns why the client went (the stats reason)."""
         self.conn = conn
+        self.greenlet = gevent.getcurrent()
         context = self.context
         if context.config.ssl_context is not None:
             conn.tls = self._tls_handshake()
             if conn.tls is None:
                 return stats.LEFT
-        bodies = conn.bodies()
+        bodies = self._bodies = conn.bodies()
         hello = self._read_hello(bodies)
         context.admission.said_hello(conn)
         if hello is None or not self._admit(hello):
             return stats.LEFT
         peer = self.peer = context.membership.join(conn, hello)
+        peer.session = self
+        if self._after_handlers():
+            return stats.LEFT
         traffic = context.stats.traffic
         dispatch = _DISPATCH
         for body in bodies:
@@ -304,7 +329,51 @@ class ServerSession:
             runner.call(on_message, args, ("message", command, info))
         if context.callback is not None:
             runner.call(context.callback, (), ("callback", None, None))
-        return False
+        return self._after_handlers()
+
+    def _after_handlers(self) -> bool:
+        """After inline handlers ran: True when one of them, waiting in :meth:`wait_reply`,
+        read the end of the connection (or raise the protocol error it read)."""
+        if self._failure is not None:
+            raise self._failure
+        return self._ending
+
+    def wait_reply(self, result: Any, timeout: float) -> Any:
+        """Wait for the answer to a call made to this session's own client from a handler
+        running in this session's reader: only this reader can bring the answer in, so it
+        reads (and handles, in order) what arrives until the answer is there.
+
+        :raises CallTimeout: no answer within ``timeout``.
+        :raises ClientDisconnected: the connection ended first.
+        """
+        deadline = time.monotonic() + timeout
+        bodies = self._bodies
+        traffic = self.context.stats.traffic
+        while not result.ready():
+            if self._ending or self._failure is not None:
+                raise ClientDisconnected("the connection ended before the call was answered")
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise CallTimeout(f"no answer within {timeout} s")
+            try:
+                with gevent.Timeout(remaining, Interrupted()):
+                    body = next(bodies, _END)
+            except RemoteProtocolError as exc:
+                self._failure = exc
+                continue
+            if body is _END:
+                # The connection ended; the reader's own loop finds that out next.
+                raise ClientDisconnected("the connection ended before the call was answered")
+            if not isinstance(body, bytes):
+                continue  # None: the wait timed out (checked above)
+            traffic.messages_in += 1
+            try:
+                message = parse_client_body(body)
+                if _DISPATCH[type(message)](self, message):
+                    self._ending = True
+            except RemoteProtocolError as exc:
+                self._failure = exc
+        return result.get()
 
     def _on_user_close(self, message: UserClose) -> bool:
         return True
@@ -315,7 +384,7 @@ class ServerSession:
         self._check_name(message.name, "name")
         new_name = message.name or peer.connect_name
         self._change(ClientInfo(peer.info.ip, new_name, peer.info.group), "name_change", peer.info.name, new_name)
-        return False
+        return self._after_handlers()
 
     def _on_change_group(self, message: ChangeGroup) -> bool:
         peer = self.peer
@@ -323,7 +392,7 @@ class ServerSession:
         self._check_name(message.group, "group")
         new_group = message.group or peer.connect_group
         self._change(ClientInfo(peer.info.ip, peer.info.name, new_group), "group_change", peer.info.group, new_group)
-        return False
+        return self._after_handlers()
 
     def _check_name(self, value: Optional[str], what: str) -> None:
         problem = name_problem(value, what, self.context.config.max_name_length)
@@ -372,6 +441,72 @@ class ServerSession:
     def _on_second_hello(self, message: Hello) -> bool:
         raise HandshakeError("a second hello")
 
+    # ------------------------------------------------------------------ the call extension
+
+    def _on_call(self, message: Call) -> bool:
+        """The client calls one of our handlers: it runs apart from this reader, and its
+        return value (or exception) goes back as ``$REPLY$`` (or ``$CALLERR$``)."""
+        peer = self.peer
+        assert peer is not None
+        context = self.context
+        config = context.config
+        command = message.command
+        content = typecast.decode(
+            command.fmt, command.payload, max_depth=config.max_nesting, max_items=config.max_items, pause=yield_to_loop
+        )
+        entry = context.handlers.command_handler(command.command)
+        answer = functools.partial(self._answer_call, message.call_id)
+        if entry is None:
+            answer(False, CallError("FunctionNotFoundException", f"no handler for {command.command!r}"))
+        else:
+            context.runner.answer(entry, (peer.info, content), answer)
+        return False
+
+    def _answer_call(self, call_id: int, ok: bool, value: Any) -> None:
+        peer = self.peer
+        assert peer is not None
+        if peer.gone:
+            return
+        config = self.context.config
+        body: Optional[bytes] = None
+        if ok:
+            try:
+                fmt, payload = typecast.encode(value, msgpack_ok=peer.msgpack_ok)
+                body = Reply(call_id, fmt, payload).to_body()
+                if len(body) > config.peer_max_message_size:
+                    raise ContentTooLarge(f"the answer is {len(body)} bytes, more than {config.peer_max_message_size}")
+            except Exception as exc:  # not Sendable, too large: the caller hears why
+                ok, value = False, exc
+        if not ok:
+            kind = value.remote_type if isinstance(value, CallError) else type(value).__name__
+            text = value.remote_message if isinstance(value, CallError) else str(value)
+            body = CallFailed(call_id, kind, text[:1000]).to_body()
+        assert body is not None
+        peer.send(frame(body, config.header_len))
+
+    def _on_reply(self, message: Reply) -> bool:
+        peer = self.peer
+        assert peer is not None
+        result = peer.calls.pop(message.call_id, None) if peer.calls else None
+        if result is not None:
+            config = self.context.config
+            result.set(
+                typecast.decode(
+                    message.fmt, message.payload, max_depth=config.max_nesting, max_items=config.max_items, pause=yield_to_loop
+                )
+            )
+        return False
+
+    def _on_call_failed(self, message: CallFailed) -> bool:
+        peer = self.peer
+        assert peer is not None
+        result = peer.calls.pop(message.call_id, None) if peer.calls else None
+        if result is not None:
+            result.set_exception(CallError(message.kind, message.message))
+        return False
+
+
+_END = object()
 
 #: Message type -> what a session does with it; True ends the connection (a goodbye).
 _DISPATCH: Dict[type, Callable[[ServerSession, Any], bool]] = {
@@ -382,6 +517,9 @@ _DISPATCH: Dict[type, Callable[[ServerSession, Any], bool]] = {
     KeepAck: ServerSession._on_keep_ack,
     GetClient: ServerSession._on_get_client,
     Hello: ServerSession._on_second_hello,
+    Call: ServerSession._on_call,
+    Reply: ServerSession._on_reply,
+    CallFailed: ServerSession._on_call_failed,
 }
 
 
