@@ -27,11 +27,19 @@ from gevent.event import AsyncResult
 from . import typecast
 from .client_link import DEFAULT_CLOSE_TIMEOUT, ClientLink, ClientState, decoder
 from .connection import DEFAULT_MAX_QUEUE_BYTES, FRAMES_PER_TURN, yield_to_loop
-from .errors import CallError, CallNotSupported, ClientException, ClientNotFound, ContentTooLarge
+from .errors import (
+    AuthenticationFailed,
+    CallError,
+    CallNotSupported,
+    ClientDisconnected,
+    ClientException,
+    ClientNotFound,
+    ContentTooLarge,
+)
 from .frames import DEFAULT_HEADER_LEN, DEFAULT_MAX_MESSAGE_SIZE, frame
 from .handlers import CLIENT_RESERVED, CLIENT_UNRESERVED_ARGS, HandlerRunner, HandlerTable
 from .home import Home
-from .inbox import CallRequest, Ended, PeerEvent, Received, Record
+from .inbox import CallRequest, Ended, PeerEvent, Received, Reconnected, Record
 from .messages import (
     CAPABILITY_CALL,
     CAPABILITY_MSGPACK,
@@ -42,7 +50,8 @@ from .messages import (
     Reply,
 )
 from .outgoing import OutgoingCommand
-from .protocol import ClientHandshake
+from .protocol import CLOSING_REASON, ClientHandshake
+from .reconnect import Reconnector
 from .tls import client_context
 from .utils import RECV_BUFFERSIZE, ClientInfo, MessageCacheMember, Sendable, iptup_to_str, remember
 
@@ -56,6 +65,9 @@ DEFAULT_CONNECT_TIMEOUT = 10.0
 DEFAULT_ANSWER_TIMEOUT = 10.0
 #: Seconds a :meth:`HiSockClient.call` waits for its answer unless told otherwise.
 DEFAULT_CALL_TIMEOUT = 10.0
+#: A reconnecting client's first wait (seconds), and the most it waits between attempts.
+DEFAULT_RECONNECT_DELAY = 1.0
+DEFAULT_RECONNECT_DELAY_MAX = 30.0
 #: Content whose bytes are the same in both dialects: sent without waiting for the answer.
 _DIALECT_FREE = (str, bytes, int, type(None))
 #: Command messages nobody took (no waiter, no handler) are kept this long, this many at
@@ -98,6 +110,13 @@ class HiSockClient:
         address's host).
     :param max_nesting: deepest container nesting accepted in a received payload.
     :param max_items: most elements accepted in one received payload.
+    :param reconnect: when the connection is lost (a reset, the server killed or closing),
+        connect again and re-join with the current name and group, waiting between
+        attempts half to all of ``reconnect_delay`` doubled each time, at most
+        ``reconnect_delay_max``; ``reconnect_attempts`` attempts (0: no limit).  The
+        ``reconnect`` event fires after each re-join.  Sends made meanwhile are kept, in
+        order, up to ``max_queue_bytes``.  Not after ``disconnect_client`` (the server
+        meant it) or a refusal by its authentication check.
     :raises TypeError: the address is not a tuple.
     :raises ServerNotRunning: nothing accepts connections at ``addr``.
     :raises TLSError: the TLS handshake failed (e.g. the server does not speak TLS).
@@ -137,6 +156,10 @@ class HiSockClient:
         server_hostname: Optional[str] = None,
         max_nesting: int = typecast.DEFAULT_MAX_DEPTH,
         max_items: int = typecast.DEFAULT_MAX_ITEMS,
+        reconnect: bool = False,
+        reconnect_delay: float = DEFAULT_RECONNECT_DELAY,
+        reconnect_delay_max: float = DEFAULT_RECONNECT_DELAY_MAX,
+        reconnect_attempts: int = 0,
     ):
         if not isinstance(addr, tuple) or len(addr) != 2:
             raise TypeError(f"addr must be a two-element tuple (ip, port), not {addr!r}")
@@ -167,14 +190,72 @@ class HiSockClient:
         self._unclaimed: Deque[Tuple[float, Received]] = collections.deque(maxlen=UNCLAIMED_MAX)
         if ssl_context is None and (cafile is not None or certfile is not None):
             ssl_context = client_context(cafile, certfile, keyfile)
-        handshake = ClientHandshake(
-            name, group, (CAPABILITY_MSGPACK, CAPABILITY_CALL) if use_msgpack else (), auth, header_len, max_message_size
-        )
-        self._link = ClientLink(
-            addr, self._home, handshake, header_len, max_queue_bytes, answer_timeout, connect_timeout,
-            decoder(max_nesting, max_items), ssl_context, server_hostname,
-        )
+        self._offer = (CAPABILITY_MSGPACK, CAPABILITY_CALL) if use_msgpack else ()
+        self._auth = auth
+        # What a new link is made of (a reconnection makes one like the first).
+        self._link_options = (header_len, max_queue_bytes, answer_timeout, connect_timeout, decoder(max_nesting, max_items), ssl_context, server_hostname)
+        self._link = self._new_link(cooperative=False)
         self.connect_time = self._link.connect_time
+        self._reconnector: Optional[Reconnector] = None
+        if reconnect:
+            self._reconnector = Reconnector(
+                self._relink, self._rejoined, self._give_up, reconnect_delay, reconnect_delay_max, reconnect_attempts, max_queue_bytes
+            )
+            self._link.on_lost = self._lost
+
+    def _new_link(self, cooperative: bool) -> ClientLink:
+        header_len, max_queue_bytes, answer_timeout, connect_timeout, decode, ssl_context, hostname = self._link_options
+        handshake = ClientHandshake(self.name, self.group, self._offer, self._auth, header_len, self.max_message_size)
+        return ClientLink(
+            self.addr, self._home, handshake, header_len, max_queue_bytes, answer_timeout, connect_timeout,
+            decode, ssl_context, hostname, cooperative=cooperative,
+        )
+
+    # ------------------------------------------------------------------ reconnecting (on the hub)
+
+    def _lost(self, forced: bool) -> bool:
+        """The link ended without our closing it: reconnect (True), or let it end the client."""
+        link = self._link
+        reconnector = self._reconnector
+        if reconnector is None or isinstance(link.refusal, AuthenticationFailed):
+            return False
+        if forced and link.disconnect_reason != CLOSING_REASON:
+            return False  # disconnect_client, or a server that does not say it is closing
+        logger.info("lost the connection to %s; reconnecting", iptup_to_str(self.addr))
+        reconnector.start()
+        return True
+
+    def _relink(self) -> ClientLink:
+        """A new link on this hub that carries on with the inbox (a reconnection attempt)."""
+        link = self._new_link(cooperative=True)
+        link.on_lost = lambda forced: True  # a failed attempt is the reconnector's business
+        link.bind(self._link.inbox)
+        return link
+
+    def _rejoined(self, link: ClientLink) -> None:
+        self._link = link
+        link.on_lost = self._lost
+        inbox = link.inbox
+        assert inbox is not None
+        inbox.put_now(Reconnected())
+
+    def _give_up(self, failure: BaseException) -> None:
+        logger.warning("giving up reconnecting to %s: %s", iptup_to_str(self.addr), failure)
+        inbox = self._link.inbox
+        assert inbox is not None
+        inbox.put_now(Ended(forced=True))
+
+    def _keep_or_write(self, data: bytes) -> None:
+        reconnector = self._reconnector
+        if reconnector is not None and reconnector.active:
+            reconnector.keep(data)
+        else:
+            self._link.write(data)
+
+    @property
+    def reconnecting(self) -> bool:
+        """True while a ``reconnect=True`` client is between connections."""
+        return self._reconnector is not None and self._reconnector.active
 
     def __repr__(self) -> str:
         return f"<HiSockClient connected to {iptup_to_str(self.addr)}>"
@@ -192,8 +273,9 @@ class HiSockClient:
 
     @property
     def closed(self) -> bool:
-        """True once the connection is over (closed by us, or ended by the server)."""
-        return self._link.closed
+        """True once the connection is over (closed by us, or ended by the server; not
+        while a reconnecting client is between connections)."""
+        return self._link.closed and not self.reconnecting
 
     @property
     def connected(self) -> bool:
@@ -301,6 +383,12 @@ class HiSockClient:
             self._runner.call(entry, (record.info,), (record.event, None, None))
         return True
 
+    def _handle_reconnected(self, record: Reconnected) -> bool:
+        entry = self._handlers.reserved_handler("reconnect")
+        if entry is not None:
+            self._runner.call(entry, (), ("reconnect", None, None))
+        return True
+
     def _handle_ended(self, record: Ended) -> bool:
         if record.forced:
             entry = self._handlers.reserved_handler("force_disconnect")
@@ -397,9 +485,17 @@ class HiSockClient:
         :raises ConnectionRejected: the server refused us.
         """
         outgoing = OutgoingCommand(command, content, self.header_len)
-        if self._link.state is not ClientState.JOINED and type(content) not in _DIALECT_FREE:
-            self._link.wait_joined()
-        self._link.write(outgoing.frame_for(self._link.msgpack_ok))
+        if not self.reconnecting:
+            try:
+                if self._link.state is not ClientState.JOINED and type(content) not in _DIALECT_FREE:
+                    self._link.wait_joined()
+                self._link.write(outgoing.frame_for(self._link.msgpack_ok))
+                return
+            except ClientDisconnected:
+                if not self.reconnecting:
+                    raise
+        # Between connections: kept (in order, decided on the hub), sent once joined again.
+        self._home.call(self._keep_or_write, outgoing.frame_for(self._link.msgpack_ok))
 
     def recv(self, recv_on: Optional[str] = None, recv_as: Optional[type] = None, timeout: Optional[float] = None) -> Any:
         """Block until a command message arrives (``recv_on`` or any) and return its content.
@@ -474,13 +570,16 @@ class HiSockClient:
         return self._home.call(self._link.call_here, command, body, timeout)
 
     def change_name(self, new_name: Optional[str]) -> None:
-        """Change our name; None (or "") goes back to the name we connected with."""
-        self._link.write(frame(ChangeName(new_name or "").to_body(), self.header_len))
+        """Change our name; None (or "") goes back to the name we connected with.
+        (Between connections of a reconnecting client, the next hello carries it.)"""
+        if not self.reconnecting:
+            self._link.write(frame(ChangeName(new_name or "").to_body(), self.header_len))
         self.name = new_name or self._connect_name
 
     def change_group(self, new_group: Optional[str]) -> None:
         """Change our group; None (or "") goes back to the group we connected with."""
-        self._link.write(frame(ChangeGroup(new_group or "").to_body(), self.header_len))
+        if not self.reconnecting:
+            self._link.write(frame(ChangeGroup(new_group or "").to_body(), self.header_len))
         self.group = new_group or self._connect_group
 
     def get_client(self, client: Union[str, Tuple[str, int], ClientInfo]) -> ClientInfo:
@@ -526,9 +625,21 @@ class HiSockClient:
         """Leave: tell the server (unless ``emit_leave`` is False), then close the connection.
 
         A running :meth:`start` returns; a blocked :meth:`recv` raises ClientDisconnected.
-        Calling it again does nothing.
+        Calling it again does nothing.  A reconnecting client stops trying at once.
         """
+        if self._reconnector is not None and self._home.ident is not None and self._home.alive:
+            self._home.call(self._stop_reconnecting)
         self._link.close(emit_leave)
+
+    def _stop_reconnecting(self) -> None:
+        reconnector = self._reconnector
+        if reconnector is not None and reconnector.active:
+            reconnector.stop()
+            self._reconnector = None
+            inbox = self._link.inbox
+            if inbox is not None:
+                inbox.put_now(Ended(forced=False))
+        self._reconnector = None
 
 
 #: Inbox record -> what the dispatcher does with it; False once the connection has ended.
@@ -536,6 +647,7 @@ _HANDLES: Dict[type, Callable[[HiSockClient, Any], bool]] = {
     Received: HiSockClient._handle_received,
     CallRequest: HiSockClient._handle_call,
     PeerEvent: HiSockClient._handle_peer_event,
+    Reconnected: HiSockClient._handle_reconnected,
     Ended: HiSockClient._handle_ended,
 }
 

@@ -109,6 +109,7 @@ class ClientLink:
         decode: Callable[[bytes, bytes], Any],
         ssl_context: Optional[ssl.SSLContext] = None,
         server_hostname: Optional[str] = None,
+        cooperative: bool = False,
     ):
         self.addr = addr
         self.home = home
@@ -123,6 +124,13 @@ class ClientLink:
         self.call_ok = False
         #: Why the server refused us (raised where the answer is needed), or None.
         self.refusal: Optional[ConnectionRejected] = None
+        #: The reason that came with the server's ``$DISCONN$``, if any.
+        self.disconnect_reason: Optional[str] = None
+        #: ``on_lost(forced)`` is asked, on the hub, when the connection ends without our
+        #: closing it; True means the owner takes over (it reconnects) and the dispatcher
+        #: is not told the end.
+        self.on_lost: Optional[Callable[[bool], bool]] = None
+        self._closing = False
         #: The inbox, once a hub owns the link.
         self.inbox: Optional[Inbox] = None
         self._early: List[ServerMessage] = []  # answered before a hub took over
@@ -136,7 +144,9 @@ class ClientLink:
         # Guards the hand-over of the plain socket to a hub (and what is done before it).
         self._lock = _allocate_lock()
 
-        sock = self._connect(connect_timeout)
+        # A reconnecting client connects from its hub: cooperatively, so that the hub
+        # (its dispatcher, a close() from another thread) is not held up meanwhile.
+        sock = self._connect_cooperatively(connect_timeout) if cooperative else self._connect(connect_timeout)
         self._plain_sock: Optional[_stdlib_socket.socket] = sock
         #: Our own (ip, port) as seen on this machine.
         self.local_addr: Tuple[str, int] = sock.getsockname()[:2]
@@ -169,11 +179,30 @@ class ClientLink:
         sock.settimeout(None)
         return sock
 
+    def _connect_cooperatively(self, timeout: float) -> _stdlib_socket.socket:
+        addr = self.addr
+        try:
+            gsock = gsocket.create_connection(addr, timeout=timeout)
+        except OSError as exc:
+            raise ServerNotRunning(f"cannot connect to {iptup_to_str(addr)}: {exc}") from exc
+        sock = _stdlib_socket.socket(fileno=gsock.detach())
+        set_nodelay(sock)
+        sock.settimeout(None)
+        return sock
+
     def _tls_handshake(self, sock: _stdlib_socket.socket, context: ssl.SSLContext, hostname: str) -> TLSLayer:
         layer = TLSLayer(context, server_side=False, server_hostname=hostname)
         sock.settimeout(self.answer_timeout)
         try:
-            perform_handshake(layer, sock.recv, sock.sendall)
+            if gevent.getcurrent().parent is not None:
+                # On a hub (a reconnection): wait for the server cooperatively.
+                waiting = gsocket.socket(fileno=sock.fileno())
+                try:
+                    perform_handshake(layer, waiting.recv, waiting.sendall)
+                finally:
+                    waiting.detach()
+            else:
+                perform_handshake(layer, sock.recv, sock.sendall)
         except _stdlib_socket.timeout as exc:
             raise TLSError(f"no TLS handshake answer within {self.answer_timeout} s") from exc
         except OSError as exc:
@@ -278,15 +307,20 @@ class ClientLink:
 
     # ------------------------------------------------------------------ binding to a hub
 
-    def bind(self) -> None:
-        """Adopt the calling thread's hub as home, if no hub owns the link yet."""
+    def bind(self, inbox: Optional[Inbox] = None) -> None:
+        """Adopt the calling thread's hub as home, if no hub owns the link yet.
+
+        :param inbox: carry on with this inbox (a reconnection: the dispatcher keeps its).
+        """
         if self.inbox is not None:
             return
         with self._lock:
             if self.inbox is not None:
                 return
-            self.home.adopt_current_thread()
-            inbox = Inbox(self.max_queue_bytes)
+            if self.home.ident is None or not self.home.alive:
+                self.home.adopt_current_thread()
+            if inbox is None:
+                inbox = Inbox(self.max_queue_bytes)
             self._answered = Event()
             if self._plain_sock is None:  # over before ever being bound
                 self._answered.set()
@@ -477,6 +511,7 @@ class ClientLink:
         return True
 
     def _route_disconnect(self, message: Disconnect) -> bool:
+        self.disconnect_reason = message.reason
         why = f": {message.reason}" if message.reason else ""
         logger.info("the server at %s disconnected us%s", iptup_to_str(self.addr), why)
         self.finish(forced=True)
@@ -495,6 +530,10 @@ class ClientLink:
         calls, self._calls = self._calls, {}
         for result in calls.values():  # fail at once: nobody waits out a timeout
             result.set_exception(ClientDisconnected("the connection to the server closed before the answer"))
+        if not self._closing and self.on_lost is not None:
+            on_lost, self.on_lost = self.on_lost, None  # asked once
+            if on_lost(forced):
+                return
         if self.inbox is not None:
             self.inbox.put_now(Ended(forced))
 
@@ -506,6 +545,7 @@ class ClientLink:
 
     def close(self, emit_leave: bool) -> None:
         """Say goodbye (unless ``emit_leave`` is False or we were refused), then close."""
+        self._closing = True
         if self.closed:
             self.state = ClientState.CLOSED  # the server ended it already; nothing is open
             return
@@ -540,6 +580,7 @@ class ClientLink:
         self.home.call(self._close_here, emit_leave)
 
     def _close_here(self, emit_leave: bool) -> None:
+        self._closing = True
         if self.closed:
             self.state = ClientState.CLOSED
             return

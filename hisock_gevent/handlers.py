@@ -55,6 +55,7 @@ CLIENT_RESERVED: Mapping[str, Tuple[int, ...]] = {
     "client_connect": (1,),
     "client_disconnect": (1,),
     "force_disconnect": (0,),
+    "reconnect": (0,),
     CATCH_ALL: (2,),
 }
 #: An ordinary client handler takes () or (content).

@@ -17,7 +17,7 @@ from gevent.event import Event
 from .messages import Command
 from .utils import ClientInfo
 
-__all__ = ["Received", "CallRequest", "PeerEvent", "Ended", "Record", "Inbox"]
+__all__ = ["Received", "CallRequest", "PeerEvent", "Reconnected", "Ended", "Record", "Inbox"]
 
 
 class Received(NamedTuple):
@@ -43,13 +43,17 @@ class PeerEvent(NamedTuple):
     info: ClientInfo
 
 
+class Reconnected(NamedTuple):
+    """A reconnecting client joined again."""
+
+
 class Ended(NamedTuple):
     """The connection is over; ``forced`` when the server disconnected (or refused) us."""
 
     forced: bool
 
 
-Record = Union[Received, CallRequest, PeerEvent, Ended]
+Record = Union[Received, CallRequest, PeerEvent, Reconnected, Ended]
 
 
 class Inbox:

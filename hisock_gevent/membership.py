@@ -23,6 +23,7 @@ from .connection import Connection
 from .errors import ClientDisconnected, ClientNotFound, HandshakeError
 from .frames import frame
 from .messages import CAPABILITY_CALL, CAPABILITY_MSGPACK, Disconnect, Hello, PeerJoined, PeerLeft
+from .protocol import CLOSING_REASON, KICKED_REASON
 from .registry import ClientRegistry, Delivery
 from .stats import ServerStats
 from .utils import ClientInfo
@@ -164,13 +165,22 @@ class Membership:
             self.call_reserved("leave", peer.info)
         return True
 
-    def close_peer(self, peer: ServerPeer, send_disconnect: bool, drain_timeout: float = DEFAULT_CLOSE_TIMEOUT) -> None:
-        """Close a client's connection, after ``$DISCONN$`` and its queue drain when asked."""
+    def close_peer(
+        self, peer: ServerPeer, send_disconnect: bool, drain_timeout: float = DEFAULT_CLOSE_TIMEOUT, reason: Optional[str] = None
+    ) -> None:
+        """Close a client's connection, after ``$DISCONN$`` and its queue drain when asked.
+
+        :param reason: told to a hisock_gevent client with the ``$DISCONN$`` (a plain
+            HiSock client gets the bare tag).
+        """
         conn = peer.conn
         if not send_disconnect:
             conn.close()
             return
-        conn.send(self._disconnect_frame)
+        if reason is not None and peer.msgpack_ok:
+            conn.send(frame(Disconnect({"reason": reason}).to_body(), self.header_len))
+        else:
+            conn.send(self._disconnect_frame)
         self.closers.spawn(conn.close, drain_timeout)
 
     def expel(self, peer: ServerPeer, reason: str) -> None:
@@ -181,7 +191,7 @@ class Membership:
     def kick(self, peer: ServerPeer, force: bool, call_func: bool) -> None:
         """``disconnect_client``: the others hear of it; ``leave`` runs if asked."""
         self.drop(peer, call_leave=call_func, notify=True, reason=stats.KICKED)
-        self.close_peer(peer, send_disconnect=not force)
+        self.close_peer(peer, send_disconnect=not force, reason=KICKED_REASON)
 
     def kick_at(self, address: Tuple[str, int], force: bool, call_func: bool) -> None:
         """Another worker asked (through the backplane) to disconnect our client at ``address``."""
@@ -195,7 +205,7 @@ class Membership:
         """Disconnect every client without announcing it or running ``leave``."""
         for peer in list(self.registry):
             self.drop(peer, call_leave=False, notify=False, reason=stats.SERVER_CLOSED)
-            self.close_peer(peer, send_disconnect=not force, drain_timeout=drain_timeout)
+            self.close_peer(peer, send_disconnect=not force, drain_timeout=drain_timeout, reason=CLOSING_REASON)
 
     def overflowed(self, peer: ServerPeer, conn: Connection) -> None:
         """A joined client was overflowed (by its own backlog or the server's budget).

@@ -40,12 +40,18 @@ __all__ = [
     "ClientHandshake",
     "Answer",
     "AUTH_FAILED_REASON",
+    "CLOSING_REASON",
+    "KICKED_REASON",
     "MAX_EARLY_MESSAGES",
     "MAX_EARLY_BYTES",
 ]
 
 #: The reason a server gives a hisock_gevent client its authentication check refused.
 AUTH_FAILED_REASON = "authentication failed"
+#: The reason given with ``$DISCONN$`` when the server closes (a reconnecting client
+#: comes back), and when ``disconnect_client`` sends a client away (it does not).
+CLOSING_REASON = "server closing"
+KICKED_REASON = "disconnected by the server"
 #: What a client keeps of what arrives before the server's answer, at most.
 MAX_EARLY_MESSAGES = 1024
 MAX_EARLY_BYTES = 1024 * 1024

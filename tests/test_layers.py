@@ -24,7 +24,7 @@ LAYERS: Dict[str, int] = {
     "connection": 2, "plainwriter": 2, "home": 2, "handlers": 2, "registry": 2, "inbox": 2,
     # 3: what servers and clients are made of
     "config": 3, "admission": 3, "membership": 3, "session": 3, "client_link": 3,
-    "cluster": 3, "redis_store": 3, "redis_bus": 3, "backplane": 3,
+    "reconnect": 3, "cluster": 3, "redis_store": 3, "redis_bus": 3, "backplane": 3,
     # 4: the faces
     "server": 4, "client": 4, "monitor": 4, "workers": 4, "chat": 4, "console": 4, "cli": 4,
     "__init__": 4, "__main__": 4,
