@@ -116,7 +116,8 @@ class HiSockClient:
         ``reconnect_delay_max``; ``reconnect_attempts`` attempts (0: no limit).  The
         ``reconnect`` event fires after each re-join.  Sends made meanwhile are kept, in
         order, up to ``max_queue_bytes``.  Not after ``disconnect_client`` (the server
-        meant it) or a refusal by its authentication check.
+        meant it; a plain HiSock server's bare ``$DISCONN$`` counts as one) or a refusal
+        by its authentication check; a refusal for being full is retried.
     :raises TypeError: the address is not a tuple.
     :raises ServerNotRunning: nothing accepts connections at ``addr``.
     :raises TLSError: the TLS handshake failed (e.g. the server does not speak TLS).
@@ -218,9 +219,10 @@ class HiSockClient:
         link = self._link
         reconnector = self._reconnector
         if reconnector is None or isinstance(link.refusal, AuthenticationFailed):
-            return False
-        if forced and link.disconnect_reason != CLOSING_REASON:
+            return False  # retrying cannot help
+        if link.refusal is None and forced and link.disconnect_reason != CLOSING_REASON:
             return False  # disconnect_client, or a server that does not say it is closing
+        # Lost, closing, or refused before joining for a reason that may pass (full).
         logger.info("lost the connection to %s; reconnecting", iptup_to_str(self.addr))
         reconnector.start()
         return True

@@ -210,3 +210,30 @@ def test_sends_past_the_bound_while_reconnecting_raise(clients, servers):
     with pytest.raises(hisock_gevent.ClientDisconnected, match="reconnecting"):
         for _ in range(10):
             client.send("note", b"x" * 16 * 1024)
+
+
+def test_a_full_server_is_retried_until_there_is_room(make_server, make_client, clients):
+    srv = make_server(max_connections=1)
+    srv.start()
+    first = make_client(srv, "first")
+    came = threading.Event()
+    waiting = clients(srv.get_addr()[1], "waiting", None)
+    waiting.on("reconnect")(came.set)
+    waiting.start()
+    wait_until(lambda: waiting.reconnecting, timeout=5)  # refused (full): backing off
+    first.close()
+    assert came.wait(DELAY_MAX + 5)
+    wait_until(lambda: srv.get_all_clients(key="name") == ["waiting"])
+
+
+def test_a_failed_authentication_is_not_retried(make_server, clients):
+    srv = make_server(authenticate=lambda info, credentials: credentials == "right")
+    srv.start()
+    forced = threading.Event()
+    client = clients(srv.get_addr()[1], "mallory", None, auth="wrong")
+    client.on("force_disconnect")(forced.set)
+    client.start()
+    assert forced.wait(5)
+    client.join(5)
+    assert client.closed and not client.reconnecting
+    assert srv.stats()["connections"]["refused"] == {"auth_failed": 1}
