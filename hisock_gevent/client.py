@@ -285,6 +285,11 @@ class HiSockClient:
         return not self._link.closed
 
     @property
+    def disconnect_reason(self) -> Optional[str]:
+        """Why the server disconnected (or refused) us, when it said (not part of HiSock's API)."""
+        return self._link.disconnect_reason
+
+    @property
     def msgpack_ok(self) -> bool:
         """True when the server accepted the msgpack extension (known once it answered)."""
         return self._link.msgpack_ok
@@ -491,6 +496,8 @@ class HiSockClient:
             try:
                 if self._link.state is not ClientState.JOINED and type(content) not in _DIALECT_FREE:
                     self._link.wait_joined()
+                # Over the server's limit: refused here, with that limit, not by a dropped connection.
+                outgoing.max_body = self._link.server_max_message_size
                 self._link.write(outgoing.frame_for(self._link.msgpack_ok))
                 return
             except ClientDisconnected:
@@ -568,6 +575,7 @@ class HiSockClient:
         self._link.wait_joined()
         if not self._link.call_ok:
             raise CallNotSupported(f"the server at {iptup_to_str(self.addr)} does not answer calls (a plain HiSock server?)")
+        outgoing.max_body = self._link.server_max_message_size
         body = outgoing.frame_for(self._link.msgpack_ok)[self.header_len :]
         return self._home.call(self._link.call_here, command, body, timeout)
 

@@ -122,6 +122,8 @@ class ClientLink:
         self.msgpack_ok = False
         #: True once the server accepted the ``call`` extension.
         self.call_ok = False
+        #: The largest body the server accepts, once it said so (None: not known).
+        self.server_max_message_size: Optional[int] = None
         #: Why the server refused us (raised where the answer is needed), or None.
         self.refusal: Optional[ConnectionRejected] = None
         #: The reason that came with the server's ``$DISCONN$``, if any.
@@ -293,6 +295,7 @@ class ClientLink:
     def _accept(self, answer: Answer) -> None:
         self.msgpack_ok = answer.accepts(CAPABILITY_MSGPACK)
         self.call_ok = answer.accepts(CAPABILITY_CALL)
+        self.server_max_message_size = answer.max_message_size
         self.state = ClientState.JOINED
         if self._answered is not None:
             self._answered.set()
@@ -300,6 +303,7 @@ class ClientLink:
     def _refuse(self, exc: ConnectionRejected) -> None:
         if self.refusal is None:
             self.refusal = exc
+            self.disconnect_reason = self.handshake.refused_reason
         logger.info("the server at %s refused us: %s", iptup_to_str(self.addr), exc)
         self.state = ClientState.DISCONNECTED
         if self._answered is not None:

@@ -130,7 +130,8 @@ class Console:
         self.show(f"- left: {_describe_client(info)}")
 
     def _on_force_disconnect(self) -> None:
-        self.show("! the server disconnected us")
+        reason = self.client.disconnect_reason
+        self.show("! the server disconnected us" + (f": {reason}" if reason else ""))
 
     def _watch(self) -> None:
         """Wake the main thread when the connection ends without us leaving."""

@@ -96,7 +96,10 @@ class Membership:
         stats: ServerStats,
         call_reserved: Callable[..., None],
         spawn: Callable[..., Any],
+        max_message_size: Optional[int] = None,
     ):
+        #: The server's own limit, told to hisock_gevent clients in their answer.
+        self.max_message_size = max_message_size
         self.registry = registry
         self.delivery = delivery
         self.header_len = header_len
@@ -122,11 +125,10 @@ class Membership:
         try:
             everyone_frame = frame(PeerJoined(joined).to_body(), self.header_len)
             # Only a peer that offered capabilities hears ours: a plain HiSock client never does.
-            answer_frame = (
-                frame(PeerJoined(dict(joined, caps=list(accepted))).to_body(), self.header_len)
-                if "caps" in hello.extra
-                else everyone_frame
-            )
+            answer = dict(joined, caps=list(accepted))
+            if self.max_message_size is not None:
+                answer["max_message_size"] = self.max_message_size
+            answer_frame = frame(PeerJoined(answer).to_body(), self.header_len) if "caps" in hello.extra else everyone_frame
         except ValueError as exc:
             raise HandshakeError(f"the client's announcement does not fit header_len {self.header_len}: {exc}") from exc
         conn.on_overflow = functools.partial(self.overflowed, peer)

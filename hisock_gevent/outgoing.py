@@ -85,7 +85,7 @@ class OutgoingCommand:
         if self.max_body is not None and body_len > self.max_body:
             raise ContentTooLarge(
                 f"{self.command!r} with this content is a {body_len}-byte message, more than "
-                f"the {self.max_body} bytes the receiving side accepts"
+                f"the {self.max_body}-byte limit the receiving side accepts"
             )
         # Header and body in one join: a large payload is copied once, not twice.
         return b"".join((make_header(body_len, self.header_len), prefix, fmt_field, fmt, payload))

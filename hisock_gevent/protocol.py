@@ -113,6 +113,8 @@ class Answer:
 
     caps: Tuple[str, ...]
     early: List[ServerMessage] = field(default_factory=list)
+    #: The largest message body the server accepts, when it said (hisock_gevent does).
+    max_message_size: Optional[int] = None
 
     def accepts(self, capability: str) -> bool:
         return capability in self.caps
@@ -149,12 +151,18 @@ class ClientHandshake:
         #: Frames what :meth:`receive_data` is given; the connection carries on with it.
         self.parser = FrameParser(header_len, max_message_size)
         self.answer: Optional[Answer] = None
+        #: The reason the server gave with its refusal, if any.
+        self.refused_reason: Optional[str] = None
         self._early: List[ServerMessage] = []
         self._early_bytes = 0
 
     def hello_body(self) -> bytes:
         """The body of our ``$CLTHELLO$``."""
         extra: Dict[str, Any] = {"caps": list(self.offer)} if self.offer else {}
+        if self.offer:
+            # What we accept, so that the server knows too (an extension: a plain HiSock
+            # hello has no such key).
+            extra["max_message_size"] = self.parser.max_body_len
         if self.auth is not None:
             extra["auth"] = self.auth
         return Hello(self.name, self.group, extra).to_body()
@@ -182,6 +190,7 @@ class ClientHandshake:
                 "before answering our hello"
             )
         if isinstance(message, Disconnect):
+            self.refused_reason = message.reason
             if message.reason == AUTH_FAILED_REASON:
                 raise AuthenticationFailed("the server's authentication check refused us")
             why = f": {message.reason}" if message.reason else ""
@@ -191,5 +200,7 @@ class ClientHandshake:
             # The first $CLTCONN$ after our hello announces us.
             caps = message.info.get("caps")
             accepted = tuple(c for c in caps if isinstance(c, str) and c in self.offer) if isinstance(caps, list) else ()
-            self.answer = Answer(accepted, self._early)
+            limit = message.info.get("max_message_size")
+            limit = limit if type(limit) is int and limit > 0 else None
+            self.answer = Answer(accepted, self._early, limit)
         return self.answer

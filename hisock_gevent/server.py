@@ -241,7 +241,8 @@ class HiSockServer:
         total = config.max_total_queue_bytes or default_total_queue_bytes()
         self._budget = SendBudget(total, self._budget_exceeded)
         self._membership = Membership(
-            self._registry, self._delivery, config.header_len, self._stats, self._call_reserved, self._runner.greenlets.spawn
+            self._registry, self._delivery, config.header_len, self._stats, self._call_reserved,
+            self._runner.greenlets.spawn, config.max_message_size,
         )
         self._admission = Admission(config, lambda: len(self._registry))
         self._context = SessionContext(

@@ -72,7 +72,8 @@ def no_recursion_errors(caplog: Any) -> None:
 def test_client_sending_more_than_max_message_size_is_dropped_and_leave_runs(make_server, make_client, recorder):
     srv = started(make_server, recorder, max_message_size=4096)
     bystander = make_client(srv, "bystander")
-    big = make_client(srv, "big")
+    # A plain hello: the client does not learn the server's limit, so the frame goes out.
+    big = make_client(srv, "big", use_msgpack=False)
     big.send("x", b"y" * 5000)
     assert srv.left.wait_for(1) == ["big"]
     with pytest.raises(ClientDisconnected):
@@ -759,3 +760,33 @@ def test_close_twice_and_close_from_a_handler_are_harmless(make_server, make_cli
     srv.close()
     with pytest.raises(ServerNotRunning):
         HiSockClient(srv.get_addr(), "late")
+
+
+# ------------------------------------------------------------------ limits both sides know
+
+
+def test_a_send_over_the_servers_limit_raises_at_once_with_that_limit(make_server, make_client):
+    srv = make_server(max_message_size=100_000)
+    install_echo(srv)
+    srv.start()
+    client = make_client(srv, "big")
+    with pytest.raises(hisock_gevent.ContentTooLarge, match="more than the 100000-byte limit"):
+        client.send("blob", b"x" * 100_001)
+    with pytest.raises(hisock_gevent.ContentTooLarge):
+        client.call("blob", b"x" * 200_000)
+    client.send("blob", b"x" * 99_000)  # under it: goes
+    sync(client)
+    assert srv.get_all_clients(key="name") == ["big"]
+
+
+def test_a_client_dropped_for_a_protocol_error_is_told_why(make_server, make_client):
+    srv = make_server()
+    srv.start()
+    client = make_client(srv, "rude", threaded=True)
+    forced = threading.Event()
+    client.on("force_disconnect")(forced.set)
+    client.start()
+    # A name longer than the server accepts, sent around the client's own API.
+    client._link.write(wire_frame(b"$CHNAME$" + b"n" * 300))
+    assert forced.wait(5)
+    assert "more than the 256 allowed" in (client.disconnect_reason or "")

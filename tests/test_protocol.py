@@ -65,7 +65,9 @@ def test_client_hello_offers_its_capabilities_and_credentials():
     shake = ClientHandshake("me", "g", auth={"token": "t"})
     body = shake.hello_body()
     assert body.startswith(b"$CLTHELLO$")
-    assert json.loads(body[len(b"$CLTHELLO$") :]) == {"name": "me", "group": "g", "caps": ["msgpack"], "auth": {"token": "t"}}
+    assert json.loads(body[len(b"$CLTHELLO$") :]) == {
+        "name": "me", "group": "g", "caps": ["msgpack"], "auth": {"token": "t"}, "max_message_size": 16 * 1024 * 1024,
+    }
     plain = json.loads(ClientHandshake("me", None, offer=()).hello_body()[len(b"$CLTHELLO$") :])
     assert plain == {"name": "me", "group": None}
 

@@ -221,9 +221,9 @@ EXAMPLES: Dict[str, Example] = {
     # The server builds its announcements and answers exactly like this (server.py _join).
     "cltconn-plain": Example(reserved(PeerJoined(BOB.as_dict())), SERVER, PeerJoined(json.loads(json.dumps(BOB.as_dict())))),
     "cltconn-extended-answer": Example(
-        reserved(PeerJoined(dict(ALICE.as_dict(), caps=["msgpack"]))),
+        reserved(PeerJoined(dict(ALICE.as_dict(), caps=["msgpack"], max_message_size=16 * 1024 * 1024))),
         SERVER,
-        PeerJoined(json.loads(json.dumps(dict(ALICE.as_dict(), caps=["msgpack"])))),
+        PeerJoined(json.loads(json.dumps(dict(ALICE.as_dict(), caps=["msgpack"], max_message_size=16 * 1024 * 1024)))),
     ),
     "cltdisconn": Example(reserved(PeerLeft(BOB.as_dict())), SERVER, PeerLeft(json.loads(json.dumps(BOB.as_dict())))),
     "disconn": Example(reserved(Disconnect()), SERVER, Disconnect()),

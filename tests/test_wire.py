@@ -219,7 +219,8 @@ def test_hello_with_msgpack_caps_is_answered_with_caps(server, raw):
     peer = raw(server)
     info = peer.hello("raw", "g", caps=["msgpack"])
     assert info["caps"] == ["msgpack"]
-    assert {k: v for k, v in info.items() if k != "caps"} == info_json(peer, "raw", "g")
+    assert info["max_message_size"] == 16 * 1024 * 1024  # limits both sides know
+    assert {k: v for k, v in info.items() if k not in ("caps", "max_message_size")} == info_json(peer, "raw", "g")
 
 
 def test_hello_with_unknown_keys_is_accepted(server, raw):
