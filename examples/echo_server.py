@@ -1,8 +1,10 @@
-"""Echo server: answers every ``ping`` with a ``pong`` carrying exactly the same content.
+"""Echo server: answers every ``ping`` with a ``pong`` carrying exactly the same content,
+and every ``call("echo", content)`` with the content itself.
 
 Shows the smallest useful hisock_gevent server: ``start_server``, one ``@server.on``
-handler that replies with ``send_client``, the ``join``/``leave`` events, and a clean
-shutdown on Ctrl-C or SIGTERM.
+handler that replies with ``send_client``, one that answers a ``call("echo", content)``
+by returning the content, the ``join``/``leave`` events, and a clean shutdown on Ctrl-C
+or SIGTERM.
 
 Run it (from the project root, with the package installed: ``pip install -e .``)::
 
@@ -51,6 +53,12 @@ def build_server(host: str, port: int) -> hisock_gevent.HiSockServer:
             server.send_client(client, "pong", content)
         except hisock_gevent.ClientNotFound:
             pass  # it left before we could answer
+
+    @server.on("echo")
+    def on_echo(client: hisock_gevent.ClientInfo, content: Any) -> Any:
+        # For call(): what a handler returns is the caller's answer.  (Sent with send(),
+        # the same handler runs and its return value goes nowhere.)
+        return content
 
     return server
 

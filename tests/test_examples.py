@@ -301,6 +301,15 @@ def test_echo_round_trips_msgpack_only_types_exactly(echo_server: ExampleServer)
         client.close()
 
 
+def test_echo_server_answers_a_call_to_echo_with_its_content(echo_server: ExampleServer) -> None:
+    client = hisock_gevent.connect((LOOPBACK, echo_server.port), name="caller")
+    try:
+        for content in ("hello", b"\x00\xff", {"pair": (1, "two"), "flag": True}, None):
+            assert client.call("echo", content, timeout=WAIT) == content
+    finally:
+        client.close()
+
+
 def test_echo_answers_each_client_only(echo_server: ExampleServer) -> None:
     first = hisock_gevent.connect((LOOPBACK, echo_server.port), name="first")
     second = hisock_gevent.connect((LOOPBACK, echo_server.port), name="second")

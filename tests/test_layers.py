@@ -27,7 +27,7 @@ LAYERS: Dict[str, int] = {
     "reconnect": 3, "cluster": 3, "redis_store": 3, "redis_bus": 3, "backplane": 3,
     # 4: the faces
     "server": 4, "client": 4, "monitor": 4, "workers": 4, "chat": 4, "console": 4, "cli": 4,
-    "__init__": 4, "__main__": 4,
+    "locust": 4, "__init__": 4, "__main__": 4,
 }
 #: The modules the issue names: pure protocol, tested with bytes alone.
 NO_GEVENT = {name for name, layer in LAYERS.items() if layer == 1}

@@ -4,8 +4,8 @@ No performance thresholds here -- only that every scenario runs against hisock_g
 both baselines and reports figures with a ratio to each baseline, that the two baselines
 (gevent, and asyncio on uvloop or on asyncio's own loop) put the same bytes on the wire,
 that ``--workers 2`` runs S1 and S2 on one process and on two joined by Redis (skipped
-without redis-server or redis-py, except under CI), and that the Locust users talk to the
-example servers without failures.
+without redis-server or redis-py, except under CI), and that the example Locust users
+(loadtest/locustfile.py) talk to the echo server without failures.
 Everything runs in subprocesses: bench.py starts its own server and generator processes,
 and importing locust would monkey-patch this (deliberately unpatched) pytest process.
 """
@@ -261,41 +261,28 @@ def example_server(request: pytest.FixtureRequest) -> Iterator[int]:
             proc.wait(5)
 
 
-def _stats(prefix: Path) -> Dict[str, Dict[str, str]]:
+def _stats(prefix: Path) -> Dict[Tuple[str, str], Dict[str, str]]:
+    """Locust's ``PREFIX_stats.csv`` as ``{(type, name): row}``."""
     with open(f"{prefix}_stats.csv", newline="") as f:
-        return {row["Name"]: row for row in csv.DictReader(f)}
-
-
-def _run_locust(port: int, scenario: str, prefix: Path) -> subprocess.CompletedProcess[bytes]:
-    argv: List[str] = [
-        sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless",
-        "-u", "5", "-r", "5", "-t", "4s", "--host", f"127.0.0.1:{port}",
-        "--hisock-scenario", scenario, "--csv", str(prefix), "--only-summary",
-    ]
-    return subprocess.run(argv, cwd=ROOT, capture_output=True, timeout=90, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-
-
-@requires_locust
-@pytest.mark.timeout(120)
-@pytest.mark.parametrize("example_server", ["chat_server.py"], indirect=True)
-def test_locust_chat_users_report_says_and_broadcasts(example_server: int, tmp_path: Path) -> None:
-    prefix = tmp_path / "locust"
-    proc = _run_locust(example_server, "chat", prefix)
-    assert proc.returncode == 0, _output(proc)
-    stats = _stats(prefix)
-    assert int(stats["connect"]["Request Count"]) == 5
-    assert int(stats["say -> said"]["Request Count"]) > 0
-    assert int(stats["said (broadcast)"]["Request Count"]) > 0
-    assert int(stats["Aggregated"]["Failure Count"]) == 0
+        return {(row["Type"], row["Name"]): row for row in csv.DictReader(f)}
 
 
 @requires_locust
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("example_server", ["echo_server.py"], indirect=True)
-def test_locust_echo_users_report_round_trips(example_server: int, tmp_path: Path) -> None:
+def test_locust_example_users_call_send_and_receive_without_failures(example_server: int, tmp_path: Path) -> None:
     prefix = tmp_path / "locust"
-    proc = _run_locust(example_server, "echo", prefix)
+    argv: List[str] = [
+        sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless",
+        "-u", "5", "-r", "5", "-t", "4s", "--host", f"127.0.0.1:{example_server}",
+        "--csv", str(prefix), "--only-summary",
+    ]
+    proc = subprocess.run(argv, cwd=ROOT, capture_output=True, timeout=90, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     assert proc.returncode == 0, _output(proc)
     stats = _stats(prefix)
-    assert int(stats["ping -> pong"]["Request Count"]) > 0
-    assert int(stats["Aggregated"]["Failure Count"]) == 0
+    assert int(stats["connect", "connect"]["Request Count"]) == 5
+    assert int(stats["call", "echo"]["Request Count"]) > 0
+    assert int(stats["send", "ping"]["Request Count"]) > 0
+    assert int(stats["recv", "pong"]["Request Count"]) > 0
+    assert float(stats["recv", "pong"]["Average Response Time"]) > 0  # the example's round trip, not 0
+    assert int(stats["", "Aggregated"]["Failure Count"]) == 0
