@@ -615,6 +615,6 @@ def decoder(max_depth: int, max_items: int) -> Callable[[bytes, bytes], Any]:
     """A content decoder with these limits that pauses for the hub on long payloads."""
 
     def decode(fmt: bytes, payload: bytes) -> Any:
-        return typecast.decode(fmt, payload, max_depth=max_depth, max_items=max_items, pause=yield_to_loop)
+        return typecast.decode_positional(fmt, payload, max_depth, max_items, yield_to_loop)
 
     return decode

@@ -327,6 +327,18 @@ class Connection:
         self.traffic.messages_out += 1
         if self.tls is not None:
             data = self.tls.encrypt(data)
+        # _queue(), inlined for the common case (a broadcast calls this once per client);
+        # tests/test_connection_paths.py feeds both the same frames.
+        out = self._out
+        out.append(data)
+        queued = self._out_bytes = self._out_bytes + len(data)
+        if not self._backlogged and queued <= self.max_queue_bytes:
+            if not self._flush_pending:
+                self._flush_pending = True
+                self._batch.add(self)
+            return
+        out.pop()
+        self._out_bytes -= len(data)
         self._queue(data)
 
     def send_raw(self, data: bytes) -> None:

@@ -117,11 +117,11 @@ class HandlerTable:
         self.unreserved_args = unreserved_args
         #: HiSock's ``funcs``: command -> registration dict.
         self.funcs: Dict[str, Dict[str, Any]] = {}
-        # What a command message named X runs: kept apart from reserved events so the
-        # per-message lookup is a single dict.get.
-        self._commands: Dict[str, Dict[str, Any]] = {}
-        # Reserved event -> its (not overridden) registration.
-        self._events: Dict[str, Dict[str, Any]] = {}
+        #: What a command message named X runs: kept apart from reserved events so the
+        #: per-message lookup is a single dict.get (read it; register with register()).
+        self.commands: Dict[str, Dict[str, Any]] = {}
+        #: Reserved event -> its (not overridden) registration (read it, likewise).
+        self.events: Dict[str, Dict[str, Any]] = {}
 
     def register(self, command: str, func: Callable[..., Any], threaded: bool, override: bool) -> None:
         """Register ``func`` for ``command`` (replacing an earlier one).
@@ -153,19 +153,19 @@ class HandlerTable:
         }
         self.funcs[command] = entry
         if is_reserved:
-            self._commands.pop(command, None)
-            self._events[command] = entry
+            self.commands.pop(command, None)
+            self.events[command] = entry
         else:
-            self._commands[command] = entry
-            self._events.pop(command, None)
+            self.commands[command] = entry
+            self.events.pop(command, None)
 
     def reserved_handler(self, event: str) -> Optional[Dict[str, Any]]:
         """The registration for a reserved event, unless it was overridden or is absent."""
-        return self._events.get(event)
+        return self.events.get(event)
 
     def command_handler(self, command: str) -> Optional[Dict[str, Any]]:
         """The registration that handles a command message named ``command``, if any."""
-        return self._commands.get(command)
+        return self.commands.get(command)
 
 
 class HandlerRunner:

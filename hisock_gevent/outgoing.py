@@ -11,7 +11,8 @@ from typing import Any, Dict, Optional
 
 from . import typecast
 from .errors import ContentTooLarge
-from .frames import make_header
+from .frames import _DEFAULT_HEADERS, DEFAULT_HEADER_LEN, make_header
+from .messages import _FMT_LEN_FIELDS as _FMT_FIELDS
 from .messages import command_prefix, fmt_length_field, is_reserved_command
 
 __all__ = ["OutgoingCommand", "check_command"]
@@ -80,12 +81,19 @@ class OutgoingCommand:
     def _build(self, msgpack_ok: bool) -> bytes:
         fmt, payload = typecast.encode(self.content, msgpack_ok=msgpack_ok)
         prefix = self._prefix
-        fmt_field = fmt_length_field(len(fmt))
-        body_len = len(prefix) + len(fmt_field) + len(fmt) + len(payload)
+        fmt_len = len(fmt)
+        # fmt_length_field() and make_header(), inlined for short fmts and the default
+        # header width (tests/test_outgoing.py checks both ways give the same bytes).
+        fmt_field = _FMT_FIELDS[fmt_len] if fmt_len < len(_FMT_FIELDS) else fmt_length_field(fmt_len)
+        body_len = len(prefix) + 8 + fmt_len + len(payload)
         if self.max_body is not None and body_len > self.max_body:
             raise ContentTooLarge(
                 f"{self.command!r} with this content is a {body_len}-byte message, more than "
                 f"the {self.max_body}-byte limit the receiving side accepts"
             )
+        if self.header_len == DEFAULT_HEADER_LEN and body_len < len(_DEFAULT_HEADERS):
+            header = _DEFAULT_HEADERS[body_len]
+        else:
+            header = make_header(body_len, self.header_len)
         # Header and body in one join: a large payload is copied once, not twice.
-        return b"".join((make_header(body_len, self.header_len), prefix, fmt_field, fmt, payload))
+        return b"".join((header, prefix, fmt_field, fmt, payload))

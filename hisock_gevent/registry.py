@@ -311,7 +311,10 @@ class LocalDelivery(Delivery):
         return [peer.info for peer in self.registry]
 
     def to_client(self, client: ClientRef, message: OutgoingCommand) -> None:
-        peer = self.registry.find(client)
+        # registry.find(), inlined for a handler's own ClientInfo (the common reply).
+        peer = self.registry._by_address.get(client.ip) if type(client) is ClientInfo else None
+        if peer is None or peer.info is not client:
+            peer = self.registry.find(client)
         peer.send(message.frame_for(peer.msgpack_ok))
 
     def to_group(self, group: GroupRef, message: OutgoingCommand) -> None:

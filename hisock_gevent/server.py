@@ -52,7 +52,7 @@ from .errors import (
 )
 from .frames import DEFAULT_HEADER_LEN, frame
 from .handlers import SERVER_RESERVED, SERVER_UNRESERVED_ARGS, HandlerRunner, HandlerTable
-from .home import Home, at_home
+from .home import Home, _get_ident, at_home
 from .membership import DEFAULT_CLOSE_TIMEOUT, Membership, ServerPeer
 from .messages import KeepAlive, call_body
 from .outgoing import OutgoingCommand
@@ -115,14 +115,22 @@ def deferred_servers() -> Iterator[None]:
 
 
 def _acts(method: _F) -> _F:
-    """A method that sends or disconnects: on a closed server it raises ServerClosed
-    (a handler still running on a worker thread after close gets a clear error)."""
+    """A method that sends or disconnects, run on the server's home thread whichever
+    thread calls it (as :func:`~hisock_gevent.home.at_home`, in the same wrapper: this
+    is every send's path).  On a closed server it raises ServerClosed, so a handler still
+    running on a worker thread after close gets a clear error."""
 
     @functools.wraps(method)
     def wrapper(self: HiSockServer, *args: Any, **kwargs: Any) -> Any:
         if self._closed:
             raise ServerClosed(f"the server at {self.addr[0]}:{self.addr[1]} is closed")
-        return method(self, *args, **kwargs)
+        home = self._home
+        ident = home.ident
+        if ident is None or ident == _get_ident() or not home.alive:
+            return method(self, *args, **kwargs)
+        if kwargs:
+            return home.call(functools.partial(method, self, *args, **kwargs))
+        return home.call(method, self, *args)
 
     return wrapper  # type: ignore[return-value]
 
@@ -559,7 +567,6 @@ class HiSockServer:
         return OutgoingCommand(command, content, self.header_len, max_body=self.config.peer_max_message_size)
 
     @_acts
-    @at_home
     def send_client(self, client: ClientRef, command: str, content: Sendable = None) -> None:
         """Send ``command`` and ``content`` to one client.
 
@@ -571,10 +578,9 @@ class HiSockServer:
         :raises ServerClosed: the server is closed.
         :raises UserWarning: (a warning) several clients have that name.
         """
-        self._delivery.to_client(client, self._outgoing(command, content))
+        self._delivery.to_client(client, OutgoingCommand(command, content, self.header_len, False, self.config.peer_max_message_size))
 
     @_acts
-    @at_home
     def send_group(self, group: GroupRef, command: str, content: Sendable = None) -> None:
         """Send ``command`` and ``content`` to every client of a group.
 
@@ -584,7 +590,6 @@ class HiSockServer:
         self._delivery.to_group(group, self._outgoing(command, content))
 
     @_acts
-    @at_home
     def send_all_clients(self, command: str, content: Sendable = None) -> None:
         """Send ``command`` and ``content`` to every connected client; the frame is built once.
 
@@ -595,7 +600,6 @@ class HiSockServer:
     # ------------------------------------------------------------------ calls
 
     @_acts
-    @at_home
     def call(self, client: ClientRef, command: str, content: Sendable = None, timeout: float = DEFAULT_CALL_TIMEOUT) -> Any:
         """Run the client's handler for ``command`` with ``content`` and return what it
         returns (not part of HiSock's API: the ``call`` extension, which hisock_gevent
@@ -643,7 +647,6 @@ class HiSockServer:
     # ------------------------------------------------------------------ disconnecting
 
     @_acts
-    @at_home
     def disconnect_client(self, client: ClientRef, force: bool = False, call_func: bool = False) -> None:
         """Disconnect one client; the others hear ``$CLTDISCONN$``.
 
@@ -661,7 +664,6 @@ class HiSockServer:
         self._membership.kick(self._registry.find(info.ip), force, call_func)
 
     @_acts
-    @at_home
     def disconnect_all_clients(self, force: bool = False) -> None:
         """Disconnect every client (``leave`` does not run)."""
         self._membership.everyone_out(force)

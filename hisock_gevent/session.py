@@ -295,16 +295,15 @@ class ServerSession:
         command = message.command
         info = peer.info
         handlers = context.handlers
-        entry = handlers.command_handler(command)
-        catch_all = None if entry is not None else handlers.reserved_handler("*")
-        on_message = handlers.reserved_handler("message")
+        entry = handlers.commands.get(command)
+        events = handlers.events
+        catch_all = None if entry is not None else events.get("*")
+        on_message = events.get("message")
         config = context.config
         # Decoded even when nobody handles it (a malformed payload closes the connection
         # whatever the command); a long payload is decoded in slices with a turn of the
         # loop between them, so it costs its sender time, not everyone else.
-        content = typecast.decode(
-            message.fmt, message.payload, max_depth=config.max_nesting, max_items=config.max_items, pause=yield_to_loop
-        )
+        content = typecast.decode_positional(message.fmt, message.payload, config.max_nesting, config.max_items, yield_to_loop)
         runner = context.runner
         if config.cache_size >= 0:
             # Cached before the handlers run, so a reply can never overtake the cache entry.
@@ -329,7 +328,9 @@ class ServerSession:
             runner.call(on_message, args, ("message", command, info))
         if context.callback is not None:
             runner.call(context.callback, (), ("callback", None, None))
-        return self._after_handlers()
+        if self._ending or self._failure is not None:  # _after_handlers(), inlined
+            return self._after_handlers()
+        return False
 
     def _after_handlers(self) -> bool:
         """After inline handlers ran: True when one of them, waiting in :meth:`wait_reply`,

@@ -49,6 +49,7 @@ __all__ = [
     "DEFAULT_MAX_ITEMS",
     "encode",
     "decode",
+    "decode_positional",
     "is_native",
 ]
 
@@ -530,6 +531,19 @@ def decode(
     fmt: bytes,
     payload: Union[bytes, bytearray, memoryview],
     *,
+    max_depth: int = DEFAULT_MAX_DEPTH,
+    max_items: int = DEFAULT_MAX_ITEMS,
+    pause: Optional[Callable[[], Any]] = None,
+) -> Any:
+    """Rebuild the value that ``encode`` turned into ``(fmt, payload)``; see
+    :func:`decode_positional`, which does the work (and which the per-message hot paths
+    call with positional arguments)."""
+    return decode_positional(fmt, payload, max_depth, max_items, pause)
+
+
+def decode_positional(
+    fmt: bytes,
+    payload: Union[bytes, bytearray, memoryview],
     max_depth: int = DEFAULT_MAX_DEPTH,
     max_items: int = DEFAULT_MAX_ITEMS,
     pause: Optional[Callable[[], Any]] = None,
