@@ -815,7 +815,13 @@ def test_11_an_expensive_payload_does_not_stall_the_others(codec, server_process
         times.extend(ping_for(good, 0.2, every=0.02))
     thread.join(5)
     assert len(times) > 10
-    assert max(times) < 0.15, f"a round trip took {max(times):.3f} s while the payloads were decoded"
+    # Unpaced, every round trip waits out a whole decode (1.4-2 s each); paced, the decode
+    # yields every few milliseconds.  The 95th percentile carries the claim; the worst is
+    # bounded too, with room for a machine shared with other work.
+    times.sort()
+    p95 = times[int(len(times) * 0.95)]
+    assert p95 < 0.1, f"95% of round trips took up to {p95:.3f} s while the payloads were decoded"
+    assert times[-1] < 0.5, f"a round trip took {times[-1]:.3f} s while the payloads were decoded"
 
 
 # ---------------------------------------------------------------- 12. the client side
