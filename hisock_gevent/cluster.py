@@ -223,7 +223,8 @@ class ClusterDelivery(Delivery):
         skip: Set[Peer] = set()
         for ref in exclude:
             try:
-                skip.add(self._find_peer(ref, depth=1))
+                # Two frames more than a lookup: this one, and the send's _acts wrapper.
+                skip.add(self._find_peer(ref, depth=2))
             except ClientNotFound:
                 continue
         return skip

@@ -413,10 +413,16 @@ def test_excluding_a_name_two_clients_share_skips_the_one_that_joined_first_on_e
             server.send_all_clients("shout", f"via {index}", exclude="twin")
         cluster.mark(index, f"sent {index}")
 
+    with pytest.warns(UserWarning, match="2 clients are named 'twin'") as record:  # from a handler
+        other.send("shout_but", {"text": "from a handler", "exclude": "twin"})
+        other.wait_for("shout", "from a handler")
+    cluster.mark(other.worker, "handled")
+
     everything = [f"via {index}" for index in range(len(cluster.servers))]
     assert first.received("shout") == []
-    assert second.received("shout") == everything
-    assert other.received("shout") == everything
+    assert second.received("shout") == everything + ["from a handler"]
+    assert other.received("shout") == everything + ["from a handler"]
+    assert record[0].filename == __file__  # the handler's line, on every topology
 
 
 def test_a_group_send_with_exclude_skips_the_sender_and_the_excluded_across_workers(cluster: Cluster) -> None:
