@@ -13,7 +13,11 @@ Every method here runs on the server's hub.  The bus calls :meth:`ClusterDeliver
 that hub (never from a hub callback: receiving may run a ``leave`` handler).
 
 How the mirror follows the others, and what this worker's clients hear of it (each
-join and leave once, whatever the reason), is :mod:`~hisock_gevent.cluster_sync`'s job.
+join and leave once, whatever the reason), is :mod:`~hisock_gevent.cluster_sync`'s job;
+which of this worker's clients hear it (the announcement scope) is the
+:class:`~hisock_gevent.registry.LocalDelivery`'s, the same rule for our own clients' news
+and the others'.  A broadcast or group send that skips clients (``exclude``) skips ours
+here and names the others' by their cluster identity in its message.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import logging
 import time
 import warnings
 from abc import ABC, abstractmethod
-from typing import Any, Callable, Counter, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Counter, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 from .cluster_messages import (
     Bye,
@@ -45,7 +49,6 @@ from .cluster_messages import (
 from .cluster_mirror import Mirror, RemoteClient
 from .cluster_sync import DEFAULT_RESYNC_GRACE, MirrorSync
 from .errors import ClientNotFound, GroupNotFound
-from .frames import frame
 from .outgoing import OutgoingCommand
 from .registry import (
     ClientRef,
@@ -121,7 +124,7 @@ class ClusterDelivery(Delivery):
         self._entries: Dict[Peer, ClientEntry] = {}
         self._by_id: Dict[str, Peer] = {}
         self._serial = itertools.count(1)
-        self._sync = MirrorSync(self._mirror, self.worker_id, self._announce, resync_grace)
+        self._sync = MirrorSync(self._mirror, self.worker_id, self._announce, resync_grace, on_change=self._remote_changed)
         #: Messages acted on, by tag (``"join"``, ``"group"``, ...).
         self.applied: Counter[str] = collections.Counter()
         self._apply: Dict[type, Callable[[Any], None]] = {
@@ -146,6 +149,7 @@ class ClusterDelivery(Delivery):
     def start(self, link: ServerLink) -> None:
         self._link = link
         self._local = LocalDelivery(link.registry)
+        self._local.start(link)
         self.bus.open(self)
 
     def stop(self) -> None:
@@ -168,10 +172,16 @@ class ClusterDelivery(Delivery):
 
     # ------------------------------------------------------------------ lookups
 
+    @property
+    def local(self) -> LocalDelivery:
+        if self._local is None:
+            raise RuntimeError("the cluster is used before its server started")
+        return self._local
+
     def find_client(self, client: ClientRef) -> ClientInfo:
         return self._find_peer(client).info
 
-    def _find_peer(self, client: ClientRef) -> Peer:
+    def _find_peer(self, client: ClientRef, depth: int = 0) -> Peer:
         """Ours or another worker's.
 
         A name several clients share means the one that joined first anywhere in the
@@ -179,6 +189,8 @@ class ClusterDelivery(Delivery):
         share (two workers behind one proxy may each see a client at the same ``ip:port``),
         unless the reference is the very ClientInfo of one of them (as handlers get it).
 
+        :param depth: frames between the server method and this call beyond the usual,
+            for the warning to point at the user's call.
         :raises ValueError: wrong format.  :raises ClientNotFound: nobody matches.
         """
         address = address_of(client)
@@ -187,7 +199,7 @@ class ClusterDelivery(Delivery):
             named: List[Peer] = [*self.registry.named(client), *self._mirror.named(client)]
             if not named:
                 raise ClientNotFound(f"no client named {client!r}")
-            return self._first(named, f"{len(named)} clients are named {client!r}")
+            return self._first(named, f"{len(named)} clients are named {client!r}", depth)
         local = self.registry.at(address)
         found: List[Peer] = [local] if local is not None else []
         found.extend(self._mirror.at(address))
@@ -197,13 +209,25 @@ class ClusterDelivery(Delivery):
             same = [peer for peer in found if peer.info is client] or [peer for peer in found if peer.info == client]
             if len(same) == 1:
                 return same[0]
-        return self._first(found, f"{len(found)} clients are at {address[0]}:{address[1]}")
+        return self._first(found, f"{len(found)} clients are at {address[0]}:{address[1]}", depth)
 
-    def _first(self, peers: List[Peer], what: str) -> Peer:
+    def _first(self, peers: List[Peer], what: str, depth: int = 0) -> Peer:
         if len(peers) == 1:
             return peers[0]
-        warnings.warn(f"{what}; using the one that joined first", UserWarning, stacklevel=_WARN_STACKLEVEL)
+        warnings.warn(f"{what}; using the one that joined first", UserWarning, stacklevel=_WARN_STACKLEVEL + depth)
         return min(peers, key=self._join_order)
+
+    def _excluded(self, exclude: Sequence[ClientRef]) -> Set[Peer]:
+        """The clients ``exclude`` names, ours and the others' (RemoteClient), resolved as
+        :meth:`find_client` resolves one; a reference nobody matches is skipped."""
+        skip: Set[Peer] = set()
+        for ref in exclude:
+            try:
+                # One frame more than a lookup: this one (the send has one wrapper, as lookups do).
+                skip.add(self._find_peer(ref, depth=1))
+            except ClientNotFound:
+                continue
+        return skip
 
     def _join_order(self, peer: Peer) -> Tuple[float, str]:
         if isinstance(peer, RemoteClient):
@@ -243,12 +267,13 @@ class ClusterDelivery(Delivery):
     def _send_remote(self, client: RemoteClient, body_frame: bytes) -> None:
         self.bus.publish(client.worker, ToClient(self.worker_id, client.client_id, body_frame))
 
-    def to_group(self, group: GroupRef, message: OutgoingCommand) -> None:
+    def to_group(self, group: GroupRef, message: OutgoingCommand, exclude: Sequence[ClientRef] = ()) -> None:
         """Our members get the frame here; each other worker holding members gets one
-        message on its own channel with the frames its members need.  Workers without
-        members hear nothing of it.
+        message on its own channel with the frames its members need, and the identities
+        of its members to skip.  Workers without members (or whose every member is
+        excluded) hear nothing of it.
 
-        :raises GroupNotFound: nobody anywhere is in the group.
+        :raises GroupNotFound: nobody anywhere is in the group (excluded or not).
         """
         name = group.group if isinstance(group, ClientInfo) else group
         try:
@@ -256,8 +281,19 @@ class ClusterDelivery(Delivery):
         except GroupNotFound:
             local = []
         workers = self._mirror.group_workers(name) if isinstance(name, str) else {}
+        if not local and not workers:
+            self.registry.group(group)  # raises, in the registry's words
+        skip = self._excluded(exclude) if exclude else set()
+        skipped: Dict[str, List[str]] = {}  # worker -> ids of its members to skip
+        if skip:
+            local = [peer for peer in local if peer not in skip]
+            for client in skip:
+                if isinstance(client, RemoteClient) and client.info.group == name:
+                    skipped.setdefault(client.worker, []).append(client.client_id)
+            if skipped and isinstance(name, str):
+                workers = _dialects_by_worker(client for client in self._mirror.group(name) if client not in skip)
         if not workers:
-            fan_out(local or self.registry.group(group), message)  # (raises when nobody is in it)
+            fan_out(local, message)
             return
         assert isinstance(name, str)
         plain_needed = any(not peer.msgpack_ok for peer in local) or any(plain for plain, _ in workers.values())
@@ -268,26 +304,33 @@ class ClusterDelivery(Delivery):
         extended = message.frame_for(True) if extended_needed else b""
         _send_built(local, plain, extended)
         for worker, (has_plain, has_extended) in workers.items():
-            self.bus.publish(worker, ToGroup(self.worker_id, name, plain if has_plain else b"", extended if has_extended else b""))
+            self.bus.publish(
+                worker,
+                ToGroup(self.worker_id, name, plain if has_plain else b"", extended if has_extended else b"", tuple(skipped.get(worker, ()))),
+            )
 
-    def to_all(self, message: OutgoingCommand) -> None:
+    def to_all(self, message: OutgoingCommand, exclude: Sequence[ClientRef] = ()) -> None:
         local = list(self.registry)
         remote = list(self._mirror)
+        skip = self._excluded(exclude) if exclude else set()
+        if skip:
+            local = [peer for peer in local if peer not in skip]
+            remote = [client for client in remote if client not in skip]
         if not remote:
             fan_out(local, message)
             return
         plain, extended = frames_for([*local, *remote], message)
         _send_built(local, plain, extended)
-        self.bus.publish(None, ToAll(self.worker_id, plain, extended))
+        skipped = tuple(client.client_id for client in skip if isinstance(client, RemoteClient))
+        self.bus.publish(None, ToAll(self.worker_id, plain, extended, skipped))
 
-    def announce(self, body_frame: bytes, exclude: Optional[Peer] = None) -> None:
-        assert self._local is not None
-        self._local.announce(body_frame, exclude)
+    def announce(self, body_frame: bytes, about: ClientInfo, exclude: Optional[Peer] = None) -> None:
+        self.local.announce(body_frame, about, exclude)
 
     # ------------------------------------------------------------------ our clients
 
     def joined(self, peer: Peer, announce_frame: bytes) -> None:
-        self.announce(announce_frame, exclude=peer)
+        self.announce(announce_frame, peer.info, exclude=peer)
         entry = self._entry_of(peer, self._new_id(peer), time.time())
         self._entries[peer] = entry
         self._by_id[entry.client_id] = peer
@@ -305,7 +348,7 @@ class ClusterDelivery(Delivery):
         # With announce_frame None the server is disconnecting everyone of ours; the other
         # workers' clients still hear that ours left.
         if announce_frame is not None:
-            self.announce(announce_frame, exclude=peer)
+            self.announce(announce_frame, peer.info, exclude=peer)
         entry = self._entries.pop(peer, None)
         if entry is None:
             return
@@ -313,6 +356,7 @@ class ClusterDelivery(Delivery):
         self.bus.unregister(entry, Left(self.worker_id, entry))
 
     def changed(self, peer: Peer, old: ClientInfo) -> None:
+        self.local.changed(peer, old)
         entry = self._entries.get(peer)
         if entry is None:
             return
@@ -358,14 +402,21 @@ class ClusterDelivery(Delivery):
             self.link.run_leave(entry.info)
 
     def _on_to_all(self, message: ToAll) -> None:
-        _send_built(list(self.registry), message.plain, message.extended)
+        _send_built(self._without(list(self.registry), message.exclude), message.plain, message.extended)
 
     def _on_to_group(self, message: ToGroup) -> None:
         try:
             members = self.registry.group(message.group)
         except GroupNotFound:
             return
-        _send_built(members, message.plain, message.extended)
+        _send_built(self._without(members, message.exclude), message.plain, message.extended)
+
+    def _without(self, peers: List[Peer], client_ids: Tuple[str, ...]) -> List[Peer]:
+        """``peers`` but our clients with these cluster identities."""
+        if not client_ids:
+            return peers
+        skip = {self._by_id.get(client_id) for client_id in client_ids}
+        return [peer for peer in peers if peer not in skip]
 
     def _on_to_client(self, message: ToClient) -> None:
         peer = self._by_id.get(message.client_id)
@@ -378,13 +429,14 @@ class ClusterDelivery(Delivery):
             self.link.kick(peer.info.ip, message.force, message.call_func)
 
     def _announce(self, kind: Any, info: ClientInfo) -> None:
-        """Tell our clients that another worker's client joined or left."""
-        try:
-            body_frame = frame(kind(info.as_dict()).to_body(), self.link.header_len)
-        except ValueError as exc:
-            logger.warning("backplane: not announcing %s: %s", info, exc)
-            return
-        self.announce(body_frame)
+        """Tell our clients (those the announcement scope says) that another worker's
+        client joined or left."""
+        self.local.tell(kind, info)
+
+    def _remote_changed(self, old: ClientInfo, new: ClientInfo) -> None:
+        """Another worker's client changed its name or group: tell our clients what the
+        announcement scope says (a group change under "group")."""
+        self.local.moved(old, new)
 
     # ------------------------------------------------------------------ stats
 
@@ -395,6 +447,15 @@ class ClusterDelivery(Delivery):
             **self.bus.stats(),
             "received_by_kind": dict(sorted(self.applied.items())),
         }
+
+
+def _dialects_by_worker(clients: Iterable[RemoteClient]) -> Dict[str, Tuple[bool, bool]]:
+    """worker -> (has plain clients, has extended clients) among ``clients``."""
+    found: Dict[str, List[bool]] = {}
+    for client in clients:
+        flags = found.setdefault(client.worker, [False, False])
+        flags[1 if client.msgpack_ok else 0] = True
+    return {worker: (flags[0], flags[1]) for worker, flags in found.items()}
 
 
 def _send_built(peers: List[Peer], plain: bytes, extended: bytes) -> None:

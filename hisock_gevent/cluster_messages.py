@@ -21,8 +21,9 @@ message        meaning                                      sent to
                (after a reconnect, or coming back)
 ``Reaped``     ``origin`` removed dead ``worker``'s         every worker
                clients from the shared table
-``ToAll``      a broadcast: frames for both dialects        every worker
-``ToGroup``    a group send                                 workers holding members
+``ToAll``      a broadcast: frames for both dialects,       every worker
+               and the clients it skips (``exclude``)
+``ToGroup``    a group send (and the clients it skips)      workers holding members
 ``ToClient``   one frame for one client                     the worker holding it
 ``Kick``       ``disconnect_client`` for one client         the worker holding it
 ``Bye``        the worker is stopping (wakes its reader)    the worker itself
@@ -245,39 +246,55 @@ def _frame(value: Any) -> bytes:
     return value
 
 
+def _client_ids(value: Any) -> Tuple[str, ...]:
+    _check(isinstance(value, list) and all(isinstance(item, str) for item in value), "excluded clients are a list of ids")
+    return tuple(value)
+
+
 @dataclass(frozen=True)
 class ToAll(_Message):
-    """A broadcast: every client gets the frame of its dialect (b"" where nobody needs it)."""
+    """A broadcast: every client gets the frame of its dialect (b"" where nobody needs it),
+    except the clients whose cluster identity is in ``exclude``.
+
+    ``exclude`` is sent only when it is not empty, so a broadcast that skips nobody is the
+    same bytes as before exclusions existed (workers of both versions understand it).
+    """
 
     origin: str
     plain: bytes
     extended: bytes
+    exclude: Tuple[str, ...] = ()
 
     def fields(self) -> List[Any]:
-        return [self.plain, self.extended]
+        return [self.plain, self.extended, list(self.exclude)] if self.exclude else [self.plain, self.extended]
 
     @classmethod
     def parse(cls, origin: str, fields: List[Any]) -> ToAll:
-        _check(len(fields) == 2, "ToAll has two frames")
-        return cls(origin, _frame(fields[0]), _frame(fields[1]))
+        _check(len(fields) in (2, 3), "ToAll has two frames and maybe excluded clients")
+        exclude = _client_ids(fields[2]) if len(fields) == 3 else ()
+        return cls(origin, _frame(fields[0]), _frame(fields[1]), exclude)
 
 
 @dataclass(frozen=True)
 class ToGroup(_Message):
-    """A send to every client in ``group``."""
+    """A send to every client in ``group``, except the clients whose cluster identity is
+    in ``exclude`` (sent only when not empty, as for :class:`ToAll`)."""
 
     origin: str
     group: str
     plain: bytes
     extended: bytes
+    exclude: Tuple[str, ...] = ()
 
     def fields(self) -> List[Any]:
-        return [self.group, self.plain, self.extended]
+        fields: List[Any] = [self.group, self.plain, self.extended]
+        return fields + [list(self.exclude)] if self.exclude else fields
 
     @classmethod
     def parse(cls, origin: str, fields: List[Any]) -> ToGroup:
-        _check(len(fields) == 3 and isinstance(fields[0], str), "ToGroup has a group and two frames")
-        return cls(origin, fields[0], _frame(fields[1]), _frame(fields[2]))
+        _check(len(fields) in (3, 4) and isinstance(fields[0], str), "ToGroup has a group, two frames and maybe excluded clients")
+        exclude = _client_ids(fields[3]) if len(fields) == 4 else ()
+        return cls(origin, fields[0], _frame(fields[1]), _frame(fields[2]), exclude)
 
 
 @dataclass(frozen=True)

@@ -7,8 +7,11 @@ No I/O: :class:`MirrorSync` takes the membership news of the cluster (the
 or removed from it, whatever the reason (a join or a leave, a dead worker reaped, a worker
 writing its clients back after the others reaped it, a resynchronisation after this worker
 lost Redis), it calls ``announce(PeerJoined or PeerLeft, info)`` exactly once, so this
-worker's clients see the same comings and goings as the mirror.  The first snapshot, taken
-before anyone of ours joined, is silent.
+worker's clients see the same comings and goings as the mirror; and whenever a client it
+knows changes its name or group (a ``Changed``, or a newer entry in a ``Here`` or a
+snapshot), it calls ``on_change(old info, new info)``, so a group change can be announced
+where the announcement scope says.  The first snapshot, taken before anyone of ours joined,
+is silent.
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ _KICKED_MAX = 4096
 
 #: ``announce(PeerJoined or PeerLeft, info)``: tell our clients.
 Announce = Callable[[Any, ClientInfo], None]
+#: ``on_change(old, new)``: a known client's name or group changed.
+OnChange = Callable[[ClientInfo, ClientInfo], None]
 
 
 class MirrorSync:
@@ -42,13 +47,22 @@ class MirrorSync:
 
     :param worker_id: this worker: news about it is not for the mirror.
     :param resync_grace: see :data:`DEFAULT_RESYNC_GRACE`.
+    :param on_change: called with the old and the new info of a known client that changed.
     """
 
-    def __init__(self, mirror: Mirror, worker_id: str, announce: Announce, resync_grace: float = DEFAULT_RESYNC_GRACE):
+    def __init__(
+        self,
+        mirror: Mirror,
+        worker_id: str,
+        announce: Announce,
+        resync_grace: float = DEFAULT_RESYNC_GRACE,
+        on_change: Optional[OnChange] = None,
+    ):
         self.mirror = mirror
         self.worker_id = worker_id
         self.resync_grace = resync_grace
         self._announce = announce
+        self._on_change = on_change
         # Ids of other workers' clients forgotten when we asked their worker to disconnect
         # them: their ``Left`` is still announced here.
         self._kicked: Dict[str, None] = collections.OrderedDict()
@@ -66,7 +80,7 @@ class MirrorSync:
 
     def changed(self, message: Changed) -> None:
         if self.mirror.get(message.entry.client_id) is not None:
-            self.mirror.put(message.entry)
+            self._add(message.entry)
 
     def left(self, message: Left) -> None:
         entry = message.entry
@@ -158,9 +172,15 @@ class MirrorSync:
         self._here_ids.pop(worker, None)
 
     def _add(self, entry: ClientEntry, announce: bool = True) -> None:
-        _client, new = self.mirror.put(entry)
-        if new and announce:
+        known = self.mirror.get(entry.client_id)
+        before = known.info if known is not None else None
+        client, new = self.mirror.put(entry)
+        if not announce:
+            return
+        if new:
             self._announce(PeerJoined, entry.info)
+        elif before is not None and before != client.info and self._on_change is not None:
+            self._on_change(before, client.info)
 
     def _remove(self, client_id: str, announce: bool = True) -> bool:
         client = self.mirror.remove(client_id)

@@ -17,6 +17,7 @@ from typing import Any, Callable, Optional
 from . import typecast
 from .connection import DEFAULT_FRAME_TIMEOUT, DEFAULT_MAX_QUEUE_BYTES
 from .frames import DEFAULT_HEADER_LEN, DEFAULT_MAX_MESSAGE_SIZE
+from .registry import ANNOUNCE_ALL, ANNOUNCE_GROUP, ANNOUNCE_NONE, ANNOUNCE_SCOPES
 
 __all__ = [
     "ServerConfig",
@@ -27,6 +28,10 @@ __all__ = [
     "DEFAULT_MAX_HELLO_SIZE",
     "DEFAULT_MAX_PENDING",
     "DEFAULT_MAX_NAME_LENGTH",
+    "ANNOUNCE_ALL",
+    "ANNOUNCE_GROUP",
+    "ANNOUNCE_NONE",
+    "ANNOUNCE_SCOPES",
 ]
 
 #: Seconds between two keepalive rounds (HiSock: every minute).
@@ -61,6 +66,26 @@ class ServerConfig:
         last N messages (:class:`~hisock_gevent.utils.MessageCacheMember` items in ``cache``).
     :param keepalive: send ``$KEEPALIVE$`` every ``keepalive_interval`` seconds and drop
         (running ``leave``) a client that has not answered within ``keepalive_timeout``.
+
+    Who hears of whom:
+
+    :param announce: which clients hear ``$CLTCONN$`` when a client joins and
+        ``$CLTDISCONN$`` when it leaves (the client's ``client_connect`` and
+        ``client_disconnect`` handlers):
+
+        * ``"all"`` (default): every other client, as on HiSock.  A group or name change is
+          announced to nobody.  N joins cost about N²/2 frames.
+        * ``"group"``: the other members of the client's group only; a client in no group
+          is announced to nobody.  A group change is a leave and a join: the members of
+          the old group hear ``$CLTDISCONN$`` (with the old ClientInfo), those of the new
+          group ``$CLTCONN$`` (with the new one); the client itself hears neither.  A name
+          change is announced to nobody.  N joins in groups of G cost about N·G/2 frames.
+        * ``"none"``: nobody.
+
+        In every scope the joining client gets its own ``$CLTCONN$`` (the answer to its
+        hello) and the server's ``join``, ``leave``, ``name_change`` and ``group_change``
+        handlers run.  With a backplane the scope holds across workers: each worker
+        applies its own ``announce`` to its own clients, so give every worker the same.
 
     Timers:
 
@@ -135,6 +160,7 @@ class ServerConfig:
     header_len: int = DEFAULT_HEADER_LEN
     cache_size: int = -1
     keepalive: bool = False
+    announce: str = ANNOUNCE_ALL
     keepalive_interval: float = DEFAULT_KEEPALIVE_INTERVAL
     keepalive_timeout: float = DEFAULT_KEEPALIVE_TIMEOUT
     handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT
@@ -191,3 +217,5 @@ class ServerConfig:
                 raise ValueError(f"{name} must be positive, or None for no limit")
         if self.delivery is not None and self.backplane is not None:
             raise ValueError("give delivery or backplane, not both")
+        if self.announce not in ANNOUNCE_SCOPES:
+            raise ValueError(f"announce must be one of {', '.join(map(repr, ANNOUNCE_SCOPES))}, not {self.announce!r}")

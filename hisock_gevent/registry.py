@@ -5,12 +5,15 @@
 :class:`Delivery` is the interface the server's send and lookup methods use;
 :class:`LocalDelivery` answers it for the clients of this process.  A backplane that spans
 several processes implements :class:`Delivery` too, and the server's handlers never notice.
-Nothing here touches a socket: a peer is any object with ``info``, ``sock``,
-``msgpack_ok`` and ``send(frame)``.
+The delivery also decides who hears of a client joining, leaving or changing group (the
+*announcement scope*, :data:`ANNOUNCE_SCOPES`), and which clients a broadcast skips
+(``exclude``).  Nothing here touches a socket: a peer is any object with ``info``,
+``sock``, ``msgpack_ok`` and ``send(frame)``.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 import warnings
 from abc import ABC, abstractmethod
@@ -25,12 +28,16 @@ from typing import (
     NamedTuple,
     Optional,
     Protocol,
+    Sequence,
+    Set,
     Tuple,
     TypeVar,
     Union,
 )
 
 from .errors import ClientNotFound, GroupNotFound
+from .frames import DEFAULT_HEADER_LEN, frame
+from .messages import PeerJoined, PeerLeft
 from .outgoing import OutgoingCommand
 from .utils import ClientInfo, ipstr_to_tup
 
@@ -42,13 +49,33 @@ __all__ = [
     "ServerLink",
     "ClientRef",
     "GroupRef",
+    "Exclude",
+    "ANNOUNCE_ALL",
+    "ANNOUNCE_GROUP",
+    "ANNOUNCE_NONE",
+    "ANNOUNCE_SCOPES",
     "address_of",
+    "client_refs",
     "fan_out",
     "frames_for",
 ]
 
+logger = logging.getLogger("hisock_gevent")
+
 ClientRef = Union[str, Tuple[str, int], ClientInfo]
 GroupRef = Union[str, ClientInfo]
+#: What a broadcast's ``exclude`` takes: nobody (None), one client, or several.
+Exclude = Union[None, ClientRef, Iterable[ClientRef]]
+
+#: Announcement scopes: who hears ``$CLTCONN$`` / ``$CLTDISCONN$`` about a client.
+#: Everyone (HiSock's behaviour, the default).
+ANNOUNCE_ALL = "all"
+#: Only the members of the client's group; a group change is a leave from the old group
+#: and a join to the new one; a client in no group is announced to nobody.
+ANNOUNCE_GROUP = "group"
+#: Nobody (a joining client still gets its own answer).
+ANNOUNCE_NONE = "none"
+ANNOUNCE_SCOPES = (ANNOUNCE_ALL, ANNOUNCE_GROUP, ANNOUNCE_NONE)
 
 _ADDRESS = re.compile(r"^\d{1,3}(\.\d{1,3}){3}:\d{1,5}$")
 
@@ -83,6 +110,31 @@ def address_of(client: ClientRef) -> Optional[Tuple[str, int]]:
     raise ValueError(
         f"a client is named by (ip, port), 'ip:port', its name or a ClientInfo, not {type(client).__name__}"
     )
+
+
+def client_refs(exclude: Exclude) -> Tuple[ClientRef, ...]:
+    """The client references an ``exclude`` argument names: None for nobody, one reference
+    (a ClientInfo, ``(ip, port)``, ``"ip:port"`` or a name), or a list, tuple, set or
+    frozenset of them.  A tuple ``(str, int)`` is one address; any other tuple holds
+    several references.
+
+    :raises ValueError: a reference (or the argument itself) has a wrong form.
+    """
+    if exclude is None:
+        return ()
+    if isinstance(exclude, (str, ClientInfo)):
+        return (exclude,)
+    if isinstance(exclude, tuple) and len(exclude) == 2 and isinstance(exclude[0], str) and isinstance(exclude[1], int):
+        return (exclude,)
+    if not isinstance(exclude, (list, tuple, set, frozenset)):
+        raise ValueError(
+            "exclude is a client ((ip, port), 'ip:port', a name or a ClientInfo) or a list, "
+            f"tuple or set of them, not {type(exclude).__name__}"
+        )
+    refs = tuple(exclude)
+    for ref in refs:
+        address_of(ref)  # raises ValueError for a reference of the wrong form
+    return refs
 
 
 class ClientRegistry(Generic[PeerT]):
@@ -162,7 +214,7 @@ class ClientRegistry(Generic[PeerT]):
 
     # ------------------------------------------------------------- lookups
 
-    def find(self, client: ClientRef) -> PeerT:
+    def find(self, client: ClientRef, stacklevel: int = 5) -> PeerT:
         """The peer a reference names.
 
         :raises ValueError: the reference has a wrong format.
@@ -188,7 +240,7 @@ class ClientRegistry(Generic[PeerT]):
             warnings.warn(
                 f"{len(named)} clients are named {client!r}; using the one that joined first",
                 UserWarning,
-                stacklevel=4,
+                stacklevel=stacklevel,
             )
         return next(iter(named))
 
@@ -219,6 +271,17 @@ class ClientRegistry(Generic[PeerT]):
         """Group name -> number of members."""
         return {name: len(members) for name, members in self._by_group.items()}
 
+    def audience(self, scope: str, group: Optional[str]) -> List[PeerT]:
+        """The peers that hear of a client of ``group`` joining or leaving under the
+        announcement ``scope``: every peer (:data:`ANNOUNCE_ALL`), the members of
+        ``group`` (:data:`ANNOUNCE_GROUP`; nobody when ``group`` is None), or nobody
+        (:data:`ANNOUNCE_NONE`)."""
+        if scope == ANNOUNCE_ALL:
+            return list(self._by_address.values())
+        if scope == ANNOUNCE_GROUP and group is not None:
+            return list(self._by_group.get(group, ()))
+        return []
+
 
 class ServerLink(NamedTuple):
     """What a :class:`Delivery` may use of the server it serves (given to :meth:`Delivery.start`)."""
@@ -233,6 +296,8 @@ class ServerLink(NamedTuple):
     #: Disconnect our client at this address, ``(address, force, call_func)``, as
     #: ``disconnect_client`` does (asked by another worker); call it on the server's hub.
     kick: Callable[[Tuple[str, int], bool, bool], None]
+    #: Who hears of joins, leaves and group changes: one of :data:`ANNOUNCE_SCOPES`.
+    announce: str = ANNOUNCE_ALL
 
 
 class Delivery(ABC):
@@ -240,7 +305,12 @@ class Delivery(ABC):
 
     Every method is called on the server's hub.  Besides the lookups and sends, the server
     tells its delivery when one of its own clients joins, leaves or changes, so a delivery
-    that spans processes can keep the others informed.
+    that spans processes can keep the others informed; the delivery announces each of
+    these to the clients the announcement scope (``ServerLink.announce``) says hear of it.
+
+    ``exclude`` (of :meth:`to_group` and :meth:`to_all`) is a tuple of client references
+    (see :func:`client_refs`), resolved as :meth:`find_client` resolves one; a reference
+    nobody matches is skipped (that client may have just left).
     """
 
     def start(self, link: ServerLink) -> None:  # noqa: B027 (optional hook)
@@ -250,14 +320,15 @@ class Delivery(ABC):
         """The server has closed; release whatever :meth:`start` took."""
 
     def joined(self, peer: Peer, announce_frame: bytes) -> None:
-        """``peer`` joined (it is in the registry); tell everyone else with ``announce_frame``."""
-        self.announce(announce_frame, exclude=peer)
+        """``peer`` joined (it is in the registry); tell the others who are to hear of it
+        with ``announce_frame``."""
+        self.announce(announce_frame, peer.info, exclude=peer)
 
     def left(self, peer: Peer, announce_frame: Optional[bytes]) -> None:
         """``peer`` left (already out of the registry); ``announce_frame`` tells the others,
         None when they are not to be told (the server is disconnecting everyone)."""
         if announce_frame is not None:
-            self.announce(announce_frame, exclude=peer)
+            self.announce(announce_frame, peer.info, exclude=peer)
 
     def changed(self, peer: Peer, old: ClientInfo) -> None:  # noqa: B027 (optional hook)
         """``peer`` changed its name or group (``peer.info`` is the new one)."""
@@ -285,14 +356,15 @@ class Delivery(ABC):
     def to_client(self, client: ClientRef, message: OutgoingCommand) -> None: ...
 
     @abstractmethod
-    def to_group(self, group: GroupRef, message: OutgoingCommand) -> None: ...
+    def to_group(self, group: GroupRef, message: OutgoingCommand, exclude: Sequence[ClientRef] = ()) -> None: ...
 
     @abstractmethod
-    def to_all(self, message: OutgoingCommand) -> None: ...
+    def to_all(self, message: OutgoingCommand, exclude: Sequence[ClientRef] = ()) -> None: ...
 
     @abstractmethod
-    def announce(self, body_frame: bytes, exclude: Optional[Peer] = None) -> None:
-        """Send a reserved frame ($CLTCONN$, $CLTDISCONN$, ...) to every client."""
+    def announce(self, body_frame: bytes, about: ClientInfo, exclude: Optional[Peer] = None) -> None:
+        """Send a ``$CLTCONN$`` or ``$CLTDISCONN$`` frame about the client ``about`` to the
+        clients the announcement scope says hear of it (but ``exclude``)."""
 
 
 class LocalDelivery(Delivery):
@@ -300,6 +372,13 @@ class LocalDelivery(Delivery):
 
     def __init__(self, registry: ClientRegistry):
         self.registry = registry
+        #: The announcement scope and frame header width, from :meth:`start`.
+        self.scope = ANNOUNCE_ALL
+        self.header_len = DEFAULT_HEADER_LEN
+
+    def start(self, link: ServerLink) -> None:
+        self.scope = link.announce
+        self.header_len = link.header_len
 
     def find_client(self, client: ClientRef) -> ClientInfo:
         return self.registry.find(client).info
@@ -310,6 +389,20 @@ class LocalDelivery(Delivery):
     def all_clients(self) -> List[ClientInfo]:
         return [peer.info for peer in self.registry]
 
+    def excluded(self, exclude: Sequence[ClientRef]) -> Set[Peer]:
+        """The peers ``exclude`` names (an unknown reference is skipped; a shared name means
+        the client that joined first, with a UserWarning, as for :meth:`find_client`)."""
+        # The warning points at the user's call: find <- excluded <- to_all/to_group <-
+        # the server's send method <- its wrapper <- the user.
+        stacklevel = 6
+        skip: Set[Peer] = set()
+        for ref in exclude:
+            try:
+                skip.add(self.registry.find(ref, stacklevel=stacklevel))
+            except ClientNotFound:
+                continue
+        return skip
+
     def to_client(self, client: ClientRef, message: OutgoingCommand) -> None:
         # registry.find(), inlined for a handler's own ClientInfo (the common reply).
         peer = self.registry._by_address.get(client.ip) if type(client) is ClientInfo else None
@@ -317,16 +410,53 @@ class LocalDelivery(Delivery):
             peer = self.registry.find(client)
         peer.send(message.frame_for(peer.msgpack_ok))
 
-    def to_group(self, group: GroupRef, message: OutgoingCommand) -> None:
-        fan_out(self.registry.group(group), message)
+    def to_group(self, group: GroupRef, message: OutgoingCommand, exclude: Sequence[ClientRef] = ()) -> None:
+        members = self.registry.group(group)
+        if exclude:
+            skip = self.excluded(exclude)
+            members = [peer for peer in members if peer not in skip]
+        fan_out(members, message)
 
-    def to_all(self, message: OutgoingCommand) -> None:
-        fan_out(list(self.registry), message)
+    def to_all(self, message: OutgoingCommand, exclude: Sequence[ClientRef] = ()) -> None:
+        peers = list(self.registry)
+        if exclude:
+            skip = self.excluded(exclude)
+            peers = [peer for peer in peers if peer not in skip]
+        fan_out(peers, message)
 
-    def announce(self, body_frame: bytes, exclude: Optional[Peer] = None) -> None:
-        for peer in self.registry:
+    def announce(self, body_frame: bytes, about: ClientInfo, exclude: Optional[Peer] = None) -> None:
+        for peer in self.registry.audience(self.scope, about.group):
             if peer is not exclude:
                 peer.send(body_frame)
+
+    def tell(self, kind: Any, info: ClientInfo, exclude: Optional[Peer] = None) -> None:
+        """Announce ``info`` joining (``kind`` :class:`~hisock_gevent.messages.PeerJoined`)
+        or leaving (:class:`~hisock_gevent.messages.PeerLeft`) to the clients the scope
+        says hear of it; the frame is built only when somebody does."""
+        peers = [peer for peer in self.registry.audience(self.scope, info.group) if peer is not exclude]
+        if not peers:
+            return
+        try:
+            body_frame = frame(kind(info.as_dict()).to_body(), self.header_len)
+        except ValueError as exc:
+            logger.warning("not announcing %s: %s", info, exc)
+            return
+        for peer in peers:
+            peer.send(body_frame)
+
+    def changed(self, peer: Peer, old: ClientInfo) -> None:
+        self.moved(old, peer.info, exclude=peer)
+
+    def moved(self, old: ClientInfo, new: ClientInfo, exclude: Optional[Peer] = None) -> None:
+        """A client changed from ``old`` to ``new``.  Under :data:`ANNOUNCE_GROUP`, a new
+        group is a leave from the old one and a join to the new one: the members of the
+        old group hear ``$CLTDISCONN$`` (with ``old``), those of the new ``$CLTCONN$``
+        (with ``new``).  Otherwise (and for a name change) nobody hears anything, as on
+        HiSock."""
+        if self.scope != ANNOUNCE_GROUP or old.group == new.group:
+            return
+        self.tell(PeerLeft, old, exclude)
+        self.tell(PeerJoined, new, exclude)
 
 
 def frames_for(peers: Iterable[Peer], message: OutgoingCommand) -> Tuple[bytes, bytes]:

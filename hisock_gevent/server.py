@@ -56,7 +56,16 @@ from .home import Home, _get_ident, at_home
 from .membership import DEFAULT_CLOSE_TIMEOUT, Membership, ServerPeer
 from .messages import KeepAlive, call_body
 from .outgoing import OutgoingCommand
-from .registry import ClientRef, ClientRegistry, Delivery, GroupRef, LocalDelivery, ServerLink
+from .registry import (
+    ClientRef,
+    ClientRegistry,
+    Delivery,
+    Exclude,
+    GroupRef,
+    LocalDelivery,
+    ServerLink,
+    client_refs,
+)
 from .session import ServerSession, SessionContext
 from .stats import ServerStats
 from .tls import server_context
@@ -367,7 +376,9 @@ class HiSockServer:
         self._home.adopt_current_thread()
         self._stopped = Event()
         membership = self._membership
-        self._delivery.start(ServerLink(self._registry, self.header_len, membership.remote_leave, membership.kick_at))
+        self._delivery.start(
+            ServerLink(self._registry, self.header_len, membership.remote_leave, membership.kick_at, self.config.announce)
+        )
         self._stream_server = StreamServer(self._listener, self._serve_connection, spawn=self._serving.spawn)
         if self._pages is not None:
             self._pages.start()
@@ -581,21 +592,34 @@ class HiSockServer:
         self._delivery.to_client(client, OutgoingCommand(command, content, self.header_len, False, self.config.peer_max_message_size))
 
     @_acts
-    def send_group(self, group: GroupRef, command: str, content: Sendable = None) -> None:
-        """Send ``command`` and ``content`` to every client of a group.
+    def send_group(self, group: GroupRef, command: str, content: Sendable = None, *, exclude: Exclude = None) -> None:
+        """Send ``command`` and ``content`` to every client of a group; the frame is built once.
 
-        :raises GroupNotFound: (a TypeError too) nobody is in the group.
+        :param exclude: a client not to send it to (a ClientInfo, ``(ip, port)``,
+            ``"ip:port"`` or a name, resolved as :meth:`send_client` resolves one: a name
+            several clients share means the one that joined first, with a UserWarning), or
+            a list, tuple or set of them; ``send_group(client, "said", text,
+            exclude=client)`` is "everyone in my group but me".  A client that is not
+            connected (it may have just left) is ignored.  With a backplane, a client held
+            by another worker is skipped there.
+        :raises GroupNotFound: (a TypeError too) nobody is in the group (excluding everyone
+            who is, instead, sends nothing and raises nothing).
+        :raises ValueError: a reference in ``exclude`` has a wrong form.
         :raises ContentTooLarge: the message would be longer than ``peer_max_message_size``.
         """
-        self._delivery.to_group(group, self._outgoing(command, content))
+        self._delivery.to_group(group, self._outgoing(command, content), client_refs(exclude))
 
     @_acts
-    def send_all_clients(self, command: str, content: Sendable = None) -> None:
+    def send_all_clients(self, command: str, content: Sendable = None, *, exclude: Exclude = None) -> None:
         """Send ``command`` and ``content`` to every connected client; the frame is built once.
 
+        :param exclude: a client not to send it to, or a list, tuple or set of them, as for
+            :meth:`send_group`: ``send_all_clients("said", text, exclude=client)`` is
+            "everyone but the sender".  A client that is not connected is ignored.
+        :raises ValueError: a reference in ``exclude`` has a wrong form.
         :raises ContentTooLarge: the message would be longer than ``peer_max_message_size``.
         """
-        self._delivery.to_all(self._outgoing(command, content))
+        self._delivery.to_all(self._outgoing(command, content), client_refs(exclude))
 
     # ------------------------------------------------------------------ calls
 

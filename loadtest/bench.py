@@ -5,6 +5,7 @@
     python loadtest/bench.py                # the full run (longer windows, more repeats)
     python loadtest/bench.py --profile      # S1 against hisock_gevent under cProfile
     python loadtest/bench.py --quick --workers 2 --scenarios S1,S2   # 1 process vs 2 joined by Redis
+    python loadtest/bench.py --quick --join-storm   # 10,000 joins with announce="all", "group", "none"
 
 Each server under test runs in its own process, started fresh for every case:
 
@@ -37,6 +38,10 @@ Exit status 0 when every case ran (whatever the figures), 1 when a case failed t
 ``hisock_server.py`` processes sharing one port (SO_REUSEPORT) and joined by the Redis
 backplane through a redis-server bench starts for the case.  Server CPU is the sum over
 the workers; redis-server's is reported apart.  Nothing is pinned in that mode.
+
+``--join-storm`` opens S3's clients (10,000; 100 in ``--smoke``) against ``hisock`` three
+times, once per announcement scope (``HiSockServer(announce="all" | "group" | "none")``),
+every client in a group of 50, and compares how long the joins take and what they cost.
 """
 
 from __future__ import annotations
@@ -956,12 +961,13 @@ def render_table(results: Dict[str, Any]) -> str:
     return render_rows(header, table_rows(results))
 
 
-def render_rows(header: Tuple[str, ...], body: Sequence[Tuple[str, ...]]) -> str:
-    """Text columns, a rule under the header and between scenarios; the figures
-    right-aligned, the ratio columns (ratio, then which way is better) left-aligned."""
+def render_rows(header: Tuple[str, ...], body: Sequence[Tuple[str, ...]], first_figure: int = 3) -> str:
+    """Text columns, a rule under the header and between scenarios; the figures (from
+    column ``first_figure`` on) right-aligned, the ratio columns (ratio, then which way
+    is better) left-aligned."""
     rows = [header] + list(body)
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    right = [i >= 3 and not header[i].startswith("ratio") for i in range(len(header))]
+    right = [i >= first_figure and not header[i].startswith("ratio") for i in range(len(header))]
     lines = []
     for n, r in enumerate(rows):
         if n > 1 and r[0]:
@@ -1180,6 +1186,139 @@ def print_workers(document: Dict[str, Any], workers: int) -> None:
           "the benchmark (noise). 'clients; CPU % per worker': each worker's own clients and CPU during the window.")
 
 
+# ---------------------------------------------------------------------------- join storm
+
+#: The announcement scopes ``--join-storm`` compares, "all" (HiSock's) first.
+JOIN_STORM_SCOPES = ("all", "group", "none")
+#: Clients per group in the join storm (every scope gets the same hellos).
+JOIN_STORM_GROUP_SIZE = 50
+
+
+def run_join_storm(scope: str, clients: int, cfg: Dict[str, Any], pin: bool) -> Dict[str, Any]:
+    """S3's ramp (open and hand-shake ``clients``, 200 in flight per generator) against
+    ``hisock_server.py --announce scope``, every client in a group of
+    :data:`JOIN_STORM_GROUP_SIZE`.  The ramp ends when every client has its own answer;
+    the announcements of the last joins may still be on their way then, so the storm is
+    also timed until the server and generators are quiet."""
+    procs = 1 if clients <= 200 else 2
+    ramp_timeout = cfg["s3_ramp_timeout"]
+    params = [
+        {
+            "clients": n, "ramp_timeout": ramp_timeout, "connect_timeout": 60.0,
+            "group_size": JOIN_STORM_GROUP_SIZE, "group_prefix": f"g{i}-",
+        }
+        for i, n in enumerate(split(clients, procs))
+    ]
+    with Case("hisock", pin, ("--announce", scope)) as case:
+        time.sleep(0.2)
+        gens = case.spawn("s3", params)
+        meter = case.meter()
+        meter.mark()
+        server_cpu0 = proc_cpu_seconds(case.server.pid)
+        t0 = time.monotonic()
+        readies = [gen.expect("ready", ramp_timeout + 60.0) for gen in gens]
+        ramp = time.monotonic() - t0
+        ramp_cpu = meter.read()
+        connected = sum(r["connected"] for r in readies)
+        if connected < clients:
+            raise LimitReached(f"only {connected:,} of {clients:,} clients joined within {ramp_timeout:.0f} s: {[r['errors'] for r in readies]}")
+        settle = wait_quiet([case.server.pid] + [g.pid for g in gens], cfg["case_timeout"] / 4)
+        server_cpu = proc_cpu_seconds(case.server.pid) - server_cpu0
+        for gen in gens:
+            gen.send("check")
+        checks = [gen.expect("held", 30.0) for gen in gens]
+        gen_cpu = sum(c["cpu_s"] for c in checks)  # from each ramp's start: no start-up
+        if case.server.popen.poll() is not None:
+            raise CaseFailed(f"the hisock server died: {case.server.stderr_tail()}")
+    return {
+        "scope": scope, "clients": clients, "group_size": JOIN_STORM_GROUP_SIZE, "connected": connected,
+        "held": sum(c["alive"] for c in checks), "ramp_s": ramp, "settle_s": settle, "storm_s": ramp + settle,
+        "server_cpu_s": server_cpu, "gen_cpu_s": gen_cpu,
+        "gen_cpu_share": gen_cpu / max(1e-9, gen_cpu + server_cpu),
+        "ramp_cpu": ramp_cpu, "gen_cpu": ramp_cpu["gen"], "server_cpu": ramp_cpu["server"], "other_cpu": ramp_cpu["other"],
+        "announce_mb": sum(c["bytes"] for c in checks) / 1e6, "gen_procs": procs,
+    }
+
+
+def run_join_storms(mode: str, pin: bool) -> Tuple[Dict[str, Any], List[str]]:
+    cfg = MODES[mode]
+    failures: List[str] = []
+    clients = cfg["s3_clients"]
+    log(f"join storm: {clients:,} clients in groups of {JOIN_STORM_GROUP_SIZE}, announce = {', '.join(JOIN_STORM_SCOPES)}")
+    row: Dict[str, Any] = {"clients": clients, "group_size": JOIN_STORM_GROUP_SIZE}
+    for scope in JOIN_STORM_SCOPES:
+        row[scope] = attempt(f"join storm N={clients} announce={scope}", lambda scope=scope: run_join_storm(scope, clients, cfg, pin), failures)
+    return {"join_storm": [row]}, failures
+
+
+#: The join storm table's rows: label, figure (or cell function), which way is better.
+JOIN_STORM_METRICS: List[Metric] = [
+    Metric("join storm (ramp) s", _num("ramp_s", 1), "ramp_s", LOWER),
+    Metric("until quiet (ramp + settle) s", _num("storm_s", 1), "storm_s", LOWER),
+    Metric("server CPU s (ramp + settle)", _num("server_cpu_s", 2), "server_cpu_s", LOWER),
+    Metric("gen CPU s (ramp + settle)", _num("gen_cpu_s", 2), "gen_cpu_s", LOWER),
+    Metric("gen share of the CPU used, %", lambda r: fmt_num(None if get(r, "gen_cpu_share") is None else r["gen_cpu_share"] * 100), None),
+    Metric("CPU % gen / server / other (ramp)", _cpu),
+    Metric("announcements received, MB", _num("announce_mb", 1), "announce_mb", LOWER),
+    Metric("held", _num("held"), "held", HIGHER),
+]
+
+
+def join_storm_rows(results: Dict[str, Any]) -> List[Tuple[str, ...]]:
+    """Rows of (case, metric, all, group, none, group/all, none/all)."""
+    rows: List[Tuple[str, ...]] = []
+    for row in results.get("join_storm", []):
+        base = row.get("all")
+        for i, m in enumerate(JOIN_STORM_METRICS):
+            cells = [m.cell(row.get(scope)) for scope in JOIN_STORM_SCOPES]
+            ratios = [versus(get(row.get(scope), m.key), get(base, m.key), m.better) if m.key else "" for scope in JOIN_STORM_SCOPES[1:]]
+            case = f"N={row['clients']:,}, groups of {row['group_size']}" if i == 0 else ""
+            rows.append((case, m.label, *cells, *ratios))
+    return rows
+
+
+def main_join_storm(args: argparse.Namespace, mode: str, pin: bool) -> int:
+    """``--join-storm``: the same joins under each announcement scope; table and JSON."""
+    started = time.time()
+    load_before = os.getloadavg()
+    results, failures = run_join_storms(mode, pin)
+    wall = time.time() - started
+    row = results["join_storm"][0]
+    for key in ("ramp_s", "storm_s", "server_cpu_s", "announce_mb"):
+        row.setdefault("ratios", {})[key] = {scope: _quotient(get(row.get(scope), key), get(row.get("all"), key)) for scope in JOIN_STORM_SCOPES[1:]}
+    document: Dict[str, Any] = {
+        "limits": limits(results, JOIN_STORM_SCOPES),
+        "meta": {
+            "mode": mode, "scopes": list(JOIN_STORM_SCOPES), "group_size": JOIN_STORM_GROUP_SIZE,
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)), "wall_s": round(wall, 1),
+            "python": platform.python_version(), "platform": platform.platform(), "cpus": NCPU, "pinned": pin and NCPU >= 2,
+            "loadavg_before": load_before, "loadavg_after": os.getloadavg(), "failures": failures,
+            "settings": {k: v for k, v in MODES[mode].items() if k.startswith(("s3_", "case_"))},
+        },
+        "results": results,
+    }
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(started))
+    path = args.json or os.path.join(RESULTS_DIR, f"bench-{mode}-joinstorm-{stamp}.json")
+    with open(path, "w") as f:
+        json.dump(document, f, indent=1)
+    header = ("case", "metric", *(f"announce={scope}" for scope in JOIN_STORM_SCOPES), *(f"ratio {scope}/all" for scope in JOIN_STORM_SCOPES[1:]))
+    print()
+    print(f"Join storm: {row['clients']:,} clients (S3's ramp: {'2 generators' if row['clients'] > 200 else '1 generator'}, "
+          f"200 handshakes in flight each), every client in a group of {JOIN_STORM_GROUP_SIZE}; only the server's announce differs.")
+    print(render_rows(header, join_storm_rows(results), first_figure=2))
+    print()
+    if document["limits"]:
+        print("Stopped by their time bound (shown as '-'):\n  " + "\n  ".join(document["limits"]))
+    print("'join storm (ramp)': until every client has its own answer; 'until quiet': until the announcements still on their way "
+          "have been written and read too. 'gen share': the load generators' part of the CPU the server and generators used.")
+    print(f"Load average before/after: {load_before[0]:.2f} / {document['meta']['loadavg_after'][0]:.2f}. "
+          f"{mode} run took {wall:.0f} s; results in {os.path.relpath(path, ROOT)}")
+    if failures:
+        print(f"{len(failures)} case(s) failed to run:\n  " + "\n  ".join(failures))
+        return 1
+    return 0
+
+
 # ---------------------------------------------------------------------------- profiling
 
 
@@ -1267,6 +1406,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         help="compare S1 and S2 on one hisock process with N worker processes on one port joined by Redis "
         "(starts its own redis-server; not pinned; ignores --servers and the scenarios other than S1, S2)",
     )
+    parser.add_argument(
+        "--join-storm", action="store_true",
+        help="open S3's clients (10,000; 100 with --smoke) against hisock once per announcement scope "
+        "(announce = all, group, none; groups of 50) and compare the join storms (ignores --servers and --scenarios)",
+    )
     args = parser.parse_args(argv)
 
     if args.compare:
@@ -1284,6 +1428,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.workers < 2:
             parser.error("--workers needs N >= 2")
         return main_workers(args, mode)
+    if args.join_storm:
+        return main_join_storm(args, mode, pin)
 
     kinds = [k for k in args.servers.split(",") if k]
     scenarios = [s.strip().upper() for s in args.scenarios.split(",") if s.strip()]

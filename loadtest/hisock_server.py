@@ -17,6 +17,9 @@ commands on stdin: ``clients SEQ`` is answered on stdout with one JSON line,
 ``{"ev": "clients", "seq": SEQ, "local": <clients of this process>, "total": <clients
 this process knows of, its own and the other workers'>}``.  (Off by default: a server
 started in the background from a shell must not read the terminal.)
+
+``--announce all|group|none`` sets the server's announcement scope (``bench.py
+--join-storm`` runs the join storm once with each).
 """
 
 from __future__ import annotations
@@ -36,8 +39,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import wire
 
 
-def build(port: int, reuse_port: bool = False, redis_url: Optional[str] = None) -> hisock_gevent.HiSockServer:
-    server = hisock_gevent.HiSockServer(("127.0.0.1", port), reuse_port=reuse_port, backplane=redis_url)
+def build(port: int, reuse_port: bool = False, redis_url: Optional[str] = None, announce: str = "all") -> hisock_gevent.HiSockServer:
+    server = hisock_gevent.HiSockServer(("127.0.0.1", port), reuse_port=reuse_port, backplane=redis_url, announce=announce)
 
     @server.on(wire.PING)
     def on_ping(client: hisock_gevent.ClientInfo, content: Any) -> None:
@@ -74,9 +77,13 @@ def main(argv: Optional[list] = None) -> int:
     parser.add_argument("--reuse-port", action="store_true", help="set SO_REUSEPORT: several processes serve one port")
     parser.add_argument("--redis", metavar="URL", help="join the other workers through the Redis backplane at URL")
     parser.add_argument("--control", action="store_true", help="answer 'clients SEQ' lines on stdin (for bench.py)")
+    parser.add_argument(
+        "--announce", choices=("all", "group", "none"), default="all",
+        help="who hears of joins and leaves (HiSockServer's announce; default all, as HiSock)",
+    )
     args = parser.parse_args(argv)
     wire.raise_nofile()
-    server = build(args.port, args.reuse_port, args.redis)
+    server = build(args.port, args.reuse_port, args.redis, args.announce)
     for signum in (signal.SIGTERM, signal.SIGINT):
         gevent.signal_handler(signum, server.close)
     print(f"PORT {server.get_addr()[1]}", flush=True)

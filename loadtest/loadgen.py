@@ -94,8 +94,9 @@ class Client:
         self.port = port
 
 
-def open_client(addr: Tuple[str, int], timeout: float, name: Optional[str] = None) -> Client:
-    """Connect, say hello and read until our own ``$CLTCONN$``; later bytes stay buffered.
+def open_client(addr: Tuple[str, int], timeout: float, name: Optional[str] = None, group: Optional[str] = None) -> Client:
+    """Connect, say hello (with ``name`` and ``group``) and read until our own
+    ``$CLTCONN$``; later bytes stay buffered.
 
     :raises OSError, gevent.Timeout, ConnectionError: the handshake failed.
     """
@@ -104,7 +105,7 @@ def open_client(addr: Tuple[str, int], timeout: float, name: Optional[str] = Non
         sock.setsockopt(gsocket.IPPROTO_TCP, gsocket.TCP_NODELAY, 1)
         port = sock.getsockname()[1]
         marker = wire.own_conn_marker(port)
-        sock.sendall(wire.hello_frame(name))
+        sock.sendall(wire.hello_frame(name, group))
         buffer = bytearray()
         with gevent.Timeout(timeout):
             while True:
@@ -138,20 +139,23 @@ def open_clients(
     deadline: float,
     concurrency: int,
     on_open: Optional[Callable[[Client], Any]] = None,
+    group_of: Optional[Callable[[int], Optional[str]]] = None,
 ) -> Tuple[List[Client], Dict[str, int]]:
     """Open ``count`` clients, ``concurrency`` at a time, stopping at ``deadline``.
 
     ``on_open(client)`` runs as soon as each one is connected: a client must start reading
     at once, or the ``$CLTCONN$`` announcements of those joining after it pile up in the
-    server's buffers (every join is announced to every client).
+    server's buffers (every join is announced to every client).  ``group_of(i)`` is the
+    group the ``i``-th client says hello with (default: none).
     """
     clients: List[Client] = []
     errors: Dict[str, int] = collections.Counter()
     pool = Pool(concurrency)
 
-    def one() -> None:
+    def one(index: int) -> None:
         try:
-            client = open_client(addr, max(0.5, min(timeout, deadline - now())))
+            group = group_of(index) if group_of is not None else None
+            client = open_client(addr, max(0.5, min(timeout, deadline - now())), group=group)
         except (OSError, ConnectionError, gevent.Timeout) as exc:
             errors[type(exc).__name__] += 1
             return
@@ -159,11 +163,11 @@ def open_clients(
         if on_open is not None:
             on_open(client)
 
-    for _ in range(count):
+    for index in range(count):
         if now() > deadline:
             errors["ramp_deadline"] += count - len(clients) - sum(errors.values())
             break
-        pool.spawn(one)
+        pool.spawn(one, index)
     pool.join(timeout=max(0.0, deadline - now()) + timeout)
     pool.kill(block=True, timeout=1)
     return clients, dict(errors)
@@ -415,8 +419,13 @@ def run_s2(addr: Tuple[str, int], params: Dict[str, Any], control: Control) -> N
 
 
 def run_s3(addr: Tuple[str, int], params: Dict[str, Any], control: Control) -> None:
+    """Open and hold ``clients``; ``group_size`` N puts them in groups of N, named
+    ``<group_prefix><i // N>`` (the join storm: ``bench.py --join-storm``).  ``check``
+    answers how many are still open, how many bytes they received after their own answer,
+    and the CPU this process used since the ramp began."""
     alive = [0]
-    sink = bytearray(RECV_CHUNK)  # what arrives is counted by the kernel, not kept
+    received = [0]
+    sink = bytearray(RECV_CHUNK)  # what arrives is counted, not kept
 
     def drainer(client: Client) -> Any:
         raw = client.sock._sock
@@ -424,7 +433,9 @@ def run_s3(addr: Tuple[str, int], params: Dict[str, Any], control: Control) -> N
 
         def readable() -> None:
             try:
-                if raw.recv_into(sink):
+                count = raw.recv_into(sink)
+                if count:
+                    received[0] += count
                     return
             except BlockingIOError:
                 return
@@ -437,14 +448,22 @@ def run_s3(addr: Tuple[str, int], params: Dict[str, Any], control: Control) -> N
         watcher.start(readable)
         return watcher
 
+    group_size = params.get("group_size")
+    prefix = params.get("group_prefix", "g")
+    group_of = (lambda index: f"{prefix}{index // group_size}") if group_size else None
     watchers: List[Any] = []
-    t_ramp = now()
+    t_ramp, cpu_ramp = now(), cpu_seconds()
     clients, errors = open_clients(
         addr, params["clients"], params.get("connect_timeout", 30.0), now() + params.get("ramp_timeout", 120.0),
-        DEFAULT_CONNECT_CONCURRENCY, lambda client: watchers.append(drainer(client)),
+        DEFAULT_CONNECT_CONCURRENCY, lambda client: watchers.append(drainer(client)), group_of,
     )
     ramp = now() - t_ramp
-    control.handlers["check"] = lambda: emit("held", alive=alive[0])
+
+    def check() -> None:
+        # cpu_s: this process's CPU since its ramp began (not its start-up).
+        emit("held", alive=alive[0], bytes=received[0] + sum(len(c.buffer) for c in clients), cpu_s=cpu_seconds() - cpu_ramp)
+
+    control.handlers["check"] = check
     emit("ready", connected=len(clients), errors=errors, ramp_s=ramp)
     control.quit.wait()
     for watcher in watchers:

@@ -26,7 +26,7 @@ from hisock_gevent.cluster_messages import (
 from hisock_gevent.frames import frame
 from hisock_gevent.messages import Command, PeerJoined, PeerLeft, parse_server_body
 from hisock_gevent.outgoing import OutgoingCommand
-from hisock_gevent.registry import ClientRegistry, ServerLink
+from hisock_gevent.registry import ClientRegistry, ServerLink, client_refs
 from hisock_gevent.typecast import decode as decode_content
 from hisock_gevent.utils import ClientInfo
 
@@ -99,6 +99,8 @@ class MemoryBus(Bus):
         self.node: Any = None
         #: Our entries, as the transport keeps them to write them back.
         self.mine: Dict[str, ClientEntry] = {}
+        #: Every message :meth:`publish` was given, in order.
+        self.sent: List[ClusterMessage] = []
 
     def open(self, node: ClusterDelivery) -> None:
         self.node = node
@@ -110,6 +112,7 @@ class MemoryBus(Bus):
         self.network.buses.pop(self.worker_id, None)
 
     def publish(self, worker: Optional[str], message: ClusterMessage) -> None:
+        self.sent.append(message)
         self.network.send(self.worker_id, worker, message)
 
     def register(self, entry: ClientEntry, message: ClusterMessage) -> None:
@@ -158,12 +161,12 @@ class FakePeer:
 class FakeServer:
     """One worker's server as the cluster logic sees it."""
 
-    def __init__(self, network: MemoryNetwork, worker_id: str, delivery: Optional[ClusterDelivery] = None):
+    def __init__(self, network: MemoryNetwork, worker_id: str, delivery: Optional[ClusterDelivery] = None, announce: str = "all"):
         self.registry: ClientRegistry[FakePeer] = ClientRegistry()
         self.delivery = delivery or ClusterDelivery(MemoryBus(network, worker_id))
         self.leaves: List[ClientInfo] = []
         self.kicks: List[Tuple[Tuple[str, int], bool, bool]] = []
-        self.delivery.start(ServerLink(self.registry, HEADER_LEN, self.leaves.append, self._kick))
+        self.delivery.start(ServerLink(self.registry, HEADER_LEN, self.leaves.append, self._kick, announce))
 
     def _kick(self, address: Tuple[str, int], force: bool, call_func: bool) -> None:
         self.kicks.append((address, force, call_func))
@@ -188,8 +191,8 @@ class FakeServer:
     def send_client(self, client: Any, command: str, content: Any = None) -> None:
         self.delivery.to_client(client, OutgoingCommand(command, content, HEADER_LEN))
 
-    def send_group(self, group: Any, command: str, content: Any = None) -> None:
-        self.delivery.to_group(group, OutgoingCommand(command, content, HEADER_LEN))
+    def send_group(self, group: Any, command: str, content: Any = None, exclude: Any = None) -> None:
+        self.delivery.to_group(group, OutgoingCommand(command, content, HEADER_LEN), client_refs(exclude))
 
-    def send_all(self, command: str, content: Any = None) -> None:
-        self.delivery.to_all(OutgoingCommand(command, content, HEADER_LEN))
+    def send_all(self, command: str, content: Any = None, exclude: Any = None) -> None:
+        self.delivery.to_all(OutgoingCommand(command, content, HEADER_LEN), client_refs(exclude))

@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 import socket
 import uuid
-from typing import Any, Iterator, List, Optional, Tuple, Union
+from typing import Any, Callable, Iterator, List, Optional, Tuple, Union
 
 import pytest
 from conftest import LOOPBACK, Recorder, wait_until
@@ -111,6 +111,11 @@ class Member:
         self.send("echo", token)
         self.wait_for("echo", token)
 
+    def heard_about(self, address: Tuple[str, int], since: int = 0) -> List[Tuple[str, ClientInfo]]:
+        """Every client_connect / client_disconnect it heard about the client at ``address``
+        (from its ``since``-th event on)."""
+        return [item for item in list(self.log.items)[since:] if item[0].startswith("client_") and item[1].ip == address]
+
 
 class Cluster:
     """The servers of one topology, their recorded reserved events, and the clients made.
@@ -118,11 +123,13 @@ class Cluster:
     Every server has the same handlers: ``shout`` broadcasts, ``tell`` sends to a group,
     ``relay`` sends to one client by name or address, ``echo`` answers the sender; a
     ``tell``/``relay`` that finds nobody answers the sender ``failed`` with the exception's
-    name.  ``join``, ``leave``, ``name_change`` and ``group_change`` are recorded with the
-    index of the server that ran them.
+    name.  ``shout_but`` broadcasts ``content["text"]`` as ``shout`` except to
+    ``content["exclude"]``; ``say`` sends to the sender's group but the sender, as ``said``
+    (the chat idiom).  ``join``, ``leave``, ``name_change`` and ``group_change`` are
+    recorded with the index of the server that ran them.  ``options`` go to every server.
     """
 
-    def __init__(self, topology: str, redis_url: Optional[str]):
+    def __init__(self, topology: str, redis_url: Optional[str], **options: Any):
         self.topology = topology
         self.servers: List[ThreadedHiSockServer] = []
         self.members: List[Member] = []
@@ -133,7 +140,7 @@ class Cluster:
         self._next = 0
         try:
             for index, (host, backplane) in enumerate(self._layout(topology, redis_url)):
-                server = ThreadedHiSockServer((host, 0), backplane=backplane)
+                server = ThreadedHiSockServer((host, 0), backplane=backplane, **options)
                 self.servers.append(server)
                 self._install_handlers(index, server)
                 server.start()
@@ -199,6 +206,14 @@ class Cluster:
         def echo(client: ClientInfo, content: Any) -> None:
             server.send_client(client, "echo", content)
 
+        @server.on("shout_but")
+        def shout_but(client: ClientInfo, content: Any) -> None:
+            server.send_all_clients("shout", content["text"], exclude=content["exclude"])
+
+        @server.on("say")
+        def say(client: ClientInfo, content: Any) -> None:
+            server.send_group(client, "said", content, exclude=client)
+
     @property
     def clustered(self) -> bool:
         return self.topology != "single"
@@ -219,6 +234,19 @@ class Cluster:
     def wait_for_mirror(self, count: int) -> None:
         """Wait until every server's get_all_clients() has ``count`` clients."""
         wait_until(lambda: all(len(server.get_all_clients()) == count for server in self.servers), WAIT)
+
+    def mark(self, worker: int, token: str) -> None:
+        """``servers[worker]`` broadcasts ``mark``; wait until every member still connected
+        has it: whatever that worker sent or published before has arrived everywhere."""
+        self.servers[worker].send_all_clients("mark", token)
+        for member in self.members:
+            if not member.client.closed:
+                member.wait_for("mark", token)
+
+    def settle(self, token: str) -> None:
+        """:meth:`mark` from every worker: whatever any of them sent before has arrived."""
+        for worker in range(len(self.servers)):
+            self.mark(worker, f"{token} {worker}")
 
     def close(self) -> None:
         for member in self.members:
@@ -248,19 +276,32 @@ def _second_host_usable() -> bool:
 
 
 @pytest.fixture(params=TOPOLOGIES)
-def cluster(request: pytest.FixtureRequest) -> Iterator[Cluster]:
-    """A started Cluster of the parametrized topology; clients and servers close at teardown."""
+def make_cluster(request: pytest.FixtureRequest) -> Iterator[Callable[..., Cluster]]:
+    """``make_cluster(**server_options)``: a started Cluster of the parametrized topology;
+    clients and servers close at teardown."""
     topology = request.param
     redis_url = None
     if topology != "single":
         redis_url = request.getfixturevalue("redis_server").url
     if topology == "two_hosts" and not _second_host_usable():
         pytest.skip(f"cannot bind {SECOND_HOST} on this machine")
-    made = Cluster(topology, redis_url)
+    made: List[Cluster] = []
+
+    def factory(**options: Any) -> Cluster:
+        made.append(Cluster(topology, redis_url, **options))
+        return made[-1]
+
     try:
-        yield made
+        yield factory
     finally:
-        made.close()
+        for each in made:
+            each.close()
+
+
+@pytest.fixture
+def cluster(make_cluster: Callable[..., Cluster]) -> Cluster:
+    """A started Cluster of the parametrized topology with the default options."""
+    return make_cluster()
 
 
 # ---------------------------------------------------------------- broadcast
@@ -318,6 +359,93 @@ def test_group_send_to_an_empty_group_raises_group_not_found_on_every_worker(clu
     for member in members:
         member.sync("end")
         assert member.received("told") == []
+
+
+# ---------------------------------------------------------------- broadcasts that skip someone
+
+
+def test_a_broadcast_with_exclude_skips_exactly_the_excluded_clients_across_workers(cluster: Cluster) -> None:
+    members = [cluster.connect(f"c{i}", "red") for i in range(5)]
+    cluster.wait_for_mirror(5)
+    sender, c1, c2, c3, c4 = members
+    cases = [
+        ("one name", "c1", {"c1"}),
+        ("one ClientInfo", c2.info, {"c2"}),
+        ("one ip:port", c3.info.ipstr, {"c3"}),
+        ("one (ip, port)", c4.info.ip, {"c4"}),
+        ("a list", [c1.info, "c3", c4.info.ip], {"c1", "c3", "c4"}),
+        ("a tuple of two names", ("c1", "c2"), {"c1", "c2"}),
+        ("the sender, and two that are not connected", [sender.info, "nobody", "127.0.0.1:1"], {"c0"}),
+    ]
+    for text, exclude, _ in cases:  # from a handler on the sender's worker
+        sender.send("shout_but", {"text": text, "exclude": exclude})
+    sender.send("shout", "end")
+    for member in members:
+        member.wait_for("shout", "end")
+
+    for member in members:
+        expected = [text for text, _, skipped in cases if member.client.name not in skipped]
+        assert member.received("shout") == expected + ["end"], member.info
+
+
+def test_a_broadcast_from_any_worker_skips_a_client_held_by_another(cluster: Cluster) -> None:
+    members = [cluster.connect(f"c{i}") for i in range(len(cluster.servers) + 2)]
+    cluster.wait_for_mirror(len(members))
+    last = len(cluster.servers) - 1
+    skipped = ([member for member in members if member.worker != last] or members)[:2]  # held by other workers
+
+    cluster.servers[last].send_all_clients("shout", "but two", exclude={skipped[0].info, skipped[1].client.name})
+    cluster.mark(last, "sent")
+
+    for member in members:
+        assert member.received("shout") == ([] if member in skipped else ["but two"]), member.info
+
+
+@pytest.mark.filterwarnings("ignore:.*clients are named:UserWarning")
+def test_excluding_a_name_two_clients_share_skips_the_one_that_joined_first_on_every_worker(cluster: Cluster) -> None:
+    first = cluster.connect("twin")
+    cluster.wait_for_mirror(1)
+    second = cluster.connect("twin")  # on another worker, when there is one
+    other = cluster.connect("other")
+    cluster.wait_for_mirror(3)
+
+    for index, server in enumerate(cluster.servers):
+        with pytest.warns(UserWarning, match="2 clients are named 'twin'"):
+            server.send_all_clients("shout", f"via {index}", exclude="twin")
+        cluster.mark(index, f"sent {index}")
+
+    with pytest.warns(UserWarning, match="2 clients are named 'twin'") as record:  # from a handler
+        other.send("shout_but", {"text": "from a handler", "exclude": "twin"})
+        other.wait_for("shout", "from a handler")
+    cluster.mark(other.worker, "handled")
+
+    everything = [f"via {index}" for index in range(len(cluster.servers))]
+    assert first.received("shout") == []
+    assert second.received("shout") == everything + ["from a handler"]
+    assert other.received("shout") == everything + ["from a handler"]
+    assert record[0].filename == __file__  # the handler's line, on every topology
+
+
+def test_a_group_send_with_exclude_skips_the_sender_and_the_excluded_across_workers(cluster: Cluster) -> None:
+    groups = ["red", "red", "red", "blue", None]
+    red0, red1, red2, blue, loner = members = [cluster.connect(f"c{i}", group) for i, group in enumerate(groups)]
+    cluster.wait_for_mirror(len(members))
+
+    red0.send("say", "hi from c0")  # send_group(client, ..., exclude=client)
+    red0.send("shout", "end")
+    for member in members:
+        member.wait_for("shout", "end")
+    assert [member.received("said") for member in members] == [[], ["hi from c0"], ["hi from c0"], [], []]
+
+    last = len(cluster.servers) - 1
+    server = cluster.servers[last]
+    server.send_group("red", "told", "but c1 and c2", exclude=[red1.info, "c2"])
+    server.send_group("red", "told", "to nobody", exclude=[red0.info, red1.info, red2.info])  # no error
+    with pytest.raises(GroupNotFound):
+        server.send_group("nobody-here", "told", "lost", exclude="c0")
+    cluster.mark(last, "sent")
+    assert [member.received("told") for member in members] == [["but c1 and c2"], [], [], [], []]
+    assert blue.received("said") == loner.received("said") == []
 
 
 # ---------------------------------------------------------------- one client
@@ -486,6 +614,135 @@ def test_a_joining_client_is_announced_to_everyone_and_runs_join_once(cluster: C
     joined = [item for item in cluster.joins.items if item[1].name in ("carol", "dave")]
     assert joined == [(carol.worker, carol_info), (dave.worker, dave_info)]
     assert sorted(info.name for _, info in cluster.joins.items) == ["alice", "bob", "carol", "dave"]
+
+
+# ---------------------------------------------------------------- announcement scope
+
+
+def test_name_and_group_changes_are_announced_to_nobody_in_the_default_scope(cluster: Cluster) -> None:
+    alice = cluster.connect("alice", "red")
+    members = [alice, cluster.connect("bob", "red"), cluster.connect("carol", "blue")]
+    cluster.wait_for_mirror(3)
+    cluster.settle("joined")
+    assert all(server.announce == "all" for server in cluster.servers)
+    heard_before = [len(member.log.items) for member in members]
+
+    alice.client.change_group("blue")
+    alice.client.change_name("alicia")
+    alice.sync("changed")
+    cluster.mark(alice.worker, "changed")
+
+    for member, before in zip(members, heard_before):
+        assert [item for item in member.log.items[before:] if item[0].startswith("client_")] == [], member.info
+    assert len(cluster.group_changes.items) == len(cluster.name_changes.items) == 1
+
+
+def test_group_scope_tells_a_join_and_a_leave_only_to_the_members_of_its_group(make_cluster: Callable[..., Cluster]) -> None:
+    cluster = make_cluster(announce="group")
+    red0, red1 = cluster.connect("red0", "red"), cluster.connect("red1", "red")
+    blue, loner = cluster.connect("blue", "blue"), cluster.connect("loner", None)
+    cluster.wait_for_mirror(4)
+
+    red2 = cluster.connect("red2", "red")
+    red2.client.wait_joined(WAIT)
+    cluster.wait_for_mirror(5)
+    cluster.mark(red2.worker, "red2 joined")
+    red2_info = red2.info
+    assert [member.heard_connect(red2_info) for member in (red0, red1, blue, loner)] == [1, 1, 0, 0]
+    assert red2.heard_about(red2_info.ip) == [("client_connect", red2_info)]  # its own answer only
+
+    drifter = cluster.connect("drifter", None)  # in no group: announced to nobody
+    drifter.client.wait_joined(WAIT)
+    cluster.wait_for_mirror(6)
+    cluster.mark(drifter.worker, "drifter joined")
+    drifter_info = drifter.info
+    for member in (red0, red1, red2, blue, loner):
+        assert member.heard_about(drifter_info.ip) == [], member.info
+    assert drifter.heard_about(drifter_info.ip) == [("client_connect", drifter_info)]
+
+    red1_info = red1.info
+    red1.client.close()
+    wait_until(lambda: (red1.worker, red1_info) in cluster.leaves.items, WAIT)
+    cluster.wait_for_mirror(5)
+    cluster.mark(red1.worker, "red1 left")
+    assert [member.heard_disconnect(red1_info) for member in (red0, red2, blue, loner, drifter)] == [1, 1, 0, 0, 0]
+    assert sorted(info.name for _, info in cluster.joins.items) == ["blue", "drifter", "loner", "red0", "red1", "red2"]
+    assert cluster.leaves.items == [(red1.worker, red1_info)]
+
+
+def test_group_scope_tells_a_group_change_as_a_leave_to_the_old_group_and_a_join_to_the_new(make_cluster: Callable[..., Cluster]) -> None:
+    cluster = make_cluster(announce="group")
+    alice, bob = cluster.connect("alice", "red"), cluster.connect("bob", "red")
+    carol, dave = cluster.connect("carol", "blue"), cluster.connect("dave", None)
+    members = [alice, bob, carol, dave]
+    cluster.wait_for_mirror(4)
+    # A join another worker hears of after its own client joined is announced to it (the
+    # mirror is a few milliseconds behind): count only what is heard from now on.
+    cluster.settle("joined")
+    since = {member.client.name: len(member.log.items) for member in members}
+    a, d = alice.info.ip, dave.info.ip
+
+    alice.client.change_group("blue")
+    alice.sync("moved")
+    cluster.mark(alice.worker, "alice moved")
+    assert bob.heard_about(a, since["bob"]) == [("client_disconnect", ClientInfo(a, "alice", "red"))]
+    assert carol.heard_about(a, since["carol"]) == [("client_connect", ClientInfo(a, "alice", "blue"))]
+    assert dave.heard_about(a, since["dave"]) == []
+    assert alice.heard_about(a, since["alice"]) == []  # the client that moved hears nothing of itself
+
+    dave.client.change_group("red")  # into a group, then out of every group
+    dave.sync("in")
+    dave.client.change_group(None)
+    dave.sync("out")
+    cluster.mark(dave.worker, "dave moved")
+    assert bob.heard_about(d, since["bob"]) == [("client_connect", ClientInfo(d, "dave", "red")), ("client_disconnect", ClientInfo(d, "dave", "red"))]
+    assert alice.heard_about(d, since["alice"]) == carol.heard_about(d, since["carol"]) == []
+
+    cluster.settle("moved")
+    heard_before = [len(member.log.items) for member in members]
+    bob.client.change_name("robert")  # a name change is announced to nobody, as on HiSock
+    bob.client.change_group("red")  # the group it is in: no change to announce
+    bob.sync("renamed")
+    cluster.mark(bob.worker, "bob renamed")
+    for member, before in zip(members, heard_before):
+        assert [item for item in member.log.items[before:] if item[0].startswith("client_")] == [], member.info
+
+    assert cluster.group_changes.items == [
+        (alice.worker, ClientInfo(a, "alice", "blue"), "red", "blue"),
+        (dave.worker, ClientInfo(d, "dave", "red"), None, "red"),
+        (dave.worker, ClientInfo(d, "dave", None), "red", None),
+        (bob.worker, ClientInfo(bob.info.ip, "robert", "red"), "red", "red"),
+    ]
+    assert len(cluster.name_changes.items) == 1
+
+
+def test_none_scope_announces_nothing_but_each_clients_own_answer(make_cluster: Callable[..., Cluster]) -> None:
+    cluster = make_cluster(announce="none")
+    members = [cluster.connect("a", "red"), cluster.connect("b", "red"), cluster.connect("c", None)]
+    cluster.wait_for_mirror(3)
+    d = cluster.connect("d", "red")
+    d.client.wait_joined(WAIT)
+    members.append(d)
+    a, b, c = members[:3]
+    cluster.wait_for_mirror(4)
+
+    b.client.change_group("blue")
+    a.client.change_name("alpha")
+    for member in (a, b):
+        member.sync("changed")
+    c_info = c.info
+    c.client.close()
+    wait_until(lambda: (c.worker, c_info) in cluster.leaves.items, WAIT)
+    cluster.wait_for_mirror(3)
+    for member in (a, b, c, d):
+        cluster.mark(member.worker, f"after {member.client.name}")
+
+    for member in (a, b, d):
+        assert [item[0] for item in member.log.items if item[0].startswith("client_")] == ["client_connect"], member.info
+        assert member.connects.items[0].ip == member.info.ip  # its own answer
+    assert sorted(info.name for _, info in cluster.joins.items) == ["a", "b", "c", "d"]
+    assert cluster.leaves.items == [(c.worker, c_info)]
+    assert len(cluster.group_changes.items) == len(cluster.name_changes.items) == 1
 
 
 # ---------------------------------------------------------------- ordering

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from typing import Iterator, List
 
+import msgpack
 import pytest
 from memory_bus import FakeServer, MemoryNetwork
 
-from hisock_gevent import ClientInfo, ClientNotFound, GroupNotFound
+from hisock_gevent import ClientInfo, ClientNotFound, GroupNotFound, InvalidTypeCast
 from hisock_gevent.cluster_messages import (
     Bye,
     Changed,
@@ -59,7 +60,9 @@ def workers(net: MemoryNetwork) -> Iterator[List[FakeServer]]:
         Here("w1", ()),
         Reaped("w2", "w1", (ALICE_ENTRY,)),
         ToAll("w1", b"plain", b""),
+        ToAll("w1", b"plain", b"extended", ("w2#7", "w3#1")),
         ToGroup("w1", "red", b"", b"extended"),
+        ToGroup("w1", "red", b"plain", b"", ("w2#7",)),
         ToClient("w1", "w2#7", b"frame"),
         Kick("w1", "w2#7", True, False),
         Bye("w1"),
@@ -71,6 +74,17 @@ def test_every_cluster_message_round_trips_through_its_wire_form(message) -> Non
 
     assert decode(data) == message
     assert type(message).from_wire(data) == message
+
+
+def test_a_send_that_skips_nobody_is_the_same_bytes_as_before_exclusions_existed() -> None:
+    # Workers without exclusions read these; and these read theirs.
+    old_all = msgpack.packb(["all", "w1", b"plain", b"ext"], use_bin_type=True)
+    old_group = msgpack.packb(["group", "w1", "red", b"plain", b"ext"], use_bin_type=True)
+
+    assert ToAll("w1", b"plain", b"ext").to_wire() == old_all
+    assert ToGroup("w1", "red", b"plain", b"ext").to_wire() == old_group
+    assert decode(old_all) == ToAll("w1", b"plain", b"ext", ())
+    assert decode(old_group) == ToGroup("w1", "red", b"plain", b"ext", ())
 
 
 def test_a_client_entry_round_trips_and_gives_its_client_info() -> None:
@@ -88,6 +102,9 @@ def test_a_client_entry_round_trips_and_gives_its_client_info() -> None:
         b"\x92\xa5nosuch\xa1x",  # an unknown tag
         b"\x93\xa4kick\x01\x90",  # the origin is not a str
         ToClient("w1", "w2#7", b"frame").to_wire()[:-3],  # cut short
+        msgpack.packb(["all", "w1", b"", b"", "w2#7"]),  # excluded clients not a list
+        msgpack.packb(["group", "w1", "red", b"", b"", [7]]),  # an excluded id not a str
+        msgpack.packb(["all", "w1", b"", b"", [], "extra"]),  # too many fields
     ],
 )
 def test_junk_is_refused_with_malformed_cluster_message(junk: bytes) -> None:
@@ -471,3 +488,183 @@ def test_a_worker_missing_from_a_snapshot_keeps_its_clients_for_the_grace_period
 
     assert events_about(alice, "bob", mark) == []
     w0.send_client("bob", "msg", "still here?")
+
+
+# ---------------------------------------------------------------- sends that skip someone
+
+
+def test_a_broadcast_skips_excluded_clients_of_every_worker_by_their_cluster_identity(net, workers) -> None:
+    w0, w1, w2 = workers
+    alice = w0.join(("10.0.0.1", 1), "alice")
+    bob = w1.join(("10.0.0.2", 2), "bob")
+    carol = w2.join(("10.0.0.3", 3), "carol")
+    dave = w2.join(("10.0.0.4", 4), "dave")
+    net.pump()
+
+    w0.send_all("shout", "but bob and dave", exclude=("bob", ("10.0.0.4", 4), "nobody", "10.9.9.9:9"))
+    net.pump()
+
+    assert [peer.got("shout") for peer in (alice, bob, carol, dave)] == [["but bob and dave"], [], ["but bob and dave"], []]
+    published = [message for message in w0.delivery.bus.sent if isinstance(message, ToAll)]
+    assert [sorted(message.exclude) for message in published] == [sorted(["w1#1", "w2#2"])]
+
+
+def test_a_broadcast_excluding_everyone_elsewhere_is_not_published(net, workers) -> None:
+    w0, w1, _ = workers
+    alice = w0.join(("10.0.0.1", 1), "alice")
+    bob = w1.join(("10.0.0.2", 2), "bob")
+    net.pump()
+
+    w0.send_all("shout", "just alice", exclude=[bob.info])
+    net.pump()
+
+    assert alice.got("shout") == ["just alice"] and bob.got("shout") == []
+    assert not [message for message in w0.delivery.bus.sent if isinstance(message, ToAll)]
+
+
+def test_a_group_send_tells_each_worker_only_its_own_excluded_members(net, workers) -> None:
+    w0, w1, w2 = workers
+    a = w0.join(("10.0.0.1", 1), "a", "red")
+    b1 = w1.join(("10.0.0.2", 2), "b1", "red")
+    b2 = w1.join(("10.0.0.3", 3), "b2", "red")
+    c = w2.join(("10.0.0.4", 4), "c", "red")
+    blue = w2.join(("10.0.0.5", 5), "blue", "blue")
+    net.pump()
+
+    w0.send_group("red", "told", "reds but b1 and c", exclude=[b1.info, "c", "blue", "a"])
+    net.pump()
+
+    assert [peer.got("told") for peer in (a, b1, b2, c, blue)] == [[], [], ["reds but b1 and c"], [], []]
+    groups = [message for message in w0.delivery.bus.sent if isinstance(message, ToGroup)]
+    assert [message.exclude for message in groups] == [("w1#1",)]  # w2's only member is skipped: no message
+    assert net.delivered["w2", "group"] == 0
+
+
+def test_a_group_send_excluding_every_member_sends_nothing_and_raises_nothing(net, workers) -> None:
+    w0, w1, _ = workers
+    a = w0.join(("10.0.0.1", 1), "a", "red")
+    b = w1.join(("10.0.0.2", 2), "b", "red")
+    net.pump()
+
+    w1.send_group("red", "told", "nobody", exclude=["a", "b"])
+    net.pump()
+
+    assert a.got("told") == b.got("told") == []
+    with pytest.raises(GroupNotFound):
+        w1.send_group("blue", "told", "nobody", exclude=["a"])
+
+
+def test_a_plain_peer_excluded_spares_the_plain_frame(net, workers) -> None:
+    w0, w1, _ = workers
+    a = w0.join(("10.0.0.1", 1), "a", "red")
+    plain = w1.join(("10.0.0.2", 2), "plain", "red", msgpack_ok=False)
+    net.pump()
+
+    w0.send_all("flag", True, exclude="plain")  # a bool cannot reach a plain peer
+    w0.send_group("red", "flag", False, exclude=[plain.info])
+    net.pump()
+
+    assert a.got("flag") == [True, False] and plain.got("flag") == []
+    with pytest.raises(InvalidTypeCast):
+        w0.send_all("flag", True)
+
+
+# ---------------------------------------------------------------- announcement scope
+
+
+@pytest.fixture
+def scoped(net) -> Iterator:
+    """``scoped(announce)``: three workers with that announcement scope."""
+    made: List[FakeServer] = []
+
+    def make(announce: str) -> List[FakeServer]:
+        made.extend(FakeServer(net, f"w{i}", announce=announce) for i in range(3))
+        return made[-3:]
+
+    yield make
+    for server in made:
+        server.delivery.stop()
+
+
+def test_group_scope_tells_another_workers_join_and_leave_only_to_its_group(net, scoped) -> None:
+    w0, w1, w2 = scoped("group")
+    red, blue, loner = w0.join(("10.0.0.1", 1), "red", "red"), w0.join(("10.0.0.2", 2), "blue", "blue"), w2.join(("10.0.0.3", 3), "loner")
+    net.pump()
+
+    dave = w1.join(("10.0.0.4", 4), "dave", "red")
+    nobody = w1.join(("10.0.0.5", 5), "nobody", None)
+    net.pump()
+    w1.leave(dave)
+    w1.leave(nobody)
+    net.pump()
+
+    assert events_about(red, "dave") == ["joined", "left"]
+    assert events_about(blue, "dave") == events_about(loner, "dave") == []
+    for peer in (red, blue, loner):
+        assert events_about(peer, "nobody") == []
+        assert events_about(peer, "red") == []  # red joined first: told no one, as on HiSock
+
+
+def test_group_scope_tells_another_workers_group_change_as_a_leave_and_a_join(net, scoped) -> None:
+    w0, w1, _ = scoped("group")
+    red, blue = w0.join(("10.0.0.1", 1), "red", "red"), w0.join(("10.0.0.2", 2), "blue", "blue")
+    alice = w1.join(("10.0.0.3", 3), "alice", "red")
+    net.pump()
+    mark = [len(red.frames), len(blue.frames)]
+
+    w1.change(alice, "alice", "blue")
+    net.pump()
+    w1.change(alice, "alicia", "blue")  # a name change: nobody hears
+    net.pump()
+
+    assert events_about(red, "alice", mark[0]) == ["left"]
+    assert events_about(blue, "alice", mark[1]) == ["joined"]
+    assert [kind for kind, _ in red.received()[mark[0]:]] == ["left"]
+    assert [kind for kind, _ in blue.received()[mark[1]:]] == ["joined"]
+
+
+def test_group_scope_tells_a_group_change_missed_while_cut_off_when_the_worker_comes_back(net, scoped) -> None:
+    w0, w1, _ = scoped("group")
+    red, blue = w0.join(("10.0.0.1", 1), "red", "red"), w0.join(("10.0.0.2", 2), "blue", "blue")
+    alice = w1.join(("10.0.0.3", 3), "alice", "red")
+    net.pump()
+    mark = [len(red.frames), len(blue.frames)]
+    net.cut.add("w1")
+    w1.change(alice, "alice", "blue")  # the others never hear of it
+    net.cut.discard("w1")
+
+    net.come_back("w1")
+    net.pump()
+
+    assert events_about(red, "alice", mark[0]) == ["left"]
+    assert events_about(blue, "alice", mark[1]) == ["joined"]
+
+
+def test_all_scope_tells_nobody_of_another_workers_group_change(net, workers) -> None:
+    w0, w1, _ = workers
+    red = w0.join(("10.0.0.1", 1), "red", "red")
+    alice = w1.join(("10.0.0.3", 3), "alice", "red")
+    net.pump()
+    mark = len(red.frames)
+
+    w1.change(alice, "alice", "blue")
+    net.pump()
+
+    assert red.frames[mark:] == []
+
+
+def test_none_scope_tells_nobody_of_another_workers_clients(net, scoped) -> None:
+    w0, w1, _ = scoped("none")
+    watchers = [w0.join(("10.0.0.1", 1), "a", "red"), w0.join(("10.0.0.2", 2), "b")]
+    net.pump()
+
+    dave = w1.join(("10.0.0.4", 4), "dave", "red")
+    net.pump()
+    w1.change(dave, "dave", "blue")
+    w1.leave(dave)
+    net.pump()
+    net.reap("w1", by="w0")
+    net.pump()
+
+    assert [watcher.frames for watcher in watchers] == [[], []]
+    assert [info.name for info in w0.delivery.all_clients()] == ["a", "b"]

@@ -4,7 +4,8 @@ No performance thresholds here -- only that every scenario runs against hisock_g
 both baselines and reports figures with a ratio to each baseline, that the two baselines
 (gevent, and asyncio on uvloop or on asyncio's own loop) put the same bytes on the wire,
 that ``--workers 2`` runs S1 and S2 on one process and on two joined by Redis (skipped
-without redis-server or redis-py, except under CI), and that the example Locust users
+without redis-server or redis-py, except under CI), that ``--join-storm`` runs the same
+joins under each announcement scope, and that the example Locust users
 (loadtest/locustfile.py) talk to the echo server without failures.
 Everything runs in subprocesses: bench.py starts its own server and generator processes,
 and importing locust would monkey-patch this (deliberately unpatched) pytest process.
@@ -115,6 +116,32 @@ def test_bench_smoke_workers_compares_one_process_with_two_joined_by_redis(tmp_p
             assert row["hisock x2"]["workers"] == 2
     assert document["meta"]["failures"] == []
     assert "hisock x2" in proc.stdout.decode()  # the table was printed
+
+
+@pytest.mark.timeout(120)
+def test_bench_smoke_join_storm_runs_the_same_joins_under_each_announcement_scope(tmp_path: Path) -> None:
+    out = tmp_path / "bench-joinstorm.json"
+    proc = subprocess.run(
+        [sys.executable, str(BENCH), "--smoke", "--join-storm", "--json", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        timeout=90,
+    )
+    assert proc.returncode == 0, _output(proc)
+    document = json.loads(out.read_text())
+    (row,) = document["results"]["join_storm"]
+    assert document["meta"]["failures"] == [] and document["meta"]["scopes"] == ["all", "group", "none"]
+    for scope in ("all", "group", "none"):
+        result = row[scope]
+        assert "error" not in result and "limit" not in result, (scope, result)
+        assert result["scope"] == scope and result["held"] == result["clients"] == row["clients"]
+        assert result["ramp_s"] > 0 and result["server_cpu_s"] >= 0 and 0 < result["gen_cpu_share"] < 1
+    # Not a performance threshold: what the scopes announce.  100 clients in two groups of
+    # 50 hear about half as much under "group" as under "all", and nothing under "none".
+    announced = [row[scope]["announce_mb"] for scope in ("all", "group", "none")]
+    assert announced[0] > announced[1] * 1.5 > 0 and announced[2] == 0, announced
+    assert set(row["ratios"]["ramp_s"]) == {"group", "none"}
+    assert "ratio group/all" in proc.stdout.decode()  # the table was printed
 
 
 # ---------------------------------------------------------------- the baselines' bytes
