@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, List, Optional, Tuple
 
 import pytest
+from conftest import wait_until
 from redis_server import redis_server  # noqa: F401  (a fixture)
 from tcp_proxy import PausableProxy
 
@@ -113,10 +114,10 @@ class Inbox:
         self.client.start()
 
     def wait_for(self, event: Tuple[str, Any], timeout: float = WAIT) -> None:
-        deadline = time.monotonic() + timeout
-        while event not in self.events:
-            assert time.monotonic() < deadline, f"{self.name} never got {event!r}; got {self.events!r}"
-            time.sleep(0.01)
+        wait_until(
+            lambda: event in self.events, timeout, interval=0.01,
+            message=lambda: f"{self.name} never got {event!r}; got {self.events!r}",
+        )
 
     def send(self, command: str, content: Any = None) -> None:
         self.client.send(command, content)
@@ -253,10 +254,10 @@ def test_a_killed_workers_clients_leave_once_on_a_survivor(cluster):
     # Within the worker TTL (1 s here) plus a heartbeat, a survivor claims the victim.
     alice.wait_for(("left", "victim"))
     bob.wait_for(("left", "victim"))
-    deadline = time.monotonic() + WAIT
-    while survivor_a.count("LEAVE victim") + survivor_b.count("LEAVE victim") < 1:
-        assert time.monotonic() < deadline, "no survivor ran leave for the victim"
-        time.sleep(0.01)
+    wait_until(
+        lambda: survivor_a.count("LEAVE victim") + survivor_b.count("LEAVE victim") >= 1, WAIT, interval=0.01,
+        message="no survivor ran leave for the victim",
+    )
     # Once: a marker sent after the claim has gone all the way round before we count.
     relay_until_delivered(bob, alice, "after the claim")
     assert survivor_a.count("LEAVE victim") + survivor_b.count("LEAVE victim") == 1
@@ -281,10 +282,10 @@ def test_the_cluster_recovers_by_itself_after_redis_stops_for_a_while(cluster):
     carol.wait_for(("msg", "local while down"))
     # A send to the other worker fails with a logged error (and is not delivered later).
     alice.client.send("relay", {"to": "bob", "text": "lost while down"})
-    deadline = time.monotonic() + WAIT
-    while not any("unreachable" in line for line in first.stderr):
-        assert time.monotonic() < deadline, f"no error logged; stderr {first.stderr[-10:]!r}"
-        time.sleep(0.02)
+    wait_until(
+        lambda: any("unreachable" in line for line in first.stderr), WAIT, interval=0.02,
+        message=lambda: f"no error logged; stderr {first.stderr[-10:]!r}",
+    )
     time.sleep(2.0)  # the outage itself: "stop Redis for a few seconds"
 
     cluster.redis.start()  # empty: it kept nothing
@@ -376,10 +377,10 @@ def test_junk_in_redis_is_logged_and_ignored_and_the_cluster_carries_on(cluster,
 
     # Both workers say so in their logs, and nobody falls over.
     for worker in (first, second):
-        deadline = time.monotonic() + WAIT
-        while not any("backplane: ignoring" in line for line in worker.stderr):
-            assert time.monotonic() < deadline, f"no warning logged; stderr {worker.stderr[-10:]!r}"
-            time.sleep(0.02)
+        wait_until(
+            lambda worker=worker: any("backplane: ignoring" in line for line in worker.stderr), WAIT, interval=0.02,
+            message=lambda worker=worker: f"no warning logged; stderr {worker.stderr[-10:]!r}",
+        )
         assert not any("Traceback" in line for line in worker.stderr), worker.stderr
     relay_until_delivered(bob, alice, "after the junk")
     alice.client.send("shout", "still one server")
@@ -487,13 +488,6 @@ def test_a_worker_paused_past_the_ttl_registers_its_clients_again_when_it_resume
     assert any("writing its 1 client(s) back" in line for line in paused.stderr), paused.stderr[-10:]
 
 
-def wait_until(predicate: Any, what: str, timeout: float = WAIT) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"never {what}"
-        time.sleep(0.01)
-
-
 def membership(inbox: Inbox, since: int = 0) -> List[Tuple[str, Any]]:
     """The joins and leaves ``inbox`` heard, from its ``since``-th event on."""
     return [event for event in inbox.events[since:] if event[0] in ("joined", "left")]
@@ -522,7 +516,7 @@ def test_a_worker_cut_off_from_redis_past_the_ttl_is_reaped_comes_back_and_catch
         alice.send("relay", {"to": "carol", "text": "local while cut off"})
         carol.wait_for(("msg", "local while cut off"))
         send_numbers(alice, "bob", range(110, 120))
-        wait_until(lambda: any("unreachable" in line for line in cut.stderr), "an outage logged", timeout=15)
+        wait_until(lambda: any("unreachable" in line for line in cut.stderr), 15, interval=0.01, message="never an outage logged")
         # Meanwhile the other side changes.
         erin.close()
         dave = cluster.client(other, "dave")
@@ -580,13 +574,16 @@ def test_redis_restarting_during_a_broadcast_storm_loses_one_stretch_and_deliver
     thread = threading.Thread(target=storm, daemon=True)
     thread.start()
     try:
-        wait_until(lambda: len(shouts(bob)) >= 100, "bob in the storm")
+        wait_until(lambda: len(shouts(bob)) >= 100, WAIT, interval=0.01, message="never bob in the storm")
         cluster.redis.stop()
         time.sleep(1.0)
         cluster.redis.start()  # empty
         restarted = len(sent)
         # Across again: bob gets what was sent well after the restart.
-        wait_until(lambda: any(number > restarted + 100 for number in shouts(bob)), "the storm across again", timeout=30)
+        wait_until(
+            lambda: any(number > restarted + 100 for number in shouts(bob)), 30, interval=0.01,
+            message="never the storm across again",
+        )
     finally:
         stop.set()
         thread.join(5)

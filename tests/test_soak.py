@@ -65,14 +65,10 @@ def live_greenlets() -> int:
 
 
 def settle(measure: Any, limit: int, what: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = measure()
-        if value <= limit:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: {value} at the end, at most {limit} expected")
-        time.sleep(0.05)
+    wait_until(
+        lambda: measure() <= limit, timeout, interval=0.05,
+        message=lambda: f"{what}: {measure()} at the end, at most {limit} expected",
+    )
 
 
 class Ledger:
