@@ -539,6 +539,8 @@ def test_plain_hisock_clients_get_their_own_dialect_from_other_workers(cluster: 
     plain = cluster.connect("plain", "red", use_msgpack=False)
     extended = cluster.connect("extended", "red")
     cluster.wait_for_mirror(3)
+    for member in (alice, plain, extended):
+        member.client.wait_joined()  # the dialect is settled by the server's answer to the hello
     assert not plain.client.msgpack_ok and extended.client.msgpack_ok
     content = {"text": "hi", "numbers": [1, 2, 3]}
 
