@@ -491,6 +491,7 @@ def test_a_joining_client_is_announced_to_everyone_and_runs_join_once(cluster: C
 # ---------------------------------------------------------------- ordering
 
 
+@pytest.mark.slow
 def test_messages_between_two_clients_keep_their_order_across_workers(cluster: Cluster) -> None:
     alice = cluster.connect("alice")
     bob = cluster.connect("bob")

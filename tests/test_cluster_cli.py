@@ -19,7 +19,8 @@ from conftest import wait_until
 from redis_server import RedisServer, free_port, require_redis
 from test_cli import WAIT, one_shot, run  # noqa: F401  (run is a fixture)
 
-pytestmark = pytest.mark.timeout(60)
+# Slow by nature: the command runs as a subprocess, with a Redis server.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(60)]
 
 APP = """
 import hisock_gevent

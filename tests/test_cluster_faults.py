@@ -39,7 +39,8 @@ from hisock_gevent.messages import (
 from hisock_gevent.outgoing import OutgoingCommand
 from hisock_gevent.typecast import decode as decode_content
 
-pytestmark = pytest.mark.timeout(90)
+# Slow by nature: worker processes, Redis, and waits for heartbeats and TTLs.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(90)]
 
 WORKER = Path(__file__).parent / "programs" / "cluster_worker.py"
 WAIT = 15.0
@@ -451,7 +452,6 @@ def send_numbers(sender: Inbox, to: str, numbers_to_send: range) -> None:
         sender.send("relay", {"to": to, "text": number})
 
 
-@pytest.mark.slow
 def test_a_worker_paused_past_the_ttl_registers_its_clients_again_when_it_resumes(cluster):
     paused, survivor = cluster.worker(), cluster.worker()
     alice = cluster.client(paused, "alice")
@@ -493,7 +493,6 @@ def membership(inbox: Inbox, since: int = 0) -> List[Tuple[str, Any]]:
     return [event for event in inbox.events[since:] if event[0] in ("joined", "left")]
 
 
-@pytest.mark.slow
 def test_a_worker_cut_off_from_redis_past_the_ttl_is_reaped_comes_back_and_catches_up(cluster):
     proxy = cluster.proxy()
     cut, other = cluster.worker(url=proxy.url), cluster.worker()
@@ -547,7 +546,6 @@ def test_a_worker_cut_off_from_redis_past_the_ttl_is_reaped_comes_back_and_catch
     assert any("dead while it could not reach Redis; writing its 2 client(s) back" in line for line in cut.stderr), "\n".join(cut.stderr)
 
 
-@pytest.mark.slow
 def test_redis_restarting_during_a_broadcast_storm_loses_one_stretch_and_delivers_nothing_twice(cluster):
     first, second = cluster.worker(), cluster.worker()
     sender, alice = cluster.client(first, "sender"), cluster.client(first, "alice")
@@ -605,7 +603,6 @@ def test_redis_restarting_during_a_broadcast_storm_loses_one_stretch_and_deliver
         assert membership(inbox, marks[inbox.name]) == [], inbox.name
 
 
-@pytest.mark.slow
 def test_a_worker_paused_for_less_than_the_ttl_loses_nothing_and_nobody_hears_a_thing(cluster):
     paused, other = cluster.worker(), cluster.worker()
     alice = cluster.client(paused, "alice")

@@ -565,7 +565,15 @@ def run_case(case: Case, addr: Tuple[str, int], make_hostile: Callable[..., RawP
 # ---------------------------------------------------------------- one test per kind
 
 
-@pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])
+#: The cases the fast tier (``-m "not slow"``) runs, one of each kind; the full suite runs them all.
+FAST_CASES = {"header_not_a_number", "hello_not_json", "fmt_unknown_letter", "resets_mid_body"}
+
+
+def slow_unless(fast: bool) -> Any:
+    return () if fast else pytest.mark.slow
+
+
+@pytest.mark.parametrize("case", [pytest.param(case, id=case.id, marks=slow_unless(case.id in FAST_CASES)) for case in CASES])
 def test_malformed_input_closes_only_the_offending_connection(case: Case, make_scene, hostiles, capfd):
     scene = make_scene()
     fds_before = fd_count()
@@ -593,7 +601,14 @@ def test_malformed_input_closes_only_the_offending_connection(case: Case, make_s
 # ---------------------------------------------------------------- size claims and memory
 
 
-@pytest.mark.parametrize("claim", [_TOO_BIG, 10**16 - 1, DEFAULT_MAX_MESSAGE_SIZE + 1], ids=["1e15", "1e16-1", "default_limit+1"])
+@pytest.mark.parametrize(
+    "claim",
+    [
+        pytest.param(_TOO_BIG, id="1e15"),
+        pytest.param(10**16 - 1, id="1e16-1", marks=pytest.mark.slow),
+        pytest.param(DEFAULT_MAX_MESSAGE_SIZE + 1, id="default_limit+1", marks=pytest.mark.slow),
+    ],
+)
 def test_huge_claims_are_refused_without_allocating(claim: int, make_scene, hostiles):
     # The server's default max_message_size (16 MiB) here, not the scene's 1 MiB.
     scene = make_scene(max_message_size=DEFAULT_MAX_MESSAGE_SIZE)
@@ -626,6 +641,7 @@ def test_huge_claims_are_refused_without_allocating(claim: int, make_scene, host
 # ---------------------------------------------------------------- silence and slowness
 
 
+@pytest.mark.slow
 def test_silent_connection_is_closed_after_the_handshake_timeout(make_scene, hostiles):
     scene = make_scene(handshake_timeout=0.5)
     traffic = scene.traffic()
@@ -646,6 +662,7 @@ def test_silent_connection_is_closed_after_the_handshake_timeout(make_scene, hos
     settle(fd_count, fds_before + FD_SLACK, "open file descriptors")
 
 
+@pytest.mark.slow
 def test_header_sent_one_byte_at_a_time_is_cut_off_by_the_handshake_timeout(make_scene, hostiles):
     scene = make_scene(handshake_timeout=0.5)
     traffic = scene.traffic()
@@ -669,6 +686,7 @@ def test_header_sent_one_byte_at_a_time_is_cut_off_by_the_handshake_timeout(make
     scene.expect_serving()
 
 
+@pytest.mark.slow
 def test_joined_client_that_says_nothing_is_dropped_after_the_idle_timeout(make_scene, hostiles):
     scene = make_scene(idle_timeout=1.5)
     # The good clients keep talking (so they are never idle) until the silent one is gone.
@@ -687,6 +705,7 @@ def test_joined_client_that_says_nothing_is_dropped_after_the_idle_timeout(make_
     scene.check_handlers({peer.port}, sent)
 
 
+@pytest.mark.slow
 def test_client_that_stops_reading_a_broadcast_is_dropped_with_leave(make_scene, hostiles):
     scene = make_scene(max_queue_bytes=256 * 1024)
     traffic = scene.traffic()
@@ -792,6 +811,7 @@ def test_commands_named_like_reserved_events_reach_only_the_catch_all(make_serve
     assert logwatch.warnings_about(peer.port) == []
 
 
+@pytest.mark.slow
 def test_joined_client_that_ignores_keepalives_is_dropped_with_leave(make_scene, hostiles):
     scene = make_scene(keepalive=True, keepalive_interval=0.3, keepalive_timeout=0.3)
     traffic = scene.traffic()
@@ -805,6 +825,7 @@ def test_joined_client_that_ignores_keepalives_is_dropped_with_leave(make_scene,
     scene.check_handlers({peer.port}, sent)
 
 
+@pytest.mark.slow
 def test_server_close_is_not_held_up_by_a_client_that_does_not_read(make_scene, hostiles):
     # max_queue_bytes large enough that the non-reader is not dropped before the close.
     scene = make_scene(max_queue_bytes=64 * 1024 * 1024)
@@ -826,6 +847,7 @@ def test_server_close_is_not_held_up_by_a_client_that_does_not_read(make_scene, 
 # ---------------------------------------------------------------- everything at once
 
 
+@pytest.mark.slow
 def test_every_hostile_at_once_while_good_clients_talk(make_scene, hostiles, capfd):
     scene = make_scene()
     gc.collect()

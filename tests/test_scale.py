@@ -77,6 +77,7 @@ def _commands_for_all(peers: List[RawPeer], wanted: str, count: int, timeout: fl
 # ---------------------------------------------------------------- a thousand clients
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_thousand_hisockclients_connected_at_once_each_receive_a_broadcast(server, make_client):
     count = 1000
@@ -125,6 +126,7 @@ def test_thousand_hisockclients_connected_at_once_each_receive_a_broadcast(serve
     assert time.monotonic() - started < 100
 
 
+@pytest.mark.slow
 def test_thousand_raw_connections_each_receive_every_broadcast_in_order(server, raw):
     count = 1000
     broadcasts = 5

@@ -253,6 +253,7 @@ def test_cache_size_n_keeps_the_last_n_messages_with_their_fields(make_server, m
     assert all(isinstance(member.header, int) and member.header > 0 for member in cache)
 
 
+@pytest.mark.slow
 def test_keepalive_keeps_an_answering_client_and_drops_silent_ones(make_server, make_client, recorder):
     leaves = recorder()
     server = make_server(keepalive=True, keepalive_interval=0.2, keepalive_timeout=0.4)
@@ -863,6 +864,7 @@ def test_on_raises_value_error_for_reserved_dollar_commands(make_server, command
         server.on(command)(lambda client, content: None)
 
 
+@pytest.mark.slow
 def test_threaded_handler_does_not_stall_other_clients(server, make_client):
     slow_started, slow_finished = threading.Event(), threading.Event()
 

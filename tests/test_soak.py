@@ -41,7 +41,8 @@ from conftest import wait_until
 
 import hisock_gevent
 
-pytestmark = pytest.mark.timeout(180)
+# Slow by nature: a soak runs for many seconds on purpose.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
 SOAK_SECONDS = float(os.environ.get("HISOCK_SOAK_SECONDS", "20"))
 SOAK_CLIENTS = int(os.environ.get("HISOCK_SOAK_CLIENTS", "250"))

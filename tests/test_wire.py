@@ -276,6 +276,7 @@ def test_keepalive_is_sent_as_a_normal_frame(keepalive_server, raw):
     assert peer.read_frame(timeout=3) == b"$KEEPALIVE$"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ack_style", ["plain", "upstream_with_address"])
 def test_client_answering_keepack_stays_connected_for_many_rounds(keepalive_server, raw, recorder, ack_style):
     left = recorder()
@@ -298,6 +299,7 @@ def test_client_answering_keepack_stays_connected_for_many_rounds(keepalive_serv
     assert split_cmd(body)[0] == "$GETCLT$"
 
 
+@pytest.mark.slow
 def test_client_not_answering_keepalive_is_dropped(keepalive_server, raw, recorder):
     left = recorder()
     keepalive_server.on("leave")(left)
@@ -314,6 +316,7 @@ def test_client_not_answering_keepalive_is_dropped(keepalive_server, raw, record
     assert keepalive_server.get_all_clients() == []
 
 
+@pytest.mark.slow
 def test_silent_client_is_dropped_while_answering_one_stays(keepalive_server, raw, recorder):
     left = recorder()
     keepalive_server.on("leave")(left)

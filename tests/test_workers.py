@@ -27,7 +27,8 @@ from test_cli import WAIT, Program, one_shot, run  # noqa: F401  (run is a fixtu
 import hisock_gevent
 from hisock_gevent.cli import _worker_options, build_parser
 
-pytestmark = pytest.mark.timeout(90)
+# Slow by nature: every test starts worker processes (and some a Redis server).
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(90)]
 
 #: Seconds for N workers to import gevent and the app and log that they serve.
 STARTUP = 30.0
