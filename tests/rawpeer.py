@@ -170,6 +170,8 @@ class RawPeer:
     :param timeout: the default for every read (and the connect).
     :param wrap: called with the connected socket, returns the one to use (e.g. TLS).
     :param header_len: the frame header width, both ways.
+    :param source: bind to this local ``(ip, port)`` first, with SO_REUSEADDR and
+        SO_REUSEPORT, so that two peers can share one source address.
 
     Reads take exactly the bytes a frame needs from the socket, so what a test leaves
     unread stays in the kernel's buffers; bytes handed to :meth:`feed` (by a test that
@@ -186,10 +188,15 @@ class RawPeer:
         timeout: float = 5.0,
         wrap: Optional[Callable[[socket.socket], socket.socket]] = None,
         header_len: int = HEADER_LEN,
+        source: Optional[Tuple[str, int]] = None,
     ):
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         if rcvbuf is not None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        if source is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind(source)
         sock.settimeout(timeout)
         sock.connect(addr)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

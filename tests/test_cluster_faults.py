@@ -23,18 +23,17 @@ from typing import Any, List, Optional, Tuple
 
 import pytest
 from conftest import wait_until
+from rawpeer import RawPeer
 from redis_server import redis_server  # noqa: F401  (a fixture)
 from tcp_proxy import PausableProxy
 
 import hisock_gevent
-from hisock_gevent.frames import DEFAULT_HEADER_LEN, FrameParser, frame
+from hisock_gevent.frames import DEFAULT_HEADER_LEN
 from hisock_gevent.messages import (
     ChangeName,
     Command,
-    Hello,
     PeerJoined,
     PeerLeft,
-    parse_server_body,
 )
 from hisock_gevent.outgoing import OutgoingCommand
 from hisock_gevent.typecast import decode as decode_content
@@ -138,52 +137,36 @@ class SharedAddressPeer(Inbox):
     def __init__(self, worker: Worker, name: str, source: Tuple[str, int]):
         self.name = name
         self.events = []
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind(source)
-        sock.settimeout(WAIT)
-        sock.connect(worker.addr)
-        sock.settimeout(None)
-        self.sock = sock
-        self.source: Tuple[str, int] = sock.getsockname()[:2]
-        self._send_body(Hello(name, None).to_body())  # no capabilities: the plain dialect
+        # The hello has no capabilities: the plain dialect.
+        self.peer = RawPeer(worker.addr, name, source=source, timeout=WAIT)
+        self.source: Tuple[str, int] = self.peer.addr
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
-    def _send_body(self, body: bytes) -> None:
-        self.sock.sendall(frame(body))
-
     def send(self, command: str, content: Any = None) -> None:
-        self.sock.sendall(OutgoingCommand(command, content, DEFAULT_HEADER_LEN).frame_for(False))
+        self.peer.send_raw(OutgoingCommand(command, content, DEFAULT_HEADER_LEN).frame_for(False))
 
     def rename(self, name: str) -> None:
-        self._send_body(ChangeName(name).to_body())
+        self.peer.send_frame(ChangeName(name).to_body())
 
     def _read(self) -> None:
-        parser = FrameParser()
         while True:
             try:
-                data = self.sock.recv(65536)
-            except OSError:
+                message = self.peer.read_message(timeout=60)
+            except socket.timeout:
+                continue
+            except (EOFError, OSError):
                 return
-            if not data:
-                return
-            for body in parser.feed(data):
-                message = parse_server_body(body)
-                if isinstance(message, Command):
-                    self.events.append((message.command, decode_content(message.fmt, message.payload)))
-                elif isinstance(message, (PeerJoined, PeerLeft)):
-                    self.events.append(("joined" if isinstance(message, PeerJoined) else "left", message.info.get("name")))
+            if isinstance(message, Command):
+                self.events.append((message.command, decode_content(message.fmt, message.payload)))
+            elif isinstance(message, (PeerJoined, PeerLeft)):
+                self.events.append(("joined" if isinstance(message, PeerJoined) else "left", message.info.get("name")))
 
     def messages(self) -> List[Any]:
         return [content for kind, content in self.events if kind == "msg"]
 
     def close(self) -> None:
-        try:
-            self.sock.close()
-        except OSError:
-            pass
+        self.peer.close()
 
 
 @pytest.fixture
