@@ -232,10 +232,11 @@ class RawPeer:
             return False
 
     def hello(self, name: Optional[str] = "raw", group: Optional[str] = None, **extra: Any) -> bytes:
-        """Say hello and return the server's answer (our own $CLTCONN$)."""
+        """Say hello and return the server's answer (our own $CLTCONN$: the join happened)."""
         self.send_frame(hello_body(name, group, **extra))
         body = self.read_frame()
         assert body.startswith(b"$CLTCONN$"), body
+        assert json.loads(body[len(b"$CLTCONN$") :])["ip"][1] == self.port, f"not the answer to our hello: {body!r}"
         return body
 
     def hello_info(self, name: Optional[str] = "raw", group: Optional[str] = None, **extra: Any) -> Dict[str, Any]:
