@@ -11,7 +11,7 @@ from __future__ import annotations
 import resource
 import threading
 import time
-from typing import Any, Callable, Iterator, List
+from typing import Any, Callable, Iterator, List, Union
 
 import pytest
 from rawpeer import RawPeer
@@ -31,15 +31,24 @@ def _raise_fd_limit() -> None:
 _raise_fd_limit()
 
 
-def wait_until(predicate: Callable[[], Any], timeout: float = 5.0, interval: float = 0.005) -> Any:
-    """Poll ``predicate`` until it returns something truthy; fail the test after ``timeout`` s."""
+def wait_until(
+    predicate: Callable[[], Any],
+    timeout: float = 5.0,
+    interval: float = 0.005,
+    message: Union[str, Callable[[], str], None] = None,
+) -> Any:
+    """Poll ``predicate`` until it returns something truthy, and return that; fail the
+    test after ``timeout`` s, saying ``message`` (a callable is asked at that moment, so
+    it can show the state that was waited on)."""
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s: {predicate}")
+            if message is None:
+                raise AssertionError(f"condition not met within {timeout} s: {predicate}")
+            raise AssertionError(f"{message() if callable(message) else message} (waited {timeout} s)")
         time.sleep(interval)
 
 
@@ -120,11 +129,13 @@ def make_client() -> Iterator[Callable[..., hisock_gevent.HiSockClient]]:
 
 @pytest.fixture
 def raw() -> Iterator[Callable[..., RawPeer]]:
-    """Factory: ``raw(server, **kw)`` -> a RawPeer connected to it; closed at teardown."""
+    """Factory: ``raw(server_or_addr, name=..., group=None, **kw)`` -> a RawPeer connected
+    to it (saying hello first when a name is given, None included); closed at teardown."""
     peers: List[RawPeer] = []
 
-    def connect(server: Any, **kwargs: Any) -> RawPeer:
-        peer = RawPeer(server.get_addr(), **kwargs)
+    def connect(target: Any, *args: Any, **kwargs: Any) -> RawPeer:
+        addr = target.get_addr() if hasattr(target, "get_addr") else target
+        peer = RawPeer(addr, *args, **kwargs)
         peers.append(peer)
         return peer
 

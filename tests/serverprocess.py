@@ -12,10 +12,9 @@ import json
 import subprocess
 import sys
 import threading
-import time
 import urllib.request
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Tuple
 
 PROGRAM = Path(__file__).parent / "programs" / "promise_server.py"
 MiB = 1024 * 1024
@@ -109,13 +108,3 @@ class ServerProcess:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait(5)
-
-
-def wait_value(measure: Any, predicate: Any, timeout: float, interval: float = 0.02) -> Optional[Any]:
-    """Call ``measure()`` until ``predicate(value)``; return the last value either way."""
-    deadline = time.monotonic() + timeout
-    value = measure()
-    while not predicate(value) and time.monotonic() < deadline:
-        time.sleep(interval)
-        value = measure()
-    return value

@@ -69,6 +69,7 @@ def app_dir(tmp_path: Path) -> Path:
 # ---------------------------------------------------------------------- serve
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target, made_by", [("cli_app:server", "instance"), ("cli_app:make_server", "factory")])
 def test_serve_runs_the_app_on_the_given_port_and_send_wait_prints_the_reply(run, app_dir, target, made_by):
     server = run("serve", target, "--host", HOST, "--port", "0", cwd=app_dir)
@@ -81,6 +82,7 @@ def test_serve_runs_the_app_on_the_given_port_and_send_wait_prints_the_reply(run
     assert json.loads(result.stdout) == {"echo": {"n": [1, 2]}, "made_by": made_by}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target", ["cli_app:server", "cli_app:make_server"])
 def test_serve_stats_port_serves_json_and_prometheus_text_that_follow_the_traffic(run, app_dir, target):
     from prometheus_client.parser import text_string_to_metric_families
@@ -138,6 +140,7 @@ def test_sigterm_closes_the_server_disconnects_clients_and_exits_0(run, app_dir)
     server.expect("stopped", "stderr")
 
 
+@pytest.mark.slow
 def test_send_wait_times_out_with_exit_status_1(run, app_dir):
     server = run("serve", "cli_app:make_server", "--port", "0", cwd=app_dir)
     addr = server.address()
@@ -148,6 +151,7 @@ def test_send_wait_times_out_with_exit_status_1(run, app_dir):
     assert "never" in result.stderr
 
 
+@pytest.mark.slow
 def test_send_wait_stops_at_an_error_reply_and_exits_1_with_its_reason(run):
     chat = run("chat", "--port", "0")
     addr = chat.address()
@@ -164,6 +168,7 @@ def test_send_wait_stops_at_an_error_reply_and_exits_1_with_its_reason(run):
     assert result.stdout == ""
 
 
+@pytest.mark.slow
 def test_send_wait_timeout_says_what_the_server_sent_instead(run):
     chat = run("chat", "--port", "0")
     addr = chat.address()
@@ -175,6 +180,7 @@ def test_send_wait_timeout_says_what_the_server_sent_instead(run):
     assert 'who {"room": "", "names": ["carol"]}' in result.stderr
 
 
+@pytest.mark.slow
 def test_send_payload_is_text_by_default_and_json_with_the_json_flag(run):
     chat = run("chat", "--port", "0")
     addr = chat.address()
@@ -226,6 +232,7 @@ def test_bad_arguments_give_a_one_line_error_and_exit_status_2(app_dir, args):
     assert len(lines) == 1 and "error" in lines[0], result.stderr
 
 
+@pytest.mark.slow
 def test_serve_help_says_workers_take_a_server_made_at_import_as_well_as_a_factory():
     result = one_shot("serve", "--help")
 
@@ -247,6 +254,7 @@ def test_help_describes_every_subcommand():
 # ---------------------------------------------------------------------- chat and the interactive client
 
 
+@pytest.mark.slow
 def test_chat_clients_talk_through_the_chat_server_and_the_client_exits_0_on_eof(run):
     chat = run("chat", "--port", "0")
     addr = chat.address()
@@ -284,6 +292,7 @@ def test_serve_on_a_port_in_use_gives_a_one_line_error_and_exit_status_2(app_dir
     assert f"cannot serve on {HOST}:{port}" in result.stderr
 
 
+@pytest.mark.slow
 def test_interactive_client_shows_the_forced_disconnect_and_exits_1_when_the_server_stops(run, app_dir):
     server = run("serve", "cli_app:make_server", "--port", "0", cwd=app_dir)
     addr = server.address()

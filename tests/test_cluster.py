@@ -748,6 +748,7 @@ def test_none_scope_announces_nothing_but_each_clients_own_answer(make_cluster: 
 # ---------------------------------------------------------------- ordering
 
 
+@pytest.mark.slow
 def test_messages_between_two_clients_keep_their_order_across_workers(cluster: Cluster) -> None:
     alice = cluster.connect("alice")
     bob = cluster.connect("bob")
@@ -796,6 +797,8 @@ def test_plain_hisock_clients_get_their_own_dialect_from_other_workers(cluster: 
     plain = cluster.connect("plain", "red", use_msgpack=False)
     extended = cluster.connect("extended", "red")
     cluster.wait_for_mirror(3)
+    for member in (alice, plain, extended):
+        member.client.wait_joined()  # the dialect is settled by the server's answer to the hello
     assert not plain.client.msgpack_ok and extended.client.msgpack_ok
     content = {"text": "hi", "numbers": [1, 2, 3]}
 

@@ -10,16 +10,17 @@ from __future__ import annotations
 
 import json
 import textwrap
-import time
 import urllib.request
 from pathlib import Path
 from typing import Any, Dict
 
 import pytest
+from conftest import wait_until
 from redis_server import RedisServer, free_port, require_redis
 from test_cli import WAIT, one_shot, run  # noqa: F401  (run is a fixture)
 
-pytestmark = pytest.mark.timeout(60)
+# Slow by nature: the command runs as a subprocess, with a Redis server.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(60)]
 
 APP = """
 import hisock_gevent
@@ -78,13 +79,15 @@ def _cluster_stats(stats_url: str) -> Dict[str, Any]:
 
 
 def _wait_for_stats(stats_url: str, predicate: Any, what: str, timeout: float = 20.0) -> Dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while True:
-        stats = _cluster_stats(stats_url)
-        if predicate(stats):
-            return stats
-        assert time.monotonic() < deadline, f"never {what}: {stats}"
-        time.sleep(0.1)
+    last: Dict[str, Any] = {}
+
+    def ready() -> bool:
+        last.clear()
+        last.update(_cluster_stats(stats_url))
+        return predicate(last)
+
+    wait_until(ready, timeout, interval=0.1, message=lambda: f"never {what}: {last}")
+    return dict(last)
 
 
 def test_an_optional_backplane_that_is_away_shows_in_stats_and_metrics_until_redis_answers(run, app_dir, tmp_path) -> None:  # noqa: F811

@@ -22,23 +22,24 @@ from pathlib import Path
 from typing import Any, List, Optional, Tuple
 
 import pytest
+from conftest import wait_until
+from rawpeer import RawPeer
 from redis_server import redis_server  # noqa: F401  (a fixture)
 from tcp_proxy import PausableProxy
 
 import hisock_gevent
-from hisock_gevent.frames import DEFAULT_HEADER_LEN, FrameParser, frame
+from hisock_gevent.frames import DEFAULT_HEADER_LEN
 from hisock_gevent.messages import (
     ChangeName,
     Command,
-    Hello,
     PeerJoined,
     PeerLeft,
-    parse_server_body,
 )
 from hisock_gevent.outgoing import OutgoingCommand
 from hisock_gevent.typecast import decode as decode_content
 
-pytestmark = pytest.mark.timeout(90)
+# Slow by nature: worker processes, Redis, and waits for heartbeats and TTLs.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(90)]
 
 WORKER = Path(__file__).parent / "programs" / "cluster_worker.py"
 WAIT = 15.0
@@ -113,10 +114,10 @@ class Inbox:
         self.client.start()
 
     def wait_for(self, event: Tuple[str, Any], timeout: float = WAIT) -> None:
-        deadline = time.monotonic() + timeout
-        while event not in self.events:
-            assert time.monotonic() < deadline, f"{self.name} never got {event!r}; got {self.events!r}"
-            time.sleep(0.01)
+        wait_until(
+            lambda: event in self.events, timeout, interval=0.01,
+            message=lambda: f"{self.name} never got {event!r}; got {self.events!r}",
+        )
 
     def send(self, command: str, content: Any = None) -> None:
         self.client.send(command, content)
@@ -136,52 +137,36 @@ class SharedAddressPeer(Inbox):
     def __init__(self, worker: Worker, name: str, source: Tuple[str, int]):
         self.name = name
         self.events = []
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind(source)
-        sock.settimeout(WAIT)
-        sock.connect(worker.addr)
-        sock.settimeout(None)
-        self.sock = sock
-        self.source: Tuple[str, int] = sock.getsockname()[:2]
-        self._send_body(Hello(name, None).to_body())  # no capabilities: the plain dialect
+        # The hello has no capabilities: the plain dialect.
+        self.peer = RawPeer(worker.addr, name, source=source, timeout=WAIT)
+        self.source: Tuple[str, int] = self.peer.addr
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
-    def _send_body(self, body: bytes) -> None:
-        self.sock.sendall(frame(body))
-
     def send(self, command: str, content: Any = None) -> None:
-        self.sock.sendall(OutgoingCommand(command, content, DEFAULT_HEADER_LEN).frame_for(False))
+        self.peer.send_raw(OutgoingCommand(command, content, DEFAULT_HEADER_LEN).frame_for(False))
 
     def rename(self, name: str) -> None:
-        self._send_body(ChangeName(name).to_body())
+        self.peer.send_frame(ChangeName(name).to_body())
 
     def _read(self) -> None:
-        parser = FrameParser()
         while True:
             try:
-                data = self.sock.recv(65536)
-            except OSError:
+                message = self.peer.read_message(timeout=60)
+            except socket.timeout:
+                continue
+            except (EOFError, OSError):
                 return
-            if not data:
-                return
-            for body in parser.feed(data):
-                message = parse_server_body(body)
-                if isinstance(message, Command):
-                    self.events.append((message.command, decode_content(message.fmt, message.payload)))
-                elif isinstance(message, (PeerJoined, PeerLeft)):
-                    self.events.append(("joined" if isinstance(message, PeerJoined) else "left", message.info.get("name")))
+            if isinstance(message, Command):
+                self.events.append((message.command, decode_content(message.fmt, message.payload)))
+            elif isinstance(message, (PeerJoined, PeerLeft)):
+                self.events.append(("joined" if isinstance(message, PeerJoined) else "left", message.info.get("name")))
 
     def messages(self) -> List[Any]:
         return [content for kind, content in self.events if kind == "msg"]
 
     def close(self) -> None:
-        try:
-            self.sock.close()
-        except OSError:
-            pass
+        self.peer.close()
 
 
 @pytest.fixture
@@ -253,10 +238,10 @@ def test_a_killed_workers_clients_leave_once_on_a_survivor(cluster):
     # Within the worker TTL (1 s here) plus a heartbeat, a survivor claims the victim.
     alice.wait_for(("left", "victim"))
     bob.wait_for(("left", "victim"))
-    deadline = time.monotonic() + WAIT
-    while survivor_a.count("LEAVE victim") + survivor_b.count("LEAVE victim") < 1:
-        assert time.monotonic() < deadline, "no survivor ran leave for the victim"
-        time.sleep(0.01)
+    wait_until(
+        lambda: survivor_a.count("LEAVE victim") + survivor_b.count("LEAVE victim") >= 1, WAIT, interval=0.01,
+        message="no survivor ran leave for the victim",
+    )
     # Once: a marker sent after the claim has gone all the way round before we count.
     relay_until_delivered(bob, alice, "after the claim")
     assert survivor_a.count("LEAVE victim") + survivor_b.count("LEAVE victim") == 1
@@ -281,10 +266,10 @@ def test_the_cluster_recovers_by_itself_after_redis_stops_for_a_while(cluster):
     carol.wait_for(("msg", "local while down"))
     # A send to the other worker fails with a logged error (and is not delivered later).
     alice.client.send("relay", {"to": "bob", "text": "lost while down"})
-    deadline = time.monotonic() + WAIT
-    while not any("unreachable" in line for line in first.stderr):
-        assert time.monotonic() < deadline, f"no error logged; stderr {first.stderr[-10:]!r}"
-        time.sleep(0.02)
+    wait_until(
+        lambda: any("unreachable" in line for line in first.stderr), WAIT, interval=0.02,
+        message=lambda: f"no error logged; stderr {first.stderr[-10:]!r}",
+    )
     time.sleep(2.0)  # the outage itself: "stop Redis for a few seconds"
 
     cluster.redis.start()  # empty: it kept nothing
@@ -376,10 +361,10 @@ def test_junk_in_redis_is_logged_and_ignored_and_the_cluster_carries_on(cluster,
 
     # Both workers say so in their logs, and nobody falls over.
     for worker in (first, second):
-        deadline = time.monotonic() + WAIT
-        while not any("backplane: ignoring" in line for line in worker.stderr):
-            assert time.monotonic() < deadline, f"no warning logged; stderr {worker.stderr[-10:]!r}"
-            time.sleep(0.02)
+        wait_until(
+            lambda worker=worker: any("backplane: ignoring" in line for line in worker.stderr), WAIT, interval=0.02,
+            message=lambda worker=worker: f"no warning logged; stderr {worker.stderr[-10:]!r}",
+        )
         assert not any("Traceback" in line for line in worker.stderr), worker.stderr
     relay_until_delivered(bob, alice, "after the junk")
     alice.client.send("shout", "still one server")
@@ -450,7 +435,6 @@ def send_numbers(sender: Inbox, to: str, numbers_to_send: range) -> None:
         sender.send("relay", {"to": to, "text": number})
 
 
-@pytest.mark.slow
 def test_a_worker_paused_past_the_ttl_registers_its_clients_again_when_it_resumes(cluster):
     paused, survivor = cluster.worker(), cluster.worker()
     alice = cluster.client(paused, "alice")
@@ -487,19 +471,11 @@ def test_a_worker_paused_past_the_ttl_registers_its_clients_again_when_it_resume
     assert any("writing its 1 client(s) back" in line for line in paused.stderr), paused.stderr[-10:]
 
 
-def wait_until(predicate: Any, what: str, timeout: float = WAIT) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"never {what}"
-        time.sleep(0.01)
-
-
 def membership(inbox: Inbox, since: int = 0) -> List[Tuple[str, Any]]:
     """The joins and leaves ``inbox`` heard, from its ``since``-th event on."""
     return [event for event in inbox.events[since:] if event[0] in ("joined", "left")]
 
 
-@pytest.mark.slow
 def test_a_worker_cut_off_from_redis_past_the_ttl_is_reaped_comes_back_and_catches_up(cluster):
     proxy = cluster.proxy()
     cut, other = cluster.worker(url=proxy.url), cluster.worker()
@@ -522,7 +498,7 @@ def test_a_worker_cut_off_from_redis_past_the_ttl_is_reaped_comes_back_and_catch
         alice.send("relay", {"to": "carol", "text": "local while cut off"})
         carol.wait_for(("msg", "local while cut off"))
         send_numbers(alice, "bob", range(110, 120))
-        wait_until(lambda: any("unreachable" in line for line in cut.stderr), "an outage logged", timeout=15)
+        wait_until(lambda: any("unreachable" in line for line in cut.stderr), 15, interval=0.01, message="never an outage logged")
         # Meanwhile the other side changes.
         erin.close()
         dave = cluster.client(other, "dave")
@@ -553,7 +529,6 @@ def test_a_worker_cut_off_from_redis_past_the_ttl_is_reaped_comes_back_and_catch
     assert any("dead while it could not reach Redis; writing its 2 client(s) back" in line for line in cut.stderr), "\n".join(cut.stderr)
 
 
-@pytest.mark.slow
 def test_redis_restarting_during_a_broadcast_storm_loses_one_stretch_and_delivers_nothing_twice(cluster):
     first, second = cluster.worker(), cluster.worker()
     sender, alice = cluster.client(first, "sender"), cluster.client(first, "alice")
@@ -580,13 +555,16 @@ def test_redis_restarting_during_a_broadcast_storm_loses_one_stretch_and_deliver
     thread = threading.Thread(target=storm, daemon=True)
     thread.start()
     try:
-        wait_until(lambda: len(shouts(bob)) >= 100, "bob in the storm")
+        wait_until(lambda: len(shouts(bob)) >= 100, WAIT, interval=0.01, message="never bob in the storm")
         cluster.redis.stop()
         time.sleep(1.0)
         cluster.redis.start()  # empty
         restarted = len(sent)
         # Across again: bob gets what was sent well after the restart.
-        wait_until(lambda: any(number > restarted + 100 for number in shouts(bob)), "the storm across again", timeout=30)
+        wait_until(
+            lambda: any(number > restarted + 100 for number in shouts(bob)), 30, interval=0.01,
+            message="never the storm across again",
+        )
     finally:
         stop.set()
         thread.join(5)
@@ -608,7 +586,6 @@ def test_redis_restarting_during_a_broadcast_storm_loses_one_stretch_and_deliver
         assert membership(inbox, marks[inbox.name]) == [], inbox.name
 
 
-@pytest.mark.slow
 def test_a_worker_paused_for_less_than_the_ttl_loses_nothing_and_nobody_hears_a_thing(cluster):
     paused, other = cluster.worker(), cluster.worker()
     alice = cluster.client(paused, "alice")

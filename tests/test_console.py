@@ -154,6 +154,7 @@ def test_name_and_group_commands_change_them_on_the_server_and_in_the_prompt(ter
     assert heard.next() == ("group", "lobby", "room2")
 
 
+@pytest.mark.slow
 def test_the_prompt_ends_with_exit_status_1_when_the_server_closes(terminals, served):
     server, _ = served
     terminal = open_client(terminals, server, "--name", "alice")

@@ -29,7 +29,8 @@ import pytest
 
 import hisock_gevent
 
-pytestmark = pytest.mark.timeout(60)
+# Slow by nature: the examples run as subprocesses.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(60)]
 
 LOOPBACK = "127.0.0.1"
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"

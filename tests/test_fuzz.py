@@ -312,6 +312,7 @@ def test_chunking_does_not_change_what_the_parser_finds(stream, cuts):
     assert pieces[1] == whole[1]
 
 
+@pytest.mark.slow
 @FUZZ
 @given(stream=streams_of(client_bodies()), cuts=st.lists(st.integers(min_value=0), max_size=8),
        max_depth=st.integers(0, 40), max_items=st.integers(0, 200))
@@ -319,6 +320,7 @@ def test_client_to_server_pipeline_raises_only_protocol_errors(stream, cuts, max
     only_protocol_errors(lambda: run_pipeline(chunked(stream, cuts), parse_client_body, max_depth=max_depth, max_items=max_items))
 
 
+@pytest.mark.slow
 @FUZZ
 @given(stream=streams_of(server_bodies()), cuts=st.lists(st.integers(min_value=0), max_size=8))
 def test_server_to_client_pipeline_raises_only_protocol_errors(stream, cuts):
@@ -378,6 +380,7 @@ def test_decode_of_random_fmt_and_payload_raises_only_malformed_payload(fmt, pay
     assert_sendable(value)
 
 
+@pytest.mark.slow
 @FUZZ
 @given(value=sendables, msgpack_ok=st.booleans(), fmt_ops=mutation_ops, payload_ops=mutation_ops)
 def test_decode_of_mutated_encodings_raises_only_malformed_payload(value, msgpack_ok, fmt_ops, payload_ops):
@@ -394,6 +397,7 @@ def test_decode_of_mutated_encodings_raises_only_malformed_payload(value, msgpac
     assert_sendable(decoded)
 
 
+@pytest.mark.slow
 @FUZZ
 @given(value=sendables, msgpack_ok=st.booleans())
 def test_unmutated_encodings_still_decode_exactly(value, msgpack_ok):

@@ -24,8 +24,6 @@ import json
 import logging
 import os
 import re
-import socket
-import struct
 import threading
 import time
 from dataclasses import dataclass
@@ -35,11 +33,12 @@ import greenlet
 import msgpack
 import pytest
 from conftest import Recorder, wait_until
+from rawpeer import RawPeer
 
 import hisock_gevent
 from hisock_gevent import typecast
-from hisock_gevent.frames import DEFAULT_MAX_MESSAGE_SIZE, FrameParser, frame
-from hisock_gevent.messages import Hello, PeerJoined, command_body, parse_server_body
+from hisock_gevent.frames import DEFAULT_MAX_MESSAGE_SIZE, frame
+from hisock_gevent.messages import Hello, command_body
 from hisock_gevent.server import DEFAULT_MAX_HELLO_SIZE
 
 pytestmark = pytest.mark.timeout(90)
@@ -84,14 +83,10 @@ def live_greenlets() -> int:
 
 def settle(measure: Callable[[], int], limit: int, what: str, timeout: float = WAIT) -> None:
     """Wait until ``measure()`` is at most ``limit`` (closing is asynchronous on the server's thread)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = measure()
-        if value <= limit:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: {value} after the hostile peers left, at most {limit} expected")
-        time.sleep(0.02)
+    wait_until(
+        lambda: measure() <= limit, timeout, interval=0.02,
+        message=lambda: f"{what}: {measure()} after the hostile peers left, at most {limit} expected",
+    )
 
 
 # ---------------------------------------------------------------- the server's log
@@ -326,13 +321,13 @@ class Scene:
 
         The server logs before it closes, so once the peer has seen the close the line is
         there; the timeout only covers peers that went away themselves (reset)."""
-        deadline = time.monotonic() + timeout
-        lines = self.watch.warnings_about(port)
-        while not lines and time.monotonic() < deadline:
-            time.sleep(0.01)
-            lines = self.watch.warnings_about(port)
-        quiet = [r.getMessage() for r in self.watch.snapshot() if re.search(rf":{port}(?!\d)", r.getMessage())]
-        assert lines, f"no WARNING line about 127.0.0.1:{port}; lines mentioning it: {quiet!r}"
+        def quiet() -> List[str]:
+            return [r.getMessage() for r in self.watch.snapshot() if re.search(rf":{port}(?!\d)", r.getMessage())]
+
+        lines = wait_until(
+            lambda: self.watch.warnings_about(port), timeout, interval=0.01,
+            message=lambda: f"no WARNING line about 127.0.0.1:{port}; lines mentioning it: {quiet()!r}",
+        )
         assert len(lines) == 1, f"more than one WARNING line about 127.0.0.1:{port}: {lines!r}"
         assert re.search(reason, lines[0]), f"the WARNING line {lines[0]!r} does not say {reason!r}"
         return lines
@@ -418,109 +413,11 @@ def make_scene(make_server, make_client, logwatch) -> Callable[..., Scene]:
 # ---------------------------------------------------------------- the hostile side
 
 
-class Hostile:
-    """A raw stdlib socket that speaks as much HiSock as it likes, and no more."""
-
-    def __init__(self, addr: Tuple[str, int], rcvbuf: Optional[int] = None):
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        if rcvbuf is not None:
-            # Before connect, so the advertised window stays small.
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-        self.sock.settimeout(WAIT)
-        self.sock.connect(addr)
-        self.port: int = self.sock.getsockname()[1]
-        self.closed_how: Optional[str] = None
-        self._aborted = False
-
-    def send(self, data: bytes) -> bool:
-        """False when the server has already closed the connection."""
-        try:
-            self.sock.sendall(data)
-            return True
-        except (BrokenPipeError, ConnectionResetError):
-            return False
-
-    def hello(self, name: str) -> None:
-        """Join properly, and read until the server has announced us (so the join happened)."""
-        assert self.send(frame(Hello(name, None).to_body()))
-        parser = FrameParser()
-        deadline = time.monotonic() + WAIT
-        while time.monotonic() < deadline:
-            data = self.sock.recv(65536)
-            assert data, "the server closed a hostile peer before it misbehaved"
-            for body in parser.feed(data):
-                message = parse_server_body(body)
-                if isinstance(message, PeerJoined) and message.info["ip"][1] == self.port:
-                    return
-        raise AssertionError("the server did not announce our join")
-
-    def shutdown_write(self) -> None:
-        """Send FIN: the server sees the end of the stream (mid-frame, if we were mid-frame)."""
-        try:
-            self.sock.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
-
-    def abort(self) -> None:
-        """Close with a TCP reset (SO_LINGER 0) instead of a FIN."""
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        self.sock.close()
-        self._aborted = True
-
-    def wait_closed(self, timeout: float = WAIT) -> str:
-        """Read (and drop) whatever comes until the server closes us; "eof" or "reset"."""
-        if self._aborted:
-            return "aborted"
-        deadline = time.monotonic() + timeout
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise AssertionError(f"the server did not close the hostile connection from port {self.port} within {timeout} s")
-            self.sock.settimeout(remaining)
-            try:
-                data = self.sock.recv(1 << 20)
-            except ConnectionResetError:
-                self.closed_how = "reset"
-                return "reset"
-            except socket.timeout:
-                continue
-            if not data:
-                self.closed_how = "eof"
-                return "eof"
-
-    def is_closed_by_server(self) -> bool:
-        """Non-blocking peek: has the server closed (EOF/reset)?  Pending data counts as open."""
-        try:
-            data = self.sock.recv(1 << 20, socket.MSG_DONTWAIT | socket.MSG_PEEK)
-        except BlockingIOError:
-            return False
-        except ConnectionResetError:
-            return True
-        if not data:
-            return True
-        self.sock.recv(len(data), socket.MSG_DONTWAIT)
-        return False
-
-    def close(self) -> None:
-        if not self._aborted:
-            try:
-                self.sock.close()
-            except OSError:
-                pass
-
-
 @pytest.fixture
-def hostiles() -> Iterator[Callable[..., Hostile]]:
-    made: List[Hostile] = []
-
-    def factory(*args: Any, **kwargs: Any) -> Hostile:
-        peer = Hostile(*args, **kwargs)
-        made.append(peer)
-        return peer
-
-    yield factory
-    for peer in made:
-        peer.close()
+def hostiles(raw: Callable[..., RawPeer]) -> Callable[..., RawPeer]:
+    """Factory: ``hostiles(addr, rcvbuf=None)`` -> a raw socket that speaks as much HiSock
+    as it likes, and no more (a RawPeer with this file's patience); closed at teardown."""
+    return lambda addr, **kwargs: raw(addr, timeout=WAIT, **kwargs)
 
 
 # ---------------------------------------------------------------- the malformed inputs
@@ -648,27 +545,35 @@ CASES: List[Case] = [
 ]
 
 
-def run_case(case: Case, addr: Tuple[str, int], make_hostile: Callable[..., Hostile]) -> Hostile:
+def run_case(case: Case, addr: Tuple[str, int], make_hostile: Callable[..., RawPeer]) -> RawPeer:
     """Carry out one hostile case; return the peer once the server has closed it."""
     peer = make_hostile(addr)
     if case.pipelined:
-        peer.send(frame(Hello(f"hostile-{case.id}", None).to_body()) + case.payload)
+        peer.try_send(frame(Hello(f"hostile-{case.id}", None).to_body()) + case.payload)
     else:
         if case.joined:
             peer.hello(f"hostile-{case.id}")
-        peer.send(case.payload)
+        peer.try_send(case.payload)
     if case.close == "shutdown":
         peer.shutdown_write()
     elif case.close == "abort":
         peer.abort()
-    peer.wait_closed()
+    peer.wait_closed_how()
     return peer
 
 
 # ---------------------------------------------------------------- one test per kind
 
 
-@pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])
+#: The cases the fast tier (``-m "not slow"``) runs, one of each kind; the full suite runs them all.
+FAST_CASES = {"header_not_a_number", "hello_not_json", "fmt_unknown_letter", "resets_mid_body"}
+
+
+def slow_unless(fast: bool) -> Any:
+    return () if fast else pytest.mark.slow
+
+
+@pytest.mark.parametrize("case", [pytest.param(case, id=case.id, marks=slow_unless(case.id in FAST_CASES)) for case in CASES])
 def test_malformed_input_closes_only_the_offending_connection(case: Case, make_scene, hostiles, capfd):
     scene = make_scene()
     fds_before = fd_count()
@@ -696,7 +601,14 @@ def test_malformed_input_closes_only_the_offending_connection(case: Case, make_s
 # ---------------------------------------------------------------- size claims and memory
 
 
-@pytest.mark.parametrize("claim", [_TOO_BIG, 10**16 - 1, DEFAULT_MAX_MESSAGE_SIZE + 1], ids=["1e15", "1e16-1", "default_limit+1"])
+@pytest.mark.parametrize(
+    "claim",
+    [
+        pytest.param(_TOO_BIG, id="1e15"),
+        pytest.param(10**16 - 1, id="1e16-1", marks=pytest.mark.slow),
+        pytest.param(DEFAULT_MAX_MESSAGE_SIZE + 1, id="default_limit+1", marks=pytest.mark.slow),
+    ],
+)
 def test_huge_claims_are_refused_without_allocating(claim: int, make_scene, hostiles):
     # The server's default max_message_size (16 MiB) here, not the scene's 1 MiB.
     scene = make_scene(max_message_size=DEFAULT_MAX_MESSAGE_SIZE)
@@ -709,10 +621,10 @@ def test_huge_claims_are_refused_without_allocating(claim: int, make_scene, host
         if index % 2:
             peer.hello(f"claimer-{index}")
         # The header, then a little of the "body", then silence: nothing to wait for.
-        peer.send((b"%d" % claim).ljust(16) + os.urandom(4096))
+        peer.try_send((b"%d" % claim).ljust(16) + os.urandom(4096))
         peers.append(peer)
     for index, peer in enumerate(peers):
-        peer.wait_closed()
+        peer.wait_closed_how()
         # Before its hello is accepted a connection gets the much smaller hello limit.
         limit = DEFAULT_MAX_MESSAGE_SIZE if index % 2 else DEFAULT_MAX_HELLO_SIZE
         scene.expect_closed_with_reason(peer.port, rf"more than the {limit}-byte limit")
@@ -729,6 +641,7 @@ def test_huge_claims_are_refused_without_allocating(claim: int, make_scene, host
 # ---------------------------------------------------------------- silence and slowness
 
 
+@pytest.mark.slow
 def test_silent_connection_is_closed_after_the_handshake_timeout(make_scene, hostiles):
     scene = make_scene(handshake_timeout=0.5)
     traffic = scene.traffic()
@@ -736,7 +649,7 @@ def test_silent_connection_is_closed_after_the_handshake_timeout(make_scene, hos
     started = time.monotonic()
     peers = [hostiles(scene.addr) for _ in range(5)]
     for peer in peers:
-        assert peer.wait_closed(timeout=5.0) == "eof"
+        assert peer.wait_closed_how(timeout=5.0) == "eof"
     elapsed = time.monotonic() - started
     assert 0.4 < elapsed < 4.0, f"silent peers were closed after {elapsed:.2f} s with handshake_timeout=0.5"
     for peer in peers:
@@ -749,6 +662,7 @@ def test_silent_connection_is_closed_after_the_handshake_timeout(make_scene, hos
     settle(fd_count, fds_before + FD_SLACK, "open file descriptors")
 
 
+@pytest.mark.slow
 def test_header_sent_one_byte_at_a_time_is_cut_off_by_the_handshake_timeout(make_scene, hostiles):
     scene = make_scene(handshake_timeout=0.5)
     traffic = scene.traffic()
@@ -758,11 +672,11 @@ def test_header_sent_one_byte_at_a_time_is_cut_off_by_the_handshake_timeout(make
     sent_bytes = 0
     # Bounded: at most the whole hello, one byte every 0.2 s, and never past 5 s.
     while sent_bytes < len(hello) and time.monotonic() - started < 5.0:
-        if peer.is_closed_by_server() or not peer.send(hello[sent_bytes : sent_bytes + 1]):
+        if peer.is_closed_by_server() or not peer.try_send(hello[sent_bytes : sent_bytes + 1]):
             break
         sent_bytes += 1
         time.sleep(0.2)  # the deliberate slowness of this hostile client
-    peer.wait_closed(timeout=3.0)
+    peer.wait_closed_how(timeout=3.0)
     elapsed = time.monotonic() - started
     assert sent_bytes < 16, f"the server let a slow peer send {sent_bytes} bytes of its header"
     assert elapsed < 4.0, f"the slow peer was closed after {elapsed:.2f} s with handshake_timeout=0.5"
@@ -772,6 +686,7 @@ def test_header_sent_one_byte_at_a_time_is_cut_off_by_the_handshake_timeout(make
     scene.expect_serving()
 
 
+@pytest.mark.slow
 def test_joined_client_that_says_nothing_is_dropped_after_the_idle_timeout(make_scene, hostiles):
     scene = make_scene(idle_timeout=1.5)
     # The good clients keep talking (so they are never idle) until the silent one is gone.
@@ -779,7 +694,7 @@ def test_joined_client_that_says_nothing_is_dropped_after_the_idle_timeout(make_
     peer = hostiles(scene.addr)
     peer.hello("hostile-idle")
     joined_at = time.monotonic()
-    peer.wait_closed(timeout=6.0)
+    peer.wait_closed_how(timeout=6.0)
     elapsed = time.monotonic() - joined_at
     assert 1.2 < elapsed < 5.0, f"an idle client was dropped after {elapsed:.2f} s with idle_timeout=1.5"
     scene.expect_closed_with_reason(peer.port, r"nothing received for 1\.5 s")
@@ -790,6 +705,7 @@ def test_joined_client_that_says_nothing_is_dropped_after_the_idle_timeout(make_
     scene.check_handlers({peer.port}, sent)
 
 
+@pytest.mark.slow
 def test_client_that_stops_reading_a_broadcast_is_dropped_with_leave(make_scene, hostiles):
     scene = make_scene(max_queue_bytes=256 * 1024)
     traffic = scene.traffic()
@@ -805,7 +721,7 @@ def test_client_that_stops_reading_a_broadcast_is_dropped_with_leave(make_scene,
     scene.expect_closed_with_reason(peer.port, r"not read \(max_queue_bytes=262144\)")
     for good in scene.goods:
         assert good.blasts.wait_for(blasts, WAIT) == [(seq, 64 * 1024) for seq in range(blasts)]
-    peer.wait_closed(timeout=WAIT)
+    peer.wait_closed_how(timeout=WAIT)
     sent = traffic.finish()
     scene.check_handlers({peer.port}, sent)
     scene.expect_serving()
@@ -825,7 +741,7 @@ def test_reset_in_the_middle_of_a_frame_is_logged_even_with_output_queued(make_s
     peer.hello("hostile-reset-with-output")
     # The server now has megabytes queued for this peer, which it will never read...
     scene.server.send_client("hostile-reset-with-output", "blob", b"x" * (8 << 20))
-    assert peer.send(b"100".ljust(16) + b"$CMD$note")  # ...then half a frame,
+    assert peer.try_send(b"100".ljust(16) + b"$CMD$note")  # ...then half a frame,
     peer.abort()  # ...then a TCP reset instead of the rest.
 
     scene.expect_left_once(peer.port)
@@ -861,9 +777,9 @@ def test_frames_sent_just_before_a_reset_are_handled_even_if_a_write_fails_first
     closer.hello("closer")
     staller = hostiles(server.get_addr())
     staller.hello("staller")  # announced to the closer, which never reads it: unread data
-    assert staller.send(cmd(b"stall", b"", b""))
+    assert staller.try_send(cmd(b"stall", b"", b""))
     assert stalled.wait(WAIT)
-    assert closer.send(cmd(b"note", b"3s", b"bye") + frame(b"$USRCLOSE$"))
+    assert closer.try_send(cmd(b"note", b"3s", b"bye") + frame(b"$USRCLOSE$"))
     closer.sock.close()  # unread data: the kernel sends RST right after our frames
     release.set()
 
@@ -885,8 +801,8 @@ def test_commands_named_like_reserved_events_reach_only_the_catch_all(make_serve
     names = ["join", "leave", "name_change", "group_change", "message", "*"]
     for name in names:
         fmt, payload = typecast.encode(["not", "a", "client"])
-        assert peer.send(cmd(name.encode(), fmt, payload))
-    assert peer.send(frame(b"$USRCLOSE$"))
+        assert peer.try_send(cmd(name.encode(), fmt, payload))
+    assert peer.try_send(frame(b"$USRCLOSE$"))
     got = events.wait_for(2 + len(names))
     assert [item[0] for item in got] == ["join"] + ["*"] * len(names) + ["leave"]
     assert [item[2] for item in got[1:-1]] == names
@@ -895,12 +811,13 @@ def test_commands_named_like_reserved_events_reach_only_the_catch_all(make_serve
     assert logwatch.warnings_about(peer.port) == []
 
 
+@pytest.mark.slow
 def test_joined_client_that_ignores_keepalives_is_dropped_with_leave(make_scene, hostiles):
     scene = make_scene(keepalive=True, keepalive_interval=0.3, keepalive_timeout=0.3)
     traffic = scene.traffic()
     peer = hostiles(scene.addr)
     peer.hello("hostile-deaf")  # reads its join, then never answers $KEEPALIVE$
-    peer.wait_closed(timeout=5.0)
+    peer.wait_closed_how(timeout=5.0)
     scene.expect_left_once(peer.port)
     scene.expect_closed_with_reason(peer.port, "no keepalive answer")
     scene.expect_serving()  # the good clients answered theirs
@@ -908,6 +825,7 @@ def test_joined_client_that_ignores_keepalives_is_dropped_with_leave(make_scene,
     scene.check_handlers({peer.port}, sent)
 
 
+@pytest.mark.slow
 def test_server_close_is_not_held_up_by_a_client_that_does_not_read(make_scene, hostiles):
     # max_queue_bytes large enough that the non-reader is not dropped before the close.
     scene = make_scene(max_queue_bytes=64 * 1024 * 1024)
@@ -920,7 +838,7 @@ def test_server_close_is_not_held_up_by_a_client_that_does_not_read(make_scene, 
     scene.server.close(timeout=1.0)
     elapsed = time.monotonic() - started
     assert elapsed < 5.0, f"close(timeout=1.0) took {elapsed:.2f} s with a client that does not read"
-    assert peer.wait_closed(timeout=WAIT) in ("eof", "reset")
+    assert peer.wait_closed_how(timeout=WAIT) in ("eof", "reset")
     peer.close()
     settle(fd_count, scene.fds_before_server + FD_SLACK, "open file descriptors after the server closed")
     settle(live_greenlets, scene.greenlets_before_server + GREENLET_SLACK, "live greenlets after the server closed")
@@ -929,6 +847,7 @@ def test_server_close_is_not_held_up_by_a_client_that_does_not_read(make_scene, 
 # ---------------------------------------------------------------- everything at once
 
 
+@pytest.mark.slow
 def test_every_hostile_at_once_while_good_clients_talk(make_scene, hostiles, capfd):
     scene = make_scene()
     gc.collect()
@@ -938,11 +857,11 @@ def test_every_hostile_at_once_while_good_clients_talk(make_scene, hostiles, cap
     traffic = scene.traffic(min_messages=200)
 
     # (peer, reason, joined) for every hostile; filled in by the threads below.
-    outcomes: List[Tuple[Hostile, str, bool]] = []
+    outcomes: List[Tuple[RawPeer, str, bool]] = []
     failures: List[str] = []
     lock = threading.Lock()
 
-    def attempt(label: str, action: Callable[[], Tuple[Hostile, str, bool]]) -> None:
+    def attempt(label: str, action: Callable[[], Tuple[RawPeer, str, bool]]) -> None:
         try:
             result = action()
         except BaseException as exc:
@@ -952,31 +871,31 @@ def test_every_hostile_at_once_while_good_clients_talk(make_scene, hostiles, cap
             with lock:
                 outcomes.append(result)
 
-    def malformed(case: Case) -> Callable[[], Tuple[Hostile, str, bool]]:
+    def malformed(case: Case) -> Callable[[], Tuple[RawPeer, str, bool]]:
         return lambda: (run_case(case, scene.addr, hostiles), case.reason, case.joined)
 
-    def claimer(index: int) -> Tuple[Hostile, str, bool]:
+    def claimer(index: int) -> Tuple[RawPeer, str, bool]:
         peer = hostiles(scene.addr)
         if index % 2:
             peer.hello(f"claimer-{index}")
-        peer.send(b"%d" % _TOO_BIG + b" " + os.urandom(1024))
-        peer.wait_closed()
+        peer.try_send(b"%d" % _TOO_BIG + b" " + os.urandom(1024))
+        peer.wait_closed_how()
         return peer, r"more than the \d+-byte limit", bool(index % 2)
 
-    def silent() -> Tuple[Hostile, str, bool]:
+    def silent() -> Tuple[RawPeer, str, bool]:
         peer = hostiles(scene.addr)
-        peer.wait_closed(timeout=5.0)
+        peer.wait_closed_how(timeout=5.0)
         return peer, "no hello within", False
 
-    def slow() -> Tuple[Hostile, str, bool]:
+    def slow() -> Tuple[RawPeer, str, bool]:
         peer = hostiles(scene.addr)
         hello = frame(Hello("slowloris", None).to_body())
         started = time.monotonic()
         for index in range(len(hello)):
-            if time.monotonic() - started > 5.0 or peer.is_closed_by_server() or not peer.send(hello[index : index + 1]):
+            if time.monotonic() - started > 5.0 or peer.is_closed_by_server() or not peer.try_send(hello[index : index + 1]):
                 break
             time.sleep(0.2)  # the deliberate slowness of this hostile client
-        peer.wait_closed(timeout=3.0)
+        peer.wait_closed_how(timeout=3.0)
         return peer, "no hello within", False
 
     non_readers = [hostiles(scene.addr, rcvbuf=4096) for _ in range(2)]
@@ -996,7 +915,7 @@ def test_every_hostile_at_once_while_good_clients_talk(make_scene, hostiles, cap
         thread.join(30)
     assert not any(thread.is_alive() for thread in threads), "a hostile thread is stuck"
     for peer in non_readers:
-        peer.wait_closed()
+        peer.wait_closed_how()
         outcomes.append((peer, r"not read \(max_queue_bytes", True))
 
     assert failures == [], failures

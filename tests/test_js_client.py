@@ -49,6 +49,7 @@ def test_fixtures_are_what_the_library_makes_now() -> None:
     )
 
 
+@pytest.mark.slow
 def test_node_tests_pass() -> None:
     node = shutil.which("node")
     if node is None:

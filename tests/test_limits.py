@@ -167,6 +167,7 @@ def test_connection_without_hello_is_closed_after_handshake_timeout(make_server,
     sync(make_client(srv, "after"))
 
 
+@pytest.mark.slow
 def test_hello_trickled_slowly_still_hits_the_handshake_timeout(make_server, recorder, raw):
     """The timeout is for the whole hello, not per byte: trickling cannot hold a slot forever."""
     srv = started(make_server, recorder, handshake_timeout=0.5)
@@ -197,6 +198,7 @@ def test_hello_trickled_slowly_still_hits_the_handshake_timeout(make_server, rec
     assert srv.joined.items == []
 
 
+@pytest.mark.slow
 def test_waiting_handshakes_do_not_hold_up_joined_clients(make_server, make_client, recorder, raw):
     srv = started(make_server, recorder, handshake_timeout=1.0)
     idlers = [raw(srv) for _ in range(20)]
@@ -222,6 +224,7 @@ def echo_and_collect(peer: RawPeer, token: int) -> List[bytes]:
     raise AssertionError(f"no echo answer among {before!r}")
 
 
+@pytest.mark.slow
 def test_silent_joined_client_is_dropped_with_leave_after_idle_timeout(make_server, recorder, raw):
     srv = started(make_server, recorder, idle_timeout=0.5)
     observer = raw(srv)
@@ -248,6 +251,7 @@ def test_silent_joined_client_is_dropped_with_leave_after_idle_timeout(make_serv
     assert srv.get_all_clients("name") == ["observer"]
 
 
+@pytest.mark.slow
 def test_active_client_is_not_dropped_by_idle_timeout(make_server, recorder, raw):
     idle = 0.5
     srv = started(make_server, recorder, idle_timeout=idle)
@@ -278,6 +282,7 @@ def test_active_client_is_not_dropped_by_idle_timeout(make_server, recorder, raw
     assert srv.get_all_clients("name") == ["active"]
 
 
+@pytest.mark.slow
 def test_client_that_keeps_sending_but_reads_slowly_is_not_dropped_by_idle_timeout(make_server, recorder, raw):
     """idle_timeout is about a client that *sends* nothing; a slow reader is max_queue_bytes' business.
 
@@ -327,6 +332,7 @@ def test_client_that_keeps_sending_but_reads_slowly_is_not_dropped_by_idle_timeo
     assert srv.get_all_clients("name") == ["busy"]
 
 
+@pytest.mark.slow
 def test_keepalive_answers_count_as_traffic_for_idle_timeout(make_server, make_client, recorder, raw):
     srv = started(make_server, recorder, idle_timeout=0.6, keepalive=True, keepalive_interval=0.15, keepalive_timeout=30)
     alive = make_client(srv, "alive", threaded=True)
@@ -657,6 +663,7 @@ def test_close_sends_queued_frames_then_a_framed_disconn_then_eof_to_a_plain_pee
     assert srv.left.items == []  # close() does not run leave (HiSock's disconnect_all_clients)
 
 
+@pytest.mark.slow
 def test_close_timeout_bounds_the_wait_for_a_client_that_never_reads(make_server, make_client, recorder, raw):
     srv = started(make_server, recorder)
     stalled = raw(srv, rcvbuf=4096)
@@ -681,6 +688,7 @@ def test_close_timeout_bounds_the_wait_for_a_client_that_never_reads(make_server
     assert received < 150 * 64 * 1024
 
 
+@pytest.mark.slow
 def test_new_connections_are_refused_during_and_after_close(make_server, recorder, raw):
     srv = started(make_server, recorder)
     stalled = raw(srv, rcvbuf=4096)
@@ -702,6 +710,7 @@ def test_new_connections_are_refused_during_and_after_close(make_server, recorde
     assert srv.joined.items == ["stalled"]
 
 
+@pytest.mark.slow
 def test_close_leaves_no_server_greenlets_threads_or_port(recorder):
     before_greenlets = live_greenlets()
     before_threads = len(server_threads())

@@ -39,6 +39,9 @@ SERVERS = ("hisock", "baseline", "uvloop")
 #: find_spec, not import: the asyncio baseline falls back to asyncio's own loop without it.
 HAVE_UVLOOP = importlib.util.find_spec("uvloop") is not None
 
+# Slow by nature: bench.py, its baselines and the Locust users run as subprocesses.
+pytestmark = pytest.mark.slow
+
 
 def _output(proc: subprocess.CompletedProcess[bytes]) -> str:
     return (proc.stdout.decode(errors="replace") + proc.stderr.decode(errors="replace"))[-4000:]

@@ -483,6 +483,7 @@ def test_known_tag_with_random_tail_parses_or_raises_only_protocol_errors(tag, t
     _check_result(_parse_or_protocol_error(parse_server_body, body), SERVER_TYPES)
 
 
+@pytest.mark.slow
 @FUZZ
 @given(body=mutated_bodies())
 def test_mutated_valid_bodies_parse_or_raise_only_protocol_errors(body):
@@ -506,6 +507,7 @@ def test_any_command_fmt_and_payload_round_trip_through_command_body(command, fm
         assert parse(body) == Command(command, fmt, payload)
 
 
+@pytest.mark.slow
 @FUZZ
 @given(
     extra=st.dictionaries(

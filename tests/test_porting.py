@@ -56,6 +56,7 @@ def test_a_server_and_a_client_made_before_either_starts_talk_once_started():
         server.close()
 
 
+@pytest.mark.slow
 def test_send_then_recv_never_loses_the_answer(make_server, make_client):
     """A threaded client that sends, starts a thread, then recv()s: the reply may come
     before recv() is waiting; it must still be the one recv() returns, every time."""
@@ -75,6 +76,7 @@ def test_send_then_recv_never_loses_the_answer(make_server, make_client):
         assert client.recv("answer", timeout=5) == 2 * n
 
 
+@pytest.mark.slow
 def test_a_reply_that_nobody_takes_is_kept_only_a_while(make_server, make_client, monkeypatch):
     import hisock_gevent.client as client_module
 
@@ -220,6 +222,7 @@ def test_handler_errors_are_printed_when_nobody_configured_logging():
     assert "'join'" in result.stderr
 
 
+@pytest.mark.slow
 def test_many_blocking_threaded_handlers_run_at_once_in_a_plain_program(make_server, make_client):
     srv = make_server()
     done = Recorder()

@@ -438,6 +438,7 @@ def sync_raw(peer: RawPeer) -> None:
 # ---------------------------------------------------------------- 5. a trickled frame
 
 
+@pytest.mark.slow
 def test_5_a_frame_trickled_byte_by_byte_costs_about_its_own_size():
     body = b"$CMD$x$MSG$" + b"%-8d" % 1 + b"b" + b"t" * (1 * MiB)
     wire = frame(body)
@@ -455,6 +456,7 @@ def test_5_a_frame_trickled_byte_by_byte_costs_about_its_own_size():
     assert parser.feed(wire[-1:]) == [body]
 
 
+@pytest.mark.slow
 def test_5_a_frame_must_finish_within_the_frame_timeout_trickled_or_stalled(make_server, recorder, peers, caplog):
     caplog.set_level(logging.WARNING, logger="hisock_gevent")
     left = recorder()
@@ -552,6 +554,7 @@ def test_6_silent_sockets_do_not_lock_real_clients_out_of_max_connections(make_s
             sock.close()
 
 
+@pytest.mark.slow
 def test_6_connections_in_their_handshake_have_a_limit_of_their_own(make_server, make_client):
     srv = make_server(max_pending=10, handshake_timeout=1.0)
     srv.start()
@@ -745,6 +748,7 @@ def sync_client(client: Any, srv: Any) -> None:
 # ---------------------------------------------------------------- 10. leave may block, however a client left
 
 
+@pytest.mark.slow
 def test_10_leave_handlers_may_block_cooperatively_whatever_the_way_out(make_server, make_client, recorder, peers, caplog):
     caplog.set_level(logging.WARNING, logger="hisock_gevent")
     left = recorder()
@@ -938,6 +942,7 @@ def _own_rss() -> int:
 # ---------------------------------------------------------------- 13. close(timeout) keeps its word
 
 
+@pytest.mark.slow
 def test_13_close_returns_in_time_with_a_handler_asleep_on_a_worker_thread(make_client, recorder):
     outcome = recorder()
     srv = hisock_gevent.ThreadedHiSockServer((LOOPBACK, 0))
@@ -964,6 +969,7 @@ def test_13_close_returns_in_time_with_a_handler_asleep_on_a_worker_thread(make_
     assert outcome.wait_for(2, timeout=10) == ["asleep", ServerClosed.__name__]
 
 
+@pytest.mark.slow
 def test_13_close_leaves_no_greenlet_of_the_server_in_a_patched_program():
     result = subprocess.run(
         [sys.executable, str(PROGRAMS / "patched_close.py")], capture_output=True, text=True, timeout=60

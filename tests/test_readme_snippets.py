@@ -36,6 +36,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_the_server_snippet_runs_under_serve_on_the_port_the_command_names(tmp_path, caplog):
     code = server_snippet()
     assert "server.start()" in code and "6969" in code  # the snippet as documented

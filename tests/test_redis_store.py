@@ -64,6 +64,7 @@ def test_a_heartbeat_is_one_script_call_whatever_the_number_of_workers(redis_cli
     assert all(beat.dead == [] and not beat.added and not beat.reaped for beat in beats)
 
 
+@pytest.mark.slow
 def test_reaping_a_dead_worker_reads_only_its_own_clients_and_happens_once(redis_client) -> None:
     malformed: List[str] = []
     alive, other, dead = store("alive", malformed), store("other", malformed), store("dead", malformed)
@@ -88,6 +89,7 @@ def test_reaping_a_dead_worker_reads_only_its_own_clients_and_happens_once(redis
     assert malformed == []
 
 
+@pytest.mark.slow
 def test_a_reaped_worker_learns_it_at_its_next_heartbeat(redis_client) -> None:
     malformed: List[str] = []
     survivor, paused = store("survivor", malformed), store("paused", malformed)
@@ -107,6 +109,7 @@ def test_a_reaped_worker_learns_it_at_its_next_heartbeat(redis_client) -> None:
     assert not paused.heartbeat(redis_client).reaped  # until its clients are written back
 
 
+@pytest.mark.slow
 def test_a_worker_alive_again_is_not_reaped(redis_client) -> None:
     malformed: List[str] = []
     survivor, slow = store("survivor", malformed), store("slow", malformed)

@@ -16,10 +16,10 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import pytest
 from conftest import wait_until
+from rawpeer import RawPeer
 
 import hisock_gevent
-from hisock_gevent.frames import FrameParser, frame
-from hisock_gevent.messages import Command, Hello, parse_server_body
+from hisock_gevent.messages import Command, parse_server_body
 from hisock_gevent.typecast import decode
 
 pytestmark = pytest.mark.timeout(60)
@@ -30,82 +30,26 @@ WAIT = 10.0
 # ---------------------------------------------------------------- raw HiSock peers
 
 
-class RawPeer:
-    """A HiSock client made of a plain socket: says hello, then reads frames on demand."""
-
-    def __init__(self, addr: Tuple[str, int], name: Optional[str] = None, rcvbuf: Optional[int] = None):
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        if rcvbuf is not None:
-            # Before connect, so the advertised window stays small.
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-        self.sock.settimeout(WAIT)
-        self.sock.connect(addr)
-        self.parser = FrameParser()
-        self.pending: List[bytes] = []
-        self.sock.sendall(frame(Hello(name, None).to_body()))
-
-    def fileno(self) -> int:
-        return self.sock.fileno()
-
-    def feed(self, data: bytes) -> None:
-        self.pending.extend(self.parser.feed(data))
-
-    def read_message(self, timeout: float = WAIT) -> Any:
-        deadline = time.monotonic() + timeout
-        while not self.pending:
-            self.sock.settimeout(max(0.001, deadline - time.monotonic()))
-            data = self.sock.recv(65536)
-            if not data:
-                raise ConnectionError("server closed the connection")
-            self.feed(data)
-        return parse_server_body(self.pending.pop(0))
-
-    def read_command(self, timeout: float = WAIT) -> Tuple[str, Any]:
-        """Skip reserved messages; return the next (command, content)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            message = self.read_message(max(0.001, deadline - time.monotonic()))
-            if isinstance(message, Command):
-                return message.command, decode(message.fmt, message.payload)
-
-    def close(self) -> None:
-        try:
-            self.sock.close()
-        except OSError:
-            pass
-
-
-@pytest.fixture
-def raw_peers():
-    peers: List[RawPeer] = []
-
-    def factory(*args: Any, **kwargs: Any) -> RawPeer:
-        peer = RawPeer(*args, **kwargs)
-        peers.append(peer)
-        return peer
-
-    yield factory
-    for peer in peers:
-        peer.close()
-
-
 def _commands_for_all(peers: List[RawPeer], wanted: str, count: int, timeout: float) -> Dict[RawPeer, List[Any]]:
     """Read from every peer at once until each has ``count`` ``wanted`` commands."""
     got: Dict[RawPeer, List[Any]] = {peer: [] for peer in peers}
     selector = selectors.DefaultSelector()
     for peer in peers:
         peer.sock.setblocking(False)
-        selector.register(peer.sock, selectors.EVENT_READ, peer)
+        selector.register(peer, selectors.EVENT_READ, peer)
     waiting = set(peers)
 
     def take(peer: RawPeer) -> None:
-        while peer.pending and len(got[peer]) < count:
-            message = parse_server_body(peer.pending.pop(0))
+        while len(got[peer]) < count:
+            body = peer.take_frame()
+            if body is None:
+                break
+            message = parse_server_body(body)
             if isinstance(message, Command) and message.command == wanted:
                 got[peer].append(decode(message.fmt, message.payload))
         if len(got[peer]) >= count:
             waiting.discard(peer)
-            selector.unregister(peer.sock)
+            selector.unregister(peer)
 
     deadline = time.monotonic() + timeout
     try:
@@ -133,6 +77,7 @@ def _commands_for_all(peers: List[RawPeer], wanted: str, count: int, timeout: fl
 # ---------------------------------------------------------------- a thousand clients
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_thousand_hisockclients_connected_at_once_each_receive_a_broadcast(server, make_client):
     count = 1000
@@ -181,10 +126,11 @@ def test_thousand_hisockclients_connected_at_once_each_receive_a_broadcast(serve
     assert time.monotonic() - started < 100
 
 
-def test_thousand_raw_connections_each_receive_every_broadcast_in_order(server, raw_peers):
+@pytest.mark.slow
+def test_thousand_raw_connections_each_receive_every_broadcast_in_order(server, raw):
     count = 1000
     broadcasts = 5
-    peers = [raw_peers(server.get_addr()) for _ in range(count)]
+    peers = [raw(server, name=None, timeout=WAIT) for _ in range(count)]
     wait_until(lambda: len(server.get_all_clients()) == count, timeout=30)
 
     for index in range(broadcasts):
@@ -328,7 +274,7 @@ def test_port_probes_interleaved_with_real_clients_cost_them_nothing_and_never_j
 # ---------------------------------------------------------------- slow readers
 
 
-def test_client_that_never_reads_does_not_delay_broadcasts_to_the_others(make_server, make_client, raw_peers):
+def test_client_that_never_reads_does_not_delay_broadcasts_to_the_others(make_server, make_client, raw):
     # Room for everything the sloth leaves unread (~25 MiB): it stays, queued, in nobody's way.
     server = make_server(max_queue_bytes=64 * 1024 * 1024)
     server.start()
@@ -339,7 +285,7 @@ def test_client_that_never_reads_does_not_delay_broadcasts_to_the_others(make_se
     done = [threading.Event() for _ in range(readers)]
     lock = threading.Lock()
 
-    slow = raw_peers(server.get_addr(), name="sloth", rcvbuf=4096)
+    slow = raw(server, name="sloth", rcvbuf=4096, timeout=WAIT)
     slow.read_message()  # its own $CLTCONN$: joined; it reads nothing from now on
 
     for n in range(readers):
@@ -372,7 +318,7 @@ def test_client_that_never_reads_does_not_delay_broadcasts_to_the_others(make_se
     assert "sloth" in server.get_all_clients("name")
 
 
-def test_client_that_never_reads_is_dropped_past_max_queue_bytes_and_the_others_carry_on(make_server, make_client, raw_peers):
+def test_client_that_never_reads_is_dropped_past_max_queue_bytes_and_the_others_carry_on(make_server, make_client, raw):
     server = make_server(max_queue_bytes=1024 * 1024)
     leaves: List[Any] = []
     left = threading.Event()
@@ -383,7 +329,7 @@ def test_client_that_never_reads_is_dropped_past_max_queue_bytes_and_the_others_
         left.set()
 
     server.start()
-    slow = raw_peers(server.get_addr(), name="sloth", rcvbuf=4096)
+    slow = raw(server, name="sloth", rcvbuf=4096, timeout=WAIT)
     slow.read_message()
     # A reader that keeps reading: a threaded client, dispatching on its own thread.
     reader = make_client(server, name="reader", threaded=True)

@@ -7,12 +7,11 @@ HiSockClient pumped from the test thread by ``recv``, or ThreadedHiSockClient.
 
 from __future__ import annotations
 
-import json
 import logging
 import socket
 import threading
 import time
-from typing import Any, List, Optional, Tuple
+from typing import Any
 
 import pytest
 from conftest import LOOPBACK, wait_until
@@ -75,62 +74,6 @@ def same_value(a: Any, b: Any) -> bool:
     if isinstance(a, dict):
         return len(a) == len(b) and same_value(list(a.items()), list(b.items()))
     return a == b
-
-
-class RawPeer:
-    """A client written against the wire format only (PROTOCOL.md), to see exact frames."""
-
-    def __init__(self, addr: Tuple[str, int], name: Optional[str] = None, group: Optional[str] = None, header_len: int = 16):
-        self.header_len = header_len
-        self.sock = socket.create_connection(addr, timeout=5)
-        self._buf = b""
-        self.send_body(b"$CLTHELLO$" + json.dumps({"name": name, "group": group}).encode())
-
-    def send_body(self, body: bytes) -> None:
-        self.sock.sendall(str(len(body)).encode().ljust(self.header_len) + body)
-
-    def _read_exactly(self, count: int) -> Optional[bytes]:
-        while len(self._buf) < count:
-            data = self.sock.recv(65536)
-            if not data:
-                return None
-            self._buf += data
-        chunk, self._buf = self._buf[:count], self._buf[count:]
-        return chunk
-
-    def read_body(self, timeout: float = 5.0) -> Optional[bytes]:
-        """The next frame body, or None at EOF."""
-        self.sock.settimeout(timeout)
-        header = self._read_exactly(self.header_len)
-        if header is None:
-            return None
-        body = self._read_exactly(int(header.strip()))
-        return body
-
-    def bodies_until_eof(self, timeout: float = 5.0) -> List[bytes]:
-        bodies = []
-        while True:
-            body = self.read_body(timeout)
-            if body is None:
-                return bodies
-            bodies.append(body)
-
-    def close(self) -> None:
-        self.sock.close()
-
-
-@pytest.fixture
-def raw_peers():
-    peers: List[RawPeer] = []
-
-    def factory(server: HiSockServer, *args: Any, **kwargs: Any) -> RawPeer:
-        peer = RawPeer(server.get_addr(), *args, **kwargs)
-        peers.append(peer)
-        return peer
-
-    yield factory
-    for peer in peers:
-        peer.close()
 
 
 SENDABLES = [
@@ -310,6 +253,7 @@ def test_cache_size_n_keeps_the_last_n_messages_with_their_fields(make_server, m
     assert all(isinstance(member.header, int) and member.header > 0 for member in cache)
 
 
+@pytest.mark.slow
 def test_keepalive_keeps_an_answering_client_and_drops_silent_ones(make_server, make_client, recorder):
     leaves = recorder()
     server = make_server(keepalive=True, keepalive_interval=0.2, keepalive_timeout=0.4)
@@ -343,23 +287,23 @@ def test_keepalive_drop_tells_the_silent_client_it_was_disconnected(make_server,
     forced.wait_for(1)
 
 
-def test_keepalive_is_sent_as_a_framed_message(make_server, raw_peers):
+def test_keepalive_is_sent_as_a_framed_message(make_server, raw):
     server = make_server(keepalive=True, keepalive_interval=0.1, keepalive_timeout=5)
     server.start()
-    peer = raw_peers(server, "raw")
-    bodies = [peer.read_body(), peer.read_body()]
+    peer = raw(server, "raw")
+    bodies = [peer.read_frame(), peer.read_frame()]
     assert bodies[0].startswith(b"$CLTCONN$")
     assert bodies[1] == b"$KEEPALIVE$"
 
 
-def test_keepalive_off_sends_no_keepalive(make_server, raw_peers):
+def test_keepalive_off_sends_no_keepalive(make_server, raw):
     server = make_server(keepalive=False)
     install_echo(server)
     server.start()
-    peer = raw_peers(server, "raw")
-    assert peer.read_body().startswith(b"$CLTCONN$")
+    peer = raw(server, "raw")
+    assert peer.read_frame().startswith(b"$CLTCONN$")
     with pytest.raises(socket.timeout):
-        peer.read_body(timeout=0.3)
+        peer.read_frame(timeout=0.3)
 
 
 # ---------------------------------------------------------------- variables
@@ -521,18 +465,18 @@ def test_disconnect_all_clients_polite_runs_force_disconnect_on_clients(make_ser
     forced.wait_for(1)
 
 
-def test_disconnect_all_clients_polite_sends_disconn_and_forced_does_not(make_server, raw_peers):
+def test_disconnect_all_clients_polite_sends_disconn_and_forced_does_not(make_server, raw):
     server = make_server()
     server.start()
-    polite = raw_peers(server, "polite")
+    polite = raw(server, "polite")
     wait_until(lambda: len(server.get_all_clients()) == 1)
     server.disconnect_all_clients(force=False)
-    assert b"$DISCONN$" in polite.bodies_until_eof()
+    assert b"$DISCONN$" in polite.frames_until_eof()
 
-    forced = raw_peers(server, "forced")
+    forced = raw(server, "forced")
     wait_until(lambda: len(server.get_all_clients()) == 1)
     server.disconnect_all_clients(force=True)
-    assert b"$DISCONN$" not in forced.bodies_until_eof()
+    assert b"$DISCONN$" not in forced.frames_until_eof()
 
 
 @pytest.mark.parametrize("form", ["tuple", "str", "name", "ClientInfo"])
@@ -563,17 +507,17 @@ def test_disconnect_client_by_each_reference_form(make_server, make_client, reco
     assert gone.items == [info]
 
 
-def test_disconnect_client_polite_sends_disconn_and_forced_does_not(make_server, raw_peers):
+def test_disconnect_client_polite_sends_disconn_and_forced_does_not(make_server, raw):
     server = make_server()
     server.start()
-    polite = raw_peers(server, "polite")
-    forced = raw_peers(server, "forced")
+    polite = raw(server, "polite")
+    forced = raw(server, "forced")
     wait_until(lambda: len(server.get_all_clients()) == 2)
 
     server.disconnect_client("polite", force=False)
-    assert b"$DISCONN$" in polite.bodies_until_eof()
+    assert b"$DISCONN$" in polite.frames_until_eof()
     server.disconnect_client("forced", force=True)
-    assert b"$DISCONN$" not in forced.bodies_until_eof()
+    assert b"$DISCONN$" not in forced.frames_until_eof()
     assert server.get_all_clients() == []
 
 
@@ -920,6 +864,7 @@ def test_on_raises_value_error_for_reserved_dollar_commands(make_server, command
         server.on(command)(lambda client, content: None)
 
 
+@pytest.mark.slow
 def test_threaded_handler_does_not_stall_other_clients(server, make_client):
     slow_started, slow_finished = threading.Event(), threading.Event()
 

@@ -41,7 +41,8 @@ from conftest import wait_until
 
 import hisock_gevent
 
-pytestmark = pytest.mark.timeout(180)
+# Slow by nature: a soak runs for many seconds on purpose.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
 SOAK_SECONDS = float(os.environ.get("HISOCK_SOAK_SECONDS", "20"))
 SOAK_CLIENTS = int(os.environ.get("HISOCK_SOAK_CLIENTS", "250"))
@@ -65,14 +66,10 @@ def live_greenlets() -> int:
 
 
 def settle(measure: Any, limit: int, what: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = measure()
-        if value <= limit:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: {value} at the end, at most {limit} expected")
-        time.sleep(0.05)
+    wait_until(
+        lambda: measure() <= limit, timeout, interval=0.05,
+        message=lambda: f"{what}: {measure()} at the end, at most {limit} expected",
+    )
 
 
 class Ledger:

@@ -1051,6 +1051,7 @@ def test_a_failing_stats_is_logged_once_and_sampling_goes_on(caplog):
     assert len(failures) == 1 and "stats broke" in caplog.text
 
 
+@pytest.mark.slow
 def test_server_serve_stats_keeps_a_history_of_the_traffic(make_client):
     srv = ThreadedHiSockServer((LOOPBACK, 0))
     try:

@@ -26,7 +26,8 @@ from test_cli import Program, run  # noqa: F401  (run is a fixture)
 
 import hisock_gevent
 
-pytestmark = pytest.mark.timeout(90)
+# Slow by nature: every test drives a headless Chromium.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(90)]
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"

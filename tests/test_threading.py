@@ -295,6 +295,7 @@ def test_server_method_called_from_another_thread_raises_its_exception_in_that_t
 # ---------------------------------------------------------------- plain process: threaded handlers
 
 
+@pytest.mark.slow
 def test_threaded_handler_sleeping_does_not_stall_another_clients_round_trip(server, make_client):
     main_ident = threading.get_ident()
     slow_started = threading.Event()
@@ -333,6 +334,7 @@ def test_threaded_handler_sleeping_does_not_stall_another_clients_round_trip(ser
     assert _thread_names().get(hub_thread) == "hisock-server"
 
 
+@pytest.mark.slow
 def test_threaded_handlers_sleep_in_parallel_on_worker_threads(server, make_client):
     clients = 4
     done = IdentRecorder()
@@ -604,18 +606,21 @@ def test_threaded_client_closed_from_its_own_handler_returns_promptly_and_its_th
 # ---------------------------------------------------------------- subprocess programs
 
 
+@pytest.mark.slow
 def test_monkey_patched_program_runs_server_and_clients_as_greenlets():
     result = _run_program("patched_roundtrip.py")
     assert result.returncode == 0, f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
     assert result.stdout.startswith("OK"), result.stdout
 
 
+@pytest.mark.slow
 def test_plain_gui_like_main_loop_polls_a_queue_filled_by_handlers_and_finishes():
     result = _run_program("plain_gui_like.py")
     assert result.returncode == 0, f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
     assert result.stdout.startswith("OK"), result.stdout
 
 
+@pytest.mark.slow
 def test_server_and_client_in_one_process_may_call_each_other_from_their_handlers():
     result = _run_program("cross_calls.py")
     assert result.returncode == 0, f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"

@@ -294,6 +294,7 @@ def test_server_hostname_matching_another_name_in_the_cert_works(tls_server, mak
     sync(client)
 
 
+@pytest.mark.slow
 def test_silent_tcp_peer_on_tls_port_is_dropped_after_handshake_timeout_and_blocks_nobody(
     make_server, make_client, server_ctx, client_ctx, caplog
 ):
@@ -318,6 +319,7 @@ def test_silent_tcp_peer_on_tls_port_is_dropped_after_handshake_timeout_and_bloc
         silent.close()
 
 
+@pytest.mark.slow
 def test_tls_peer_that_never_says_hello_is_dropped_after_handshake_timeout(make_server, server_ctx, raw_tls, recorder):
     srv = make_server(ssl_context=server_ctx, handshake_timeout=0.5)
     joined = recorder()
@@ -521,6 +523,7 @@ def test_mutual_tls_with_a_certificate_from_another_ca_is_refused(mtls_server, m
 # ------------------------------------------------------------------ keepalive
 
 
+@pytest.mark.slow
 def test_keepalive_over_tls_keeps_an_answering_client_and_drops_a_silent_one(
     make_server, make_client, server_ctx, client_ctx, raw_tls, recorder
 ):
@@ -559,6 +562,7 @@ def test_keepalive_over_tls_keeps_an_answering_client_and_drops_a_silent_one(
 # ------------------------------------------------------------------ closing
 
 
+@pytest.mark.slow
 def test_closing_a_tls_server_leaves_no_greenlets_even_with_handshakes_in_flight(server_ctx, client_ctx):
     import gc
 

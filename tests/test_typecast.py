@@ -297,12 +297,14 @@ def test_bool_and_client_info_round_trip_through_msgpack():
 # --------------------------------------------------------------------------- round-trip properties
 
 
+@pytest.mark.slow
 @PROPERTY
 @given(sendables)
 def test_every_sendable_round_trips_exactly_through_msgpack(value):
     assert_same(decode(*encode(value, msgpack_ok=True)), value)
 
 
+@pytest.mark.slow
 @PROPERTY
 @given(native_values | st.none())
 def test_native_values_round_trip_without_msgpack_with_floats_as_singles(value):
@@ -310,6 +312,7 @@ def test_native_values_round_trip_without_msgpack_with_floats_as_singles(value):
     assert_same(decode(*encode(value, msgpack_ok=False)), as_single(value))
 
 
+@pytest.mark.slow
 @PROPERTY
 @given(sendables)
 def test_without_msgpack_a_value_round_trips_or_is_refused(value):
@@ -639,12 +642,14 @@ def test_random_bytes_only_ever_raise_malformed_payload(fmt, payload):
     decode_or_malformed(b"m", payload)
 
 
+@pytest.mark.slow
 @FUZZ
 @given(st.text(alphabet="0123456789sibfltdm[](){}-", max_size=30), st.binary(max_size=30))
 def test_grammar_shaped_fmts_only_ever_raise_malformed_payload(fmt, payload):
     decode_or_malformed(fmt.encode(), payload, max_depth=4, max_items=20)
 
 
+@pytest.mark.slow
 @DAMAGE
 @given(sendables, st.booleans(), st.data())
 def test_damaged_encodings_only_ever_raise_malformed_payload(value, msgpack_ok, data):

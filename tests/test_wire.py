@@ -1,7 +1,7 @@
 """The wire, byte for byte: raw stdlib sockets against a running hisock_gevent server.
 
 Every peer here is a plain blocking socket that writes and reads the bytes PROTOCOL.md
-describes, built by hand in this file (not with the library's own framing), so
+describes, built by hand (tests/rawpeer.py, not the library's own framing), so
 interoperability with HiSock 3.x programs is tested by bytes, not assumed.
 """
 
@@ -16,7 +16,18 @@ import time
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import pytest
-from rawpeer import as_single, floats_in, hisock_floats
+from conftest import wait_until
+from rawpeer import (
+    HEADER_LEN,
+    RawPeer,
+    as_single,
+    cmd_body,
+    floats_in,
+    hisock_floats,
+    split_cmd,
+    split_frames,
+    wire_frame,
+)
 
 import hisock_gevent
 from hisock_gevent import ClientNotFound, InvalidTypeCast
@@ -24,164 +35,8 @@ from hisock_gevent.typecast import decode
 
 pytestmark = pytest.mark.timeout(30)
 
-HEADER_LEN = 16
 READ_TIMEOUT = 5.0
 NATIVE_FMT_BYTES = set(b"0123456789sibfltd[](){}")
-
-
-# ------------------------------------------------------------------ raw peer helper
-
-
-def wire_frame(body: bytes, header_len: int = HEADER_LEN) -> bytes:
-    """A frame built by hand: ASCII decimal length, left-aligned, space-padded."""
-    header = str(len(body)).encode("ascii")
-    assert len(header) <= header_len
-    return header + b" " * (header_len - len(header)) + body
-
-
-def cmd_body(command: str, fmt: bytes, payload: bytes) -> bytes:
-    """A command message body built by hand: fmt length padded with spaces to 8 bytes."""
-    fmt_len = str(len(fmt)).encode("ascii")
-    assert len(fmt_len) <= 8
-    return b"$CMD$" + command.encode("utf-8") + b"$MSG$" + fmt_len + b" " * (8 - len(fmt_len)) + fmt + payload
-
-
-def split_cmd(body: bytes) -> Tuple[str, bytes, bytes]:
-    """(command, fmt, payload) of a command body, checking the fmt length field is canonical."""
-    assert body.startswith(b"$CMD$"), body
-    split = body.index(b"$MSG$", 5)
-    command = body[5:split].decode("utf-8")
-    field = body[split + 5 : split + 13]
-    assert len(field) == 8, body
-    digits = field.rstrip(b" ")
-    assert digits.isdigit() and not field.startswith(b" "), f"fmt length field {field!r} is not canonical"
-    fmt_end = split + 13 + int(digits)
-    return command, body[split + 13 : fmt_end], body[fmt_end:]
-
-
-def split_frames(data: bytes, header_len: int = HEADER_LEN) -> List[bytes]:
-    """The bodies of whole frames laid end to end in ``data`` (a partial tail is an error)."""
-    bodies: List[bytes] = []
-    while data:
-        length = int(data[:header_len])
-        assert len(data) >= header_len + length, f"truncated frame in {data!r}"
-        bodies.append(data[header_len : header_len + length])
-        data = data[header_len + length :]
-    return bodies
-
-
-class PeerClosed(Exception):
-    """The server closed the connection."""
-
-
-class RawPeer:
-    """A HiSock peer made of a blocking stdlib socket and nothing else."""
-
-    def __init__(self, addr: Tuple[str, int], header_len: int = HEADER_LEN):
-        self.sock = socket.create_connection(addr, timeout=READ_TIMEOUT)
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.header_len = header_len
-        self.addr: Tuple[str, int] = self.sock.getsockname()[:2]
-        self.ipstr = f"{self.addr[0]}:{self.addr[1]}"
-
-    # -- writing
-
-    def send_raw(self, data: bytes) -> None:
-        self.sock.sendall(data)
-
-    def send_frame(self, body: bytes) -> None:
-        self.sock.sendall(wire_frame(body, self.header_len))
-
-    def hello(self, name: Optional[str] = "raw", group: Optional[str] = "g", **extra: Any) -> Dict[str, Any]:
-        """Say hello as a HiSock 3.x client would and return the JSON of our own $CLTCONN$."""
-        self.send_frame(b"$CLTHELLO$" + json.dumps({"name": name, "group": group, **extra}).encode())
-        body = self.read_frame()
-        assert body.startswith(b"$CLTCONN$"), body
-        return json.loads(body[len(b"$CLTCONN$") :])
-
-    # -- reading
-
-    def _read_exact(self, count: int, deadline: float) -> bytes:
-        data = bytearray()
-        while len(data) < count:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError(f"only {len(data)} of {count} bytes arrived")
-            self.sock.settimeout(remaining)
-            try:
-                chunk = self.sock.recv(count - len(data))
-            except socket.timeout:
-                raise TimeoutError(f"only {len(data)} of {count} bytes arrived") from None
-            except (ConnectionResetError, ConnectionAbortedError):
-                raise PeerClosed("connection reset") from None
-            if not chunk:
-                raise PeerClosed(f"EOF after {len(data)} of {count} bytes")
-            data += chunk
-        return bytes(data)
-
-    def read_frame(self, timeout: float = READ_TIMEOUT) -> bytes:
-        """One whole frame's body; the header must be canonical (digits, then spaces)."""
-        deadline = time.monotonic() + timeout
-        header = self._read_exact(self.header_len, deadline)
-        digits = header.rstrip(b" ")
-        assert digits.isdigit() and header[:1] != b" ", f"server sent a non-canonical header {header!r}"
-        return self._read_exact(int(digits), deadline)
-
-    def read_frame_skipping(self, *prefixes: bytes, timeout: float = READ_TIMEOUT) -> bytes:
-        """The next frame whose body starts with none of ``prefixes``."""
-        deadline = time.monotonic() + timeout
-        while True:
-            body = self.read_frame(max(deadline - time.monotonic(), 0.001))
-            if not body.startswith(prefixes):
-                return body
-
-    def read_until_eof(self, timeout: float = READ_TIMEOUT) -> bytes:
-        """Everything the server sends until it closes the connection."""
-        deadline = time.monotonic() + timeout
-        data = bytearray()
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise AssertionError(f"connection still open after {timeout} s (got {bytes(data)!r})")
-            self.sock.settimeout(remaining)
-            try:
-                chunk = self.sock.recv(65536)
-            except socket.timeout:
-                continue
-            except (ConnectionResetError, ConnectionAbortedError):
-                return bytes(data)
-            if not chunk:
-                return bytes(data)
-            data += chunk
-
-    def getclt(self, query: str) -> Tuple[bytes, Any]:
-        """Ask $GETCLT$ and return (fmt, decoded content) of the framed command answer."""
-        self.send_frame(b"$GETCLT$" + query.encode())
-        body = self.read_frame_skipping(b"$CLTCONN$", b"$CLTDISCONN$")
-        command, fmt, payload = split_cmd(body)
-        assert command == "$GETCLT$"
-        return fmt, decode(fmt, payload)
-
-    def close(self) -> None:
-        try:
-            self.sock.close()
-        except OSError:
-            pass
-
-
-@pytest.fixture
-def raw() -> Iterator[Callable[..., RawPeer]]:
-    """Factory: ``raw(server, header_len=16)`` -> a connected RawPeer, closed at teardown."""
-    peers: List[RawPeer] = []
-
-    def connect(server: Any, header_len: int = HEADER_LEN) -> RawPeer:
-        peer = RawPeer(server.get_addr(), header_len)
-        peers.append(peer)
-        return peer
-
-    yield connect
-    for peer in peers:
-        peer.close()
 
 
 def same_value(a: Any, b: Any) -> bool:
@@ -217,7 +72,7 @@ def test_plain_hello_is_answered_with_cltconn_info_and_no_caps(server, raw):
 
 def test_hello_with_msgpack_caps_is_answered_with_caps(server, raw):
     peer = raw(server)
-    info = peer.hello("raw", "g", caps=["msgpack"])
+    info = peer.hello_info("raw", "g", caps=["msgpack"])
     assert info["caps"] == ["msgpack"]
     assert info["max_message_size"] == 16 * 1024 * 1024  # limits both sides know
     assert {k: v for k, v in info.items() if k not in ("caps", "max_message_size")} == info_json(peer, "raw", "g")
@@ -225,13 +80,13 @@ def test_hello_with_msgpack_caps_is_answered_with_caps(server, raw):
 
 def test_hello_with_unknown_keys_is_accepted(server, raw):
     peer = raw(server)
-    info = peer.hello("raw", "g", version="9.9", future={"x": [1, 2]})
+    info = peer.hello_info("raw", "g", version="9.9", future={"x": [1, 2]})
     assert info == info_json(peer, "raw", "g")
 
 
 def test_hello_with_null_name_and_group_joins_without_them(server, raw):
     peer = raw(server)
-    assert peer.hello(None, None) == info_json(peer, None, None)
+    assert peer.hello_info(None, None) == info_json(peer, None, None)
 
 
 def test_hello_sent_byte_by_byte_is_reassembled(server, raw):
@@ -274,7 +129,7 @@ def test_custom_header_len_is_used_both_ways(make_server, raw):
     srv = make_server(header_len=8)
     srv.start()
     peer = raw(srv, header_len=8)
-    assert peer.hello("eight", "g") == info_json(peer, "eight", "g")
+    assert peer.hello_info("eight", "g") == info_json(peer, "eight", "g")
     _fmt, content = peer.getclt("eight")
     assert content["name"] == "eight"
 
@@ -286,7 +141,7 @@ def test_existing_client_hears_cltconn_for_a_newcomer(server, raw):
     first = raw(server)
     first.hello("one", "g")
     second = raw(server)
-    assert second.hello("two", "h") == info_json(second, "two", "h")
+    assert second.hello_info("two", "h") == info_json(second, "two", "h")
     body = first.read_frame()
     assert body.startswith(b"$CLTCONN$")
     assert json.loads(body[len(b"$CLTCONN$") :]) == info_json(second, "two", "h")
@@ -422,6 +277,7 @@ def test_keepalive_is_sent_as_a_normal_frame(keepalive_server, raw):
     assert peer.read_frame(timeout=3) == b"$KEEPALIVE$"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ack_style", ["plain", "upstream_with_address"])
 def test_client_answering_keepack_stays_connected_for_many_rounds(keepalive_server, raw, recorder, ack_style):
     left = recorder()
@@ -444,6 +300,7 @@ def test_client_answering_keepack_stays_connected_for_many_rounds(keepalive_serv
     assert split_cmd(body)[0] == "$GETCLT$"
 
 
+@pytest.mark.slow
 def test_client_not_answering_keepalive_is_dropped(keepalive_server, raw, recorder):
     left = recorder()
     keepalive_server.on("leave")(left)
@@ -460,6 +317,7 @@ def test_client_not_answering_keepalive_is_dropped(keepalive_server, raw, record
     assert keepalive_server.get_all_clients() == []
 
 
+@pytest.mark.slow
 def test_silent_client_is_dropped_while_answering_one_stays(keepalive_server, raw, recorder):
     left = recorder()
     keepalive_server.on("leave")(left)
@@ -744,7 +602,7 @@ FLOATS_TO_PLAIN = [
 )
 def test_floats_to_a_plain_peer_unpack_with_hisocks_own_rule(server, raw, content):
     peer = raw(server)
-    assert "caps" not in peer.hello("raw", "g")  # a plain HiSock hello: no caps offered
+    assert "caps" not in peer.hello_info("raw", "g")  # a plain HiSock hello: no caps offered
 
     server.send_client("raw", "x", content)
 
@@ -759,7 +617,7 @@ def test_float_broadcast_gives_plain_peers_singles_and_extended_peers_exact_doub
     plain = raw(server)
     plain.hello("plain", "g")
     extended = raw(server)
-    assert extended.hello("extended", "g", caps=["msgpack"])["caps"] == ["msgpack"]
+    assert extended.hello_info("extended", "g", caps=["msgpack"])["caps"] == ["msgpack"]
     assert plain.read_frame().startswith(b"$CLTCONN$")
 
     server.send_all_clients("x", 0.1)
@@ -980,7 +838,7 @@ def test_port_probe_without_hello_does_not_disturb_the_server(server, raw, recor
     half.close()
 
     peer = raw(server)
-    assert peer.hello("real", "g") == info_json(peer, "real", "g")
+    assert peer.hello_info("real", "g") == info_json(peer, "real", "g")
     _fmt, content = peer.getclt("real")
 
     assert content["name"] == "real"
@@ -1101,18 +959,6 @@ def test_frame_of_exactly_max_message_size_is_accepted(make_server, raw, recorde
 # ------------------------------------------------------------------ more handshake and connection edges
 
 
-def wait_for(predicate: Callable[[], Any], timeout: float = 5.0) -> Any:
-    """Poll ``predicate`` (server state) until it is truthy; fail after ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s")
-        time.sleep(0.005)
-
-
 def test_hello_with_a_space_after_the_tag_is_accepted(server, raw):
     # Older HiSock clients wrote f"$CLTHELLO$ {json.dumps(hello)}".
     peer = raw(server)
@@ -1125,7 +971,7 @@ def test_caps_are_never_announced_to_other_clients(server, raw):
     plain = raw(server)
     plain.hello("plain", "g")
     modern = raw(server)
-    assert modern.hello("modern", "g", caps=["msgpack"])["caps"] == ["msgpack"]
+    assert modern.hello_info("modern", "g", caps=["msgpack"])["caps"] == ["msgpack"]
     body = plain.read_frame()
     assert json.loads(body[len(b"$CLTCONN$") :]) == info_json(modern, "modern", "g")
 
@@ -1186,7 +1032,7 @@ def test_connection_closed_mid_frame_runs_leave(server, raw, recorder):
     peer.send_raw(b"100             only part of the body")
     peer.close()
     assert [info.name for info in left.wait_for(1)] == ["raw"]
-    wait_for(lambda: server.get_all_clients() == [])
+    wait_until(lambda: server.get_all_clients() == [])
 
 
 def test_half_closed_client_has_its_last_command_handled_then_leaves(server, raw, recorder):
@@ -1242,7 +1088,7 @@ def test_hello_whose_announcement_does_not_fit_the_header_leaves_no_ghost_client
 
     # Whatever the server decides about such a client, once its connection is closed it
     # must not stay listed as connected.
-    wait_for(lambda: srv.get_all_clients(key="name") == ["other"], timeout=2)
+    wait_until(lambda: srv.get_all_clients(key="name") == ["other"], timeout=2)
 
 
 def test_leave_runs_for_a_client_whose_info_no_longer_fits_the_header(make_server, raw, recorder):
@@ -1259,7 +1105,7 @@ def test_leave_runs_for_a_client_whose_info_no_longer_fits_the_header(make_serve
     goes.send_frame(b"$USRCLOSE$")
 
     assert [info.ip for info in left.wait_for(1, timeout=2)] == [goes.addr]
-    wait_for(lambda: srv.get_all_clients(key="name") == ["stays"], timeout=2)
+    wait_until(lambda: srv.get_all_clients(key="name") == ["stays"], timeout=2)
 
 
 def test_getclt_answer_too_long_for_the_header_does_not_disconnect_the_asker(make_server, raw, recorder):
@@ -1273,7 +1119,7 @@ def test_getclt_answer_too_long_for_the_header_does_not_disconnect_the_asker(mak
     long.hello("long", None)
     assert asker.read_frame().startswith(b"$CLTCONN$")
     long.send_raw(wire_frame(b"$CHNAME$" + b"y" * 980, 3))
-    wait_for(lambda: srv.get_client(long.ipstr).name != "long", timeout=3)
+    wait_until(lambda: srv.get_client(long.ipstr).name != "long", timeout=3)
 
     asker.send_frame(b"$GETCLT$" + long.ipstr.encode())  # the answer cannot be framed
     asker.send_frame(cmd_body("x", b"2s", b"ok"))

@@ -20,13 +20,15 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Set, Tuple
 
 import pytest
+from conftest import wait_until
 from redis_server import redis_server  # noqa: F401  (a fixture)
 from test_cli import WAIT, Program, one_shot, run  # noqa: F401  (run is a fixture)
 
 import hisock_gevent
 from hisock_gevent.cli import _worker_options, build_parser
 
-pytestmark = pytest.mark.timeout(90)
+# Slow by nature: every test starts worker processes (and some a Redis server).
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(90)]
 
 #: Seconds for N workers to import gevent and the app and log that they serve.
 STARTUP = 30.0
@@ -568,10 +570,10 @@ def test_workers_with_a_redis_backplane_act_as_one_server(start_cluster, redis_s
             client.on("iam")(lambda pid, name=name: inbox[name].append(("iam", pid)))
             client.start()
             client.send("whoami")
-            answer_deadline = time.monotonic() + WAIT
-            while not any(event[0] == "iam" for event in inbox[name]):
-                assert time.monotonic() < answer_deadline, f"{name} got no answer to whoami"
-                time.sleep(0.01)
+            wait_until(
+                lambda name=name: any(event[0] == "iam" for event in inbox[name]), WAIT, interval=0.01,
+                message=f"{name} got no answer to whoami",
+            )
             pid = next(event[1] for event in inbox[name] if event[0] == "iam")
             by_pid.setdefault(pid, client)
         assert len(by_pid) == 2, f"clients reached only {sorted(by_pid)}"
@@ -590,10 +592,10 @@ def test_workers_with_a_redis_backplane_act_as_one_server(start_cluster, redis_s
         cluster.known_pids.add(int(cluster.expect(r"worker \d restarted: pid (\d+) serving").group(1)))
         # Within the worker TTL (5 s) and a heartbeat, the survivor claims b.
         cluster.expect(rf"LEAVE {b.name}$", timeout=WAIT + 10)
-        deadline = time.monotonic() + WAIT
-        while ("left", b.name) not in inbox[a.name]:
-            assert time.monotonic() < deadline, f"{a.name} never heard that {b.name} left"
-            time.sleep(0.01)
+        wait_until(
+            lambda: ("left", b.name) in inbox[a.name], WAIT, interval=0.01,
+            message=f"{a.name} never heard that {b.name} left",
+        )
         leaves = [line for line in cluster.program.seen["stderr"] if re.search(rf"LEAVE {b.name}$", line)]
         assert len(leaves) == 1, leaves
     finally:
