@@ -172,12 +172,16 @@ class ClientRegistry(Generic[PeerT]):
     def update(self, peer: PeerT, new_info: ClientInfo) -> ClientInfo:
         """Give a registered peer a new name/group; every map changes together.  Returns the old info."""
         old = peer.info
-        self._unindex(peer, old)
         self.clients_rev.pop(old, None)
         peer.info = new_info
         self.clients[peer.sock] = new_info
         self.clients_rev[new_info] = peer.sock
-        self._index(peer, new_info)
+        # Only the field that changed moves; the other keeps the peer's place, so
+        # named() and group() stay in join order.
+        if old.name != new_info.name:
+            self._move(self._by_name, peer, old.name, new_info.name)
+        if old.group != new_info.group:
+            self._move(self._by_group, peer, old.group, new_info.group)
         return old
 
     def remove(self, peer: PeerT) -> bool:
@@ -196,21 +200,25 @@ class ClientRegistry(Generic[PeerT]):
         sizes = {group: len(peers) for group, peers in self._by_group.items() if peers}
         return dict(sorted(sizes.items(), key=lambda item: (-item[1], item[0])))
 
-    def _index(self, peer: PeerT, info: ClientInfo) -> None:
-        if info.name is not None:
-            self._by_name.setdefault(info.name, {})[peer] = None
-        if info.group is not None:
-            self._by_group.setdefault(info.group, {})[peer] = None
-
-    def _unindex(self, peer: PeerT, info: ClientInfo) -> None:
-        for index, key in ((self._by_name, info.name), (self._by_group, info.group)):
-            if key is None:
-                continue
-            members = index.get(key)
+    @staticmethod
+    def _move(index: Dict[str, Dict[PeerT, None]], peer: PeerT, old_key: Optional[str], new_key: Optional[str]) -> None:
+        """Take *peer* out of *index* under *old_key* and append it under *new_key*."""
+        if old_key is not None:
+            members = index.get(old_key)
             if members is not None:
                 members.pop(peer, None)
                 if not members:
-                    del index[key]
+                    del index[old_key]
+        if new_key is not None:
+            index.setdefault(new_key, {})[peer] = None
+
+    def _index(self, peer: PeerT, info: ClientInfo) -> None:
+        self._move(self._by_name, peer, None, info.name)
+        self._move(self._by_group, peer, None, info.group)
+
+    def _unindex(self, peer: PeerT, info: ClientInfo) -> None:
+        self._move(self._by_name, peer, info.name, None)
+        self._move(self._by_group, peer, info.group, None)
 
     # ------------------------------------------------------------- lookups
 

@@ -232,11 +232,6 @@ def test_find_by_a_unique_name_does_not_warn():
         assert registry.find("bob").info.name == "bob"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="library bug: update() re-indexes the name too, so a group change moves the "
-    "peer behind later joiners of its name (registry.py, ClientRegistry.update)",
-)
 def test_a_group_change_keeps_the_first_joiner_first_among_a_shared_name():
     first, second = peer(1, "twin", "red"), peer(2, "twin", "red")
     registry = registry_of(first, second)
@@ -244,11 +239,6 @@ def test_a_group_change_keeps_the_first_joiner_first_among_a_shared_name():
     assert registry.named("twin") == [first, second]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="library bug: update() re-indexes the group too, so a name change moves the "
-    "peer behind later joiners of its group, and group() is no longer in join order",
-)
 def test_a_name_change_keeps_the_group_in_join_order():
     first, second = peer(1, "a", "red"), peer(2, "b", "red")
     registry = registry_of(first, second)
@@ -424,11 +414,11 @@ def test_announce_sends_the_same_frame_to_everyone_but_the_excluded_peer():
     a, b, c = peer(1, "a"), peer(2, "b", msgpack_ok=False), peer(3, "c")
     delivery = LocalDelivery(registry_of(a, b, c))
     frame = b"<an announcement frame>"
-    delivery.announce(frame, exclude=b)
+    delivery.announce(frame, about=a.info, exclude=b)
     assert a.frames == [frame] and c.frames == [frame]
     assert a.frames[0] is frame
     assert b.frames == []
-    delivery.announce(frame)
+    delivery.announce(frame, about=a.info)
     assert len(b.frames) == 1
 
 
