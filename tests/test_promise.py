@@ -192,7 +192,7 @@ class FloodProcess:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["no_handler", "echo"])
-def test_1_a_flooding_client_is_served_in_turns_and_nobody_else_waits(kind, server_process, peers):
+def test_1_a_flooding_client_is_served_in_turns_and_nobody_else_waits(kind, server_process, peers, figure):
     srv = server_process()
     good = peers(srv.addr)
     good.hello("good")
@@ -210,6 +210,9 @@ def test_1_a_flooding_client_is_served_in_turns_and_nobody_else_waits(kind, serv
     finally:
         flooded = flood.stop()
 
+    figure(f"{kind} flood: worst round trip (quiet)", f"{max(busy) * 1000:.0f} ms ({max(quiet) * 1000:.0f} ms)")
+    figure(f"{kind} flood: pings during / without", f"{len(busy)} / {len(quiet)}")
+    figure(f"{kind} flood: join took", f"{join_took * 1000:.0f} ms; flooder sent {flooded / MiB:.0f} MiB")
     assert flooded > 8 * MiB, f"the flood only sent {flooded} bytes"
     assert max(busy) < 0.25, f"a round trip took {max(busy):.3f} s during the flood (quiet: {max(quiet):.3f} s)"
     assert len(busy) >= 0.8 * len(quiet), f"{len(busy)} round trips during the flood, {len(quiet)} without"
@@ -217,7 +220,7 @@ def test_1_a_flooding_client_is_served_in_turns_and_nobody_else_waits(kind, serv
 
 
 @pytest.mark.slow
-def test_1_a_flooded_client_reader_leaves_its_hub_to_the_other_clients(server_process):
+def test_1_a_flooded_client_reader_leaves_its_hub_to_the_other_clients(server_process, figure):
     """Two clients on one hub: one is flooded by its server, the other's round trips stay quick."""
     srv = server_process()
     listener = socket.create_server((LOOPBACK, 0))
@@ -276,6 +279,7 @@ def test_1_a_flooded_client_reader_leaves_its_hub_to_the_other_clients(server_pr
     listener.close()
     assert not thread.is_alive()
     assert "times" in outcome, outcome
+    figure("worst round trip beside a flooded client", f"{max(outcome['times']) * 1000:.0f} ms")
     assert max(outcome["times"]) < 0.25, f"a round trip took {max(outcome['times']):.3f} s beside the flooded client"
 
 
@@ -283,7 +287,7 @@ def test_1_a_flooded_client_reader_leaves_its_hub_to_the_other_clients(server_pr
 
 
 @pytest.mark.slow
-def test_2_a_client_that_floods_requests_and_never_reads_is_dropped_at_its_queue_limit(server_process):
+def test_2_a_client_that_floods_requests_and_never_reads_is_dropped_at_its_queue_limit(server_process, figure):
     limit = 1 * MiB
     srv = server_process(max_queue_bytes=limit)
     srv.wait_for("READY", 0, 1)
@@ -295,6 +299,7 @@ def test_2_a_client_that_floods_requests_and_never_reads_is_dropped_at_its_queue
     finally:
         flood.stop()
     grew = srv.peak_rss() - before
+    figure("peak RSS growth for a 1 MiB-limited flooder", f"{grew / MiB:.1f} MiB")
     assert grew < limit + 8 * MiB, f"the server grew by {grew / MiB:.1f} MiB for a client limited to 1 MiB"
     assert srv.stats()["clients"]["dropped"].get("slow_reader") == 1
     assert srv.count("LEAVE flooder") == 1
@@ -340,7 +345,7 @@ class Drain:
 
 
 @pytest.mark.slow
-def test_3_a_big_broadcast_is_stored_once_however_many_read_it(server_process, peers):
+def test_3_a_big_broadcast_is_stored_once_however_many_read_it(server_process, peers, figure):
     size = 15 * MiB
     srv = server_process()
     readers = [peers(srv.addr, timeout=30) for _ in range(100)]
@@ -358,11 +363,12 @@ def test_3_a_big_broadcast_is_stored_once_however_many_read_it(server_process, p
     finally:
         drain.stop()
     grew = srv.peak_rss() - before
+    figure("peak RSS growth, 15 MiB broadcast to 100 readers", f"{grew / MiB:.1f} MiB")
     assert grew < 3 * size, f"a {size // MiB} MiB broadcast to 100 readers raised the peak by {grew / MiB:.1f} MiB"
 
 
 @pytest.mark.slow
-def test_3_broadcasts_to_clients_that_never_read_are_held_once_until_they_are_dropped(server_process, peers):
+def test_3_broadcasts_to_clients_that_never_read_are_held_once_until_they_are_dropped(server_process, peers, figure):
     srv = server_process()
     sloths = [peers(srv.addr, rcvbuf=4096) for _ in range(100)]
     for index, sloth in enumerate(sloths):
@@ -373,6 +379,7 @@ def test_3_broadcasts_to_clients_that_never_read_are_held_once_until_they_are_dr
     sloths[0].send_raw(native_list_frame("blast", [100, 1 * MiB]))
     srv.wait_for("LEAVE", 100, timeout=60)
     grew = srv.peak_rss() - before
+    figure("peak RSS growth, 100 x 1 MiB broadcasts to 100 sloths", f"{grew / MiB:.1f} MiB")
     assert grew < 200 * MiB, f"100 sloths and 100 x 1 MiB broadcasts raised the peak by {grew / MiB:.1f} MiB"
     assert srv.stats()["clients"]["dropped"].get("slow_reader") == 100
 
@@ -439,7 +446,7 @@ def sync_raw(peer: RawPeer) -> None:
 
 
 @pytest.mark.slow
-def test_5_a_frame_trickled_byte_by_byte_costs_about_its_own_size():
+def test_5_a_frame_trickled_byte_by_byte_costs_about_its_own_size(figure):
     body = b"$CMD$x$MSG$" + b"%-8d" % 1 + b"b" + b"t" * (1 * MiB)
     wire = frame(body)
     parser = FrameParser(max_body_len=2 * MiB)
@@ -452,6 +459,7 @@ def test_5_a_frame_trickled_byte_by_byte_costs_about_its_own_size():
     finally:
         tracemalloc.stop()
     assert parser.buffered == len(wire) - 1
+    figure("memory held for a frame trickled byte by byte", f"{held} bytes for {len(wire)}")
     assert held < 2 * len(wire), f"{len(wire)} bytes trickled in hold {held} bytes"
     assert parser.feed(wire[-1:]) == [body]
 
@@ -490,7 +498,7 @@ def test_5_a_frame_must_finish_within_the_frame_timeout_trickled_or_stalled(make
 
 
 @pytest.mark.slow
-def test_6_unidentified_connections_cannot_pin_a_full_message(server_process):
+def test_6_unidentified_connections_cannot_pin_a_full_message(server_process, figure):
     srv = server_process(authenticate=None)
     before = srv.rss()
     srv.reset_peak()
@@ -514,6 +522,7 @@ def test_6_unidentified_connections_cannot_pin_a_full_message(server_process):
         thread.join(30)
     grew = srv.peak_rss() - before
     assert len(outcomes) == 40
+    figure("peak RSS growth, 40 unidentified 16 MiB claims", f"{grew / MiB:.1f} MiB")
     assert grew < 10 * MiB, f"40 unidentified 16 MiB claims raised the peak by {grew / MiB:.1f} MiB"
     assert srv.stats()["rejected"].get("message_too_large") == 40
 
@@ -791,7 +800,7 @@ def test_10_leave_handlers_may_block_cooperatively_whatever_the_way_out(make_ser
 
 @pytest.mark.slow
 @pytest.mark.parametrize("codec", ["native", "msgpack"])
-def test_11_an_expensive_payload_does_not_stall_the_others(codec, server_process, peers):
+def test_11_an_expensive_payload_does_not_stall_the_others(codec, server_process, peers, figure):
     srv = server_process()
     good = peers(srv.addr)
     good.hello("good")
@@ -824,6 +833,7 @@ def test_11_an_expensive_payload_does_not_stall_the_others(codec, server_process
     # bounded too, with room for a machine shared with other work.
     times.sort()
     p95 = times[int(len(times) * 0.95)]
+    figure(f"{codec} 1M-item payload: round trip p95 / worst", f"{p95 * 1000:.0f} / {times[-1] * 1000:.0f} ms")
     assert p95 < 0.1, f"95% of round trips took up to {p95:.3f} s while the payloads were decoded"
     assert times[-1] < 0.5, f"a round trip took {times[-1]:.3f} s while the payloads were decoded"
 
@@ -943,7 +953,7 @@ def _own_rss() -> int:
 
 
 @pytest.mark.slow
-def test_13_close_returns_in_time_with_a_handler_asleep_on_a_worker_thread(make_client, recorder):
+def test_13_close_returns_in_time_with_a_handler_asleep_on_a_worker_thread(make_client, recorder, figure):
     outcome = recorder()
     srv = hisock_gevent.ThreadedHiSockServer((LOOPBACK, 0))
 
@@ -964,6 +974,7 @@ def test_13_close_returns_in_time_with_a_handler_asleep_on_a_worker_thread(make_
     began = time.monotonic()
     srv.close(1)
     took = time.monotonic() - began
+    figure("close(1) with a handler asleep for 3 s", f"{took:.2f} s")
     assert took < 2.0, f"close(1) took {took:.2f} s"
     assert not srv._home._thread.is_alive()
     assert outcome.wait_for(2, timeout=10) == ["asleep", ServerClosed.__name__]
