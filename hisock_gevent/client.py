@@ -104,20 +104,27 @@ class HiSockClient:
         and calls (:meth:`call`).  False makes the hello a plain HiSock one.
     :param auth: credentials for the server's authentication check (anything JSON can
         carry), sent in the hello.
-    :param ssl_context: connect with TLS using this context; or give ``cafile`` (the CA
-        that signed the server's certificate) and optionally ``certfile``/``keyfile``.
+    :param ssl_context: connect with TLS using this context (or give ``cafile``).
+    :param cafile: connect with TLS, trusting the CA in this PEM file (the one that signed
+        the server's certificate).
+    :param certfile: with ``cafile``, a client certificate to present (PEM), for servers
+        that check one.
+    :param keyfile: the private key of ``certfile``, when it is not in the same file.
     :param server_hostname: the name the server's certificate must match (default: the
         address's host).
     :param max_nesting: deepest container nesting accepted in a received payload.
     :param max_items: most elements accepted in one received payload.
     :param reconnect: when the connection is lost (a reset, the server killed or closing),
-        connect again and re-join with the current name and group, waiting between
-        attempts half to all of ``reconnect_delay`` doubled each time, at most
-        ``reconnect_delay_max``; ``reconnect_attempts`` attempts (0: no limit).  The
+        connect again and re-join with the current name and group.  The
         ``reconnect`` event fires after each re-join.  Sends made meanwhile are kept, in
         order, up to ``max_queue_bytes``.  Not after ``disconnect_client`` (the server
         meant it; a plain HiSock server's bare ``$DISCONN$`` counts as one) or a refusal
         by its authentication check; a refusal for being full is retried.
+    :param reconnect_delay: the first wait before connecting again, in seconds; each
+        attempt waits half to all of it (jitter), and it doubles after each failed attempt.
+    :param reconnect_delay_max: the longest the doubled delay grows to.
+    :param reconnect_attempts: attempts before giving up (``force_disconnect`` runs);
+        0 for no limit.
     :raises TypeError: the address is not a tuple.
     :raises ServerNotRunning: nothing accepts connections at ``addr``.
     :raises TLSError: the TLS handshake failed (e.g. the server does not speak TLS).
@@ -712,7 +719,8 @@ def connect(addr: Tuple[str, int], name: Optional[str] = None, group: Optional[s
     Keyword arguments are :class:`HiSockClient`'s (``connect_timeout``, ``answer_timeout``,
     ``max_message_size``, ``max_queue_bytes``, ``use_msgpack``, ``auth``, ``ssl_context``,
     ``cafile``, ``certfile``, ``keyfile``, ``server_hostname``, ``max_nesting``,
-    ``max_items``).
+    ``max_items``, ``reconnect``, ``reconnect_delay``, ``reconnect_delay_max``,
+    ``reconnect_attempts``); each is documented there.
     """
     return HiSockClient(addr, name, group, header_len, cache_size, **kwargs)
 
