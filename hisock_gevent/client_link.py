@@ -26,7 +26,9 @@ from gevent import socket as gsocket
 from gevent.event import AsyncResult, Event
 
 from . import typecast
-from .connection import RECV_CHUNK, Connection, set_nodelay, yield_to_loop
+from .calls import PendingCalls
+from .connection import RECV_CHUNK, Connection, yield_to_loop
+from .dial import dial, tls_handshake
 from .errors import (
     CallError,
     CallTimeout,
@@ -34,8 +36,6 @@ from .errors import (
     ClientException,
     ConnectionRejected,
     RemoteProtocolError,
-    ServerNotRunning,
-    TLSError,
 )
 from .frames import frame
 from .home import Home, _allocate_lock
@@ -61,7 +61,7 @@ from .messages import (
 )
 from .plainwriter import PlainWriter
 from .protocol import Answer, ClientHandshake
-from .tls import TLSLayer, perform_handshake
+from .tls import TLSLayer
 from .utils import ClientInfo, iptup_to_str
 
 __all__ = ["ClientLink", "ClientState", "decoder", "DEFAULT_CLOSE_TIMEOUT"]
@@ -140,15 +140,14 @@ class ClientLink:
         self._conn: Optional[Connection] = None
         self._reader: Optional[gevent.Greenlet] = None
         self._getclt_waiters: Deque[AsyncResult] = collections.deque()
-        # Our calls waiting for an answer (call id -> AsyncResult), and the last id given.
-        self._calls: Dict[int, AsyncResult] = {}
-        self._last_call_id = 0
+        #: Our calls waiting for their answer.
+        self.calls = PendingCalls()
         # Guards the hand-over of the plain socket to a hub (and what is done before it).
         self._lock = _allocate_lock()
 
         # A reconnecting client connects from its hub: cooperatively, so that the hub
         # (its dispatcher, a close() from another thread) is not held up meanwhile.
-        sock = self._connect_cooperatively(connect_timeout) if cooperative else self._connect(connect_timeout)
+        sock = dial(addr, connect_timeout, cooperative)
         self._plain_sock: Optional[_stdlib_socket.socket] = sock
         #: Our own (ip, port) as seen on this machine.
         self.local_addr: Tuple[str, int] = sock.getsockname()[:2]
@@ -159,59 +158,15 @@ class ClientLink:
         self._plain_writer = PlainWriter(sock, max_queue_bytes)
         try:
             if ssl_context is not None:
-                self._tls = self._tls_handshake(sock, ssl_context, server_hostname or addr[0])
+                # On a hub (a reconnection), wait for the server cooperatively.
+                on_hub = gevent.getcurrent().parent is not None
+                self._tls = tls_handshake(sock, ssl_context, server_hostname or addr[0], answer_timeout, on_hub)
             self._plain_send(frame(handshake.hello_body(), header_len))
         except BaseException:
             sock.close()
             self.state = ClientState.CLOSED
             raise
         self._answer_deadline = time.monotonic() + answer_timeout
-
-    def _connect(self, timeout: float) -> _stdlib_socket.socket:
-        addr = self.addr
-        if ":" in str(addr[0]):
-            raise ValueError(f"IPv6 addresses are not supported (HiSock is IPv4 only): {addr[0]!r}")
-        try:
-            sock = _stdlib_socket.create_connection(addr, timeout=timeout)
-        except (ConnectionRefusedError, _stdlib_socket.timeout) as exc:
-            raise ServerNotRunning(f"no HiSock server is accepting connections at {iptup_to_str(addr)}: {exc}") from exc
-        except OSError as exc:
-            raise ServerNotRunning(f"cannot connect to {iptup_to_str(addr)}: {exc}") from exc
-        set_nodelay(sock)
-        sock.settimeout(None)
-        return sock
-
-    def _connect_cooperatively(self, timeout: float) -> _stdlib_socket.socket:
-        addr = self.addr
-        try:
-            gsock = gsocket.create_connection(addr, timeout=timeout)
-        except OSError as exc:
-            raise ServerNotRunning(f"cannot connect to {iptup_to_str(addr)}: {exc}") from exc
-        sock = _stdlib_socket.socket(fileno=gsock.detach())
-        set_nodelay(sock)
-        sock.settimeout(None)
-        return sock
-
-    def _tls_handshake(self, sock: _stdlib_socket.socket, context: ssl.SSLContext, hostname: str) -> TLSLayer:
-        layer = TLSLayer(context, server_side=False, server_hostname=hostname)
-        sock.settimeout(self.answer_timeout)
-        try:
-            if gevent.getcurrent().parent is not None:
-                # On a hub (a reconnection): wait for the server cooperatively.
-                waiting = gsocket.socket(fileno=sock.fileno())
-                try:
-                    perform_handshake(layer, waiting.recv, waiting.sendall)
-                finally:
-                    waiting.detach()
-            else:
-                perform_handshake(layer, sock.recv, sock.sendall)
-        except _stdlib_socket.timeout as exc:
-            raise TLSError(f"no TLS handshake answer within {self.answer_timeout} s") from exc
-        except OSError as exc:
-            raise TLSError(f"the connection failed during the TLS handshake: {exc}") from exc
-        finally:
-            sock.settimeout(None)
-        return layer
 
     @property
     def closed(self) -> bool:
@@ -415,10 +370,7 @@ class ClientLink:
         """
         if self.closed:
             raise self.failure()
-        self._last_call_id += 1
-        call_id = self._last_call_id
-        result = AsyncResult()
-        self._calls[call_id] = result
+        call_id, result = self.calls.open()
         try:
             self._write_here(frame(call_body(call_id, command_body), self.header_len))
             try:
@@ -426,7 +378,7 @@ class ClientLink:
             except gevent.Timeout:
                 raise CallTimeout(f"the server did not answer {command!r} within {timeout} s") from None
         finally:
-            self._calls.pop(call_id, None)
+            self.calls.take(call_id)
 
     def answer_call(self, body: bytes) -> None:
         """Send the answer to one of the server's calls (a Reply or CallFailed body), on the hub."""
@@ -503,13 +455,13 @@ class ClientLink:
         return True
 
     def _route_reply(self, message: Reply) -> bool:
-        result = self._calls.pop(message.call_id, None)
+        result = self.calls.take(message.call_id)
         if result is not None:  # else: it timed out, and the late answer is dropped
             result.set(self.decode(message.fmt, message.payload))
         return True
 
     def _route_call_failed(self, message: CallFailed) -> bool:
-        result = self._calls.pop(message.call_id, None)
+        result = self.calls.take(message.call_id)
         if result is not None:
             result.set_exception(CallError(message.kind, message.message))
         return True
@@ -531,9 +483,7 @@ class ClientLink:
             self._answered.set()
         while self._getclt_waiters:
             self._getclt_waiters.popleft().set_exception(ClientDisconnected("the connection to the server closed"))
-        calls, self._calls = self._calls, {}
-        for result in calls.values():  # fail at once: nobody waits out a timeout
-            result.set_exception(ClientDisconnected("the connection to the server closed before the answer"))
+        self.calls.fail_all(ClientDisconnected("the connection to the server closed before the answer"))
         if not self._closing and self.on_lost is not None:
             on_lost, self.on_lost = self.on_lost, None  # asked once
             if on_lost(forced):

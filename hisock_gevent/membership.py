@@ -14,11 +14,12 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Optional, Tuple
 
 from gevent.pool import Group
 
 from . import stats
+from .calls import PendingCalls
 from .connection import Connection
 from .errors import ClientDisconnected, ClientNotFound, HandshakeError
 from .frames import frame
@@ -59,26 +60,22 @@ class ServerPeer:
         self.gone = False
         #: Queue a frame to this client (the connection's own method: a hot path).
         self.send = conn.send
-        #: Our calls to this client waiting for an answer: call id -> AsyncResult (made on
-        #: first use); ``calls[0]`` is never an id, it holds the last id given.
-        self.calls: Optional[Dict[int, Any]] = None
+        #: Our calls to this client waiting for an answer (made on first use: most
+        #: clients are never called, and a held client should cost little).
+        self.calls: Optional[PendingCalls] = None
         #: The session serving this client (it reads for a call made from its own reader).
         self.session: Any = None
 
-    def next_call_id(self) -> int:
-        calls = self.calls
-        if calls is None:
-            calls = self.calls = {0: 0}
-        calls[0] += 1
-        return calls[0]
+    def pending_calls(self) -> PendingCalls:
+        """Our calls to this client that wait for an answer (made on first use)."""
+        if self.calls is None:
+            self.calls = PendingCalls()
+        return self.calls
 
     def fail_calls(self, exc: BaseException) -> None:
         """The client went: every call waiting for it fails at once (none is left behind)."""
-        calls, self.calls = self.calls, None
-        if calls:
-            calls.pop(0, None)
-            for result in calls.values():
-                result.set_exception(exc)
+        if self.calls is not None:
+            self.calls.fail_all(exc)
 
 
 class Membership:

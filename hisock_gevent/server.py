@@ -24,7 +24,7 @@ import time
 from typing import Any, Callable, Dict, Iterator, List, Optional, Set, Tuple, TypeVar, Union
 
 import gevent
-from gevent.event import AsyncResult, Event
+from gevent.event import Event
 from gevent.pool import Group
 from gevent.server import StreamServer
 
@@ -649,10 +649,8 @@ class HiSockServer:
             raise CallNotSupported(f"{info} did not offer the call extension (a plain HiSock client cannot answer calls)")
         outgoing = self._outgoing(command, content)
         body = outgoing.frame_for(peer.msgpack_ok)[self.header_len :]
-        call_id = peer.next_call_id()
-        result = AsyncResult()
-        assert peer.calls is not None
-        peer.calls[call_id] = result
+        pending = peer.pending_calls()
+        call_id, result = pending.open()
         try:
             peer.send(frame(call_body(call_id, body), self.header_len))
             session = peer.session
@@ -665,8 +663,7 @@ class HiSockServer:
             except gevent.Timeout:
                 raise CallTimeout(f"{info} did not answer {command!r} within {timeout} s") from None
         finally:
-            if peer.calls is not None:
-                peer.calls.pop(call_id, None)
+            pending.take(call_id)
 
     # ------------------------------------------------------------------ disconnecting
 

@@ -488,7 +488,7 @@ class ServerSession:
     def _on_reply(self, message: Reply) -> bool:
         peer = self.peer
         assert peer is not None
-        result = peer.calls.pop(message.call_id, None) if peer.calls else None
+        result = peer.calls.take(message.call_id) if peer.calls else None
         if result is not None:
             config = self.context.config
             result.set(
@@ -501,7 +501,7 @@ class ServerSession:
     def _on_call_failed(self, message: CallFailed) -> bool:
         peer = self.peer
         assert peer is not None
-        result = peer.calls.pop(message.call_id, None) if peer.calls else None
+        result = peer.calls.take(message.call_id) if peer.calls else None
         if result is not None:
             result.set_exception(CallError(message.kind, message.message))
         return False

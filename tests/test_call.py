@@ -135,20 +135,20 @@ def test_a_call_pending_when_the_connection_ends_fails_at_once(calls_server, cal
 
     thread = threading.Thread(target=call)
     thread.start()
-    wait_until(lambda: caller._link._calls)
+    wait_until(lambda: len(caller._link.calls))
     began = time.monotonic()
     calls_server.disconnect_client("caller")
     thread.join(10)
     assert outcome and isinstance(outcome[0], ClientDisconnected)
     assert time.monotonic() - began < 2.0
-    assert caller._link._calls == {}  # nothing left behind
+    assert len(caller._link.calls) == 0  # nothing left behind
 
 
 def test_nothing_is_left_behind_after_many_timed_out_calls(calls_server, caller):
     for _ in range(50):
         with pytest.raises(CallTimeout):
             caller.call("nap", 0.2, timeout=0.01)
-    assert caller._link._calls == {}
+    assert len(caller._link.calls) == 0
     peer = calls_server._registry.find("caller")
     assert not peer.calls or set(peer.calls) == {0}
     gc.collect()
@@ -231,3 +231,23 @@ def test_the_call_wire_form_is_as_the_protocol_says(calls_server):
         assert reply.call_id == 7 and reply.fmt == b"1i" and reply.payload == b"5"
     finally:
         peer.close()
+
+
+# ------------------------------------------------------------------ PendingCalls, without sockets
+
+
+def test_pending_calls_give_fresh_ids_settle_once_and_fail_all_at_the_end():
+    from hisock_gevent.calls import PendingCalls
+
+    pending = PendingCalls()
+    (first, first_result), (second, second_result) = pending.open(), pending.open()
+    assert (first, second) == (1, 2) and len(pending) == 2
+    taken = pending.take(first)
+    assert taken is first_result
+    assert pending.take(first) is None  # a late or repeated answer finds nobody
+    assert pending.take(99) is None  # nor does one we never asked
+    pending.fail_all(ConnectionError("gone"))
+    assert len(pending) == 0
+    with pytest.raises(ConnectionError):
+        second_result.get(timeout=0)
+    assert pending.open()[0] == 3  # ids are never reused

@@ -22,6 +22,7 @@ LAYERS: Dict[str, int] = {
     "cluster_messages": 1, "cluster_mirror": 1, "cluster_sync": 1,
     # 2: one peer on gevent
     "connection": 2, "plainwriter": 2, "home": 2, "handlers": 2, "registry": 2, "inbox": 2,
+    "calls": 2, "dial": 2,
     # 3: what servers and clients are made of
     "config": 3, "admission": 3, "membership": 3, "session": 3, "client_link": 3,
     "reconnect": 3, "cluster": 3, "redis_store": 3, "redis_bus": 3, "backplane": 3,
