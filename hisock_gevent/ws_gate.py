@@ -49,6 +49,8 @@ logger = logging.getLogger("hisock_gevent")
 StartResponse = Callable[..., Any]
 WSGIApp = Callable[[Dict[str, Any], StartResponse], Iterable[bytes]]
 
+#: pywsgi's answer to a request it cannot read.
+_BAD_REQUEST = b"HTTP/1.1 400 Bad Request\r\nConnection: close\r\nContent-Length: 12\r\n\r\nbad request\n"
 #: The environ key under which the listener's handler leaves the request's timer.
 _TIMER_KEY = "hisock_gevent.handshake_timer"
 
@@ -118,6 +120,13 @@ class _UpgradeHandler(WSGIHandler):
             return None
         finally:
             timer.close()
+
+    def _handle_client_error(self, ex: BaseException) -> Any:
+        # Not HTTP (or not HTTP we take): one warning line like every refusal, then 400.
+        address = self.client_address if isinstance(self.client_address, tuple) else ("?", 0)
+        text = getattr(ex, "formatted_message", None) or str(ex) or type(ex).__name__
+        logger.warning("refusing %s:%s on the WebSocket port: not an HTTP request we take: %s", address[0], address[1], text[:200])
+        return ("400", _BAD_REQUEST)
 
     def get_environ(self) -> Any:
         environ = super().get_environ()

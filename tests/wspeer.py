@@ -68,27 +68,26 @@ class WsPeer:
         headers = [(b"Origin", origin.encode())] if origin is not None else []
         self.sock.sendall(self.ws.send(Request(host=f"{addr[0]}:{addr[1]}", target=path, extra_headers=headers)))
         deadline = time.monotonic() + timeout
+        rejected: Optional[RejectConnection] = None
+        body = b""
         while True:
             for event in self._read(deadline):
                 if isinstance(event, AcceptConnection):
                     return
                 if isinstance(event, RejectConnection):
-                    body = b""
-                    if event.has_body:
-                        body = self._reject_body(deadline)
-                    self.sock.close()
-                    raise Rejected(event.status_code, body)
-
-    def _reject_body(self, deadline: float) -> bytes:
-        body = b""
-        while True:
-            for event in self._read(deadline):
+                    rejected = event
+                    if not event.has_body:
+                        break
                 if isinstance(event, RejectData):
                     body += event.data
                     if event.body_finished:
-                        return body
-            if self.eof:
-                return body
+                        break
+            else:
+                if not self.eof:
+                    continue
+            if rejected is not None or self.eof:
+                self.sock.close()
+                raise Rejected(rejected.status_code if rejected is not None else 0, body)
 
     def _read(self, deadline: float) -> List[Any]:
         self.sock.settimeout(max(0.01, deadline - time.monotonic()))
