@@ -71,8 +71,11 @@ class WsPeer:
         rejected: Optional[RejectConnection] = None
         body = b""
         while True:
-            for event in self._read(deadline):
+            events = self._read(deadline)
+            for i, event in enumerate(events):
                 if isinstance(event, AcceptConnection):
+                    for later in events[i + 1 :]:  # messages that came with the 101
+                        self._handle(later)
                     return
                 if isinstance(event, RejectConnection):
                     rejected = event
@@ -140,24 +143,27 @@ class WsPeer:
 
     def _pump(self, deadline: float) -> None:
         for event in self._read(deadline):
-            if isinstance(event, BytesMessage):
-                self._partial.append(bytes(event.data))
-                if event.message_finished:
-                    self.bodies.append(b"".join(self._partial))
-                    self._partial = []
-            elif isinstance(event, TextMessage):
-                self.texts.append(event.data)
-            elif isinstance(event, Ping):
-                self.sock.sendall(self.ws.send(event.response()))
-            elif isinstance(event, CloseConnection):
-                if self.close_code is None:
-                    self.close_code = event.code
-                    self.close_reason = event.reason
-                if self.ws.state is ConnectionState.REMOTE_CLOSING:
-                    try:
-                        self.sock.sendall(self.ws.send(event.response()))
-                    except OSError:
-                        pass
+            self._handle(event)
+
+    def _handle(self, event: Any) -> None:
+        if isinstance(event, BytesMessage):
+            self._partial.append(bytes(event.data))
+            if event.message_finished:
+                self.bodies.append(b"".join(self._partial))
+                self._partial = []
+        elif isinstance(event, TextMessage):
+            self.texts.append(event.data)
+        elif isinstance(event, Ping):
+            self.sock.sendall(self.ws.send(event.response()))
+        elif isinstance(event, CloseConnection):
+            if self.close_code is None:
+                self.close_code = event.code
+                self.close_reason = event.reason
+            if self.ws.state is ConnectionState.REMOTE_CLOSING:
+                try:
+                    self.sock.sendall(self.ws.send(event.response()))
+                except OSError:
+                    pass
 
     def recv_body(self, timeout: float = WAIT, skip: Tuple[bytes, ...] = ()) -> bytes:
         """The next body (skipping those starting with one of ``skip``).
