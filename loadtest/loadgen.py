@@ -138,8 +138,11 @@ def open_clients(
     deadline: float,
     concurrency: int,
     on_open: Optional[Callable[[Client], Any]] = None,
+    opener: Optional[Callable[..., Client]] = None,
 ) -> Tuple[List[Client], Dict[str, int]]:
-    """Open ``count`` clients, ``concurrency`` at a time, stopping at ``deadline``.
+    """Open ``count`` clients, ``concurrency`` at a time, stopping at ``deadline``
+    (with ``opener(addr, timeout)``, :func:`open_client` by default; ``wsload.py`` lends
+    its WebSocket one).
 
     ``on_open(client)`` runs as soon as each one is connected: a client must start reading
     at once, or the ``$CLTCONN$`` announcements of those joining after it pile up in the
@@ -151,7 +154,7 @@ def open_clients(
 
     def one() -> None:
         try:
-            client = open_client(addr, max(0.5, min(timeout, deadline - now())))
+            client = (opener or open_client)(addr, max(0.5, min(timeout, deadline - now())))
         except (OSError, ConnectionError, gevent.Timeout) as exc:
             errors[type(exc).__name__] += 1
             return
