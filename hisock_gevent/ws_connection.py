@@ -37,27 +37,33 @@ class _LastPieces:
     entry: Optional[Tuple[Any, List[Any]]] = None
 
 
+#: Bodies up to this size are copied behind their message header (one queue entry, one
+#: small copy); longer ones are queued as a view of the sender's frame, never copied.
+_JOIN_BODY = 4096
+
+
 def message_pieces(data: bytes, header_len: int) -> List[Any]:
     """What goes on a WebSocket for ``data``, whole frames of ``header_len``-wide headers:
-    for each frame, a binary message header and a view of its body.
+    for each frame, a binary message header and its body (joined when small, else a view).
 
     :raises ValueError: ``data`` is not whole frames (a bug of the caller's).
     """
     entry = _LastPieces.entry
     if entry is not None and entry[0] is data:
         return entry[1]
-    view = memoryview(data)
     pieces: List[Any] = []
     pos, end = 0, len(data)
     while pos < end:
         start = pos + header_len
-        length = int(bytes(view[pos:start]))
+        length = int(data[pos:start])
         stop = start + length
         if stop > end:
             raise ValueError(f"not whole frames: a body of {length} bytes at {start} runs past {end}")
-        pieces.append(binary_header(length))
-        if length:
-            pieces.append(view[start:stop])
+        if length <= _JOIN_BODY:
+            pieces.append(binary_header(length) + data[start:stop])
+        else:
+            pieces.append(binary_header(length))
+            pieces.append(memoryview(data)[start:stop])
         pos = stop
     _LastPieces.entry = (data, pieces)
     return pieces

@@ -20,6 +20,8 @@ from typing import Any, Iterator, List
 
 import pytest
 from conftest import LOOPBACK, wait_until
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from wspeer import Rejected, WsPeer, cmd_body, hello_body, http_get
 from wsproto import ConnectionType
 from wsproto.connection import Connection as WsprotoConnection
@@ -565,3 +567,71 @@ def test_hello_body_helper_is_a_valid_hello():
     # (the helper the hostile tests share; the server parses it like a TCP hello)
     assert hello_body("a", None).startswith(b"$CLTHELLO$")
     assert base64.b64decode(KEY)
+
+
+# ---------------------------------------------------------------------- the hot path against wsproto
+
+_PIECES = st.one_of(
+    st.tuples(st.just("binary"), st.binary(max_size=300)),
+    st.tuples(st.just("sized"), st.sampled_from([125, 126, 127, 65535, 65536, 70_000])),
+    st.tuples(st.just("fragmented"), st.lists(st.binary(max_size=40), min_size=2, max_size=4)),
+    st.tuples(st.just("ping"), st.binary(max_size=20)),
+    st.tuples(st.just("text"), st.text(max_size=10)),
+    st.tuples(st.just("unmasked"), st.binary(max_size=10)),
+    st.tuples(st.just("close"), st.sampled_from([1000, 1001, 4000])),
+    st.tuples(st.just("garbage"), st.binary(min_size=1, max_size=12)),
+)
+
+
+def _client_bytes(piece: Any) -> bytes:
+    kind, value = piece
+    client = client_side()
+    if kind == "binary":
+        return client.send(BytesMessage(value))
+    if kind == "sized":
+        return client.send(BytesMessage(b"s" * value))
+    if kind == "fragmented":
+        return b"".join(client.send(BytesMessage(part, message_finished=i == len(value) - 1)) for i, part in enumerate(value))
+    if kind == "ping":
+        return client.send(Ping(value))
+    if kind == "text":
+        return client.send(TextMessage(value))
+    if kind == "unmasked":
+        return binary_header(len(value)) + value
+    if kind == "close":
+        return client.send(CloseConnection(code=value))
+    return value
+
+
+def _run(frames: WebSocketFrames, chunks: List[bytes]) -> List[Any]:
+    trace: List[Any] = []
+    for chunk in chunks + [b""]:
+        try:
+            trace.append(("bodies", frames.receive(chunk), frames.data_to_send(), frames.closed_by_peer))
+        except Exception as exc:
+            trace.append(("error", type(exc).__name__, getattr(exc, "code", None)))
+            break
+    return trace
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(pieces=st.lists(_PIECES, max_size=8), cuts=st.lists(st.integers(min_value=1, max_value=200_000), max_size=6),
+       limits=st.sampled_from([(70_000, 70_000), (100, 70_000), (70_000, 200)]))
+def test_the_hand_read_frames_are_what_wsproto_reads(pieces: List[Any], cuts: List[int], limits: Any) -> None:
+    data = b"".join(_client_bytes(piece) for piece in pieces)
+    points = sorted({cut % (len(data) + 1) for cut in cuts} | {0, len(data)})
+    chunks = [data[a:b] for a, b in zip(points, points[1:])]
+    first, rest = limits
+    fast = _run(WebSocketFrames(rest, first, fast=True), chunks)
+    slow = _run(WebSocketFrames(rest, first, fast=False), chunks)
+    # The same bodies, answers and errors, though the fast path may find a too-large
+    # claim in the same call as wsproto or sooner: compare what both hand out overall.
+    assert _flatten(fast) == _flatten(slow)
+
+
+def _flatten(trace: List[Any]) -> Any:
+    bodies = [body for step in trace if step[0] == "bodies" for body in step[1]]
+    answers = b"".join(step[2] for step in trace if step[0] == "bodies")
+    errors = [step[1:] for step in trace if step[0] == "error"]
+    closed = any(step[3] for step in trace if step[0] == "bodies")
+    return bodies, answers, errors, closed
