@@ -255,10 +255,13 @@ class WebSocketGate:
                 return _reply(start_response, "405 Method Not Allowed", "text/plain", b"GET only\n", ("Allow", "GET, HEAD"))
             content_type = STATIC_CONTENT_TYPE if page is None else page[0]
             body = b"" if method == "HEAD" else content
-            start_response(
-                "200 OK",
-                [("Content-Type", content_type), ("Content-Length", str(len(content))), ("Cache-Control", "no-cache"), ("Connection", "close")],
-            )
+            headers = [("Content-Type", content_type), ("Content-Length", str(len(content))), ("Cache-Control", "no-cache"), ("Connection", "close")]
+            if page is None:
+                # The client's modules are public code: pages of other origins may import
+                # them (module scripts are fetched with CORS); connecting is what the
+                # Origin check guards.
+                headers.append(("Access-Control-Allow-Origin", "*"))
+            start_response("200 OK", headers)
             return [body]
 
         return websocket_app

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Iterator, List
 
 import pytest
-from conftest import LOOPBACK, wait_until
+from conftest import LOOPBACK, Recorder, wait_until
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from wspeer import Rejected, WsPeer, cmd_body, hello_body, http_get
@@ -352,6 +352,7 @@ def test_the_websocket_port_serves_the_client_files_and_pages(make_server):
     srv.start()
     status, headers, body = http_get(srv.websocket_addr, "/hisock.js")
     assert status == 200 and headers["content-type"] == "text/javascript; charset=utf-8"
+    assert headers["access-control-allow-origin"] == "*"  # importable by pages of other origins
     assert body == static_file("/hisock.js")
     status, headers, body = http_get(srv.websocket_addr, "/msgpack/index.mjs")
     assert status == 200 and headers["content-type"].startswith("text/javascript")
@@ -635,3 +636,24 @@ def _flatten(trace: List[Any]) -> Any:
     errors = [step[1:] for step in trace if step[0] == "error"]
     closed = any(step[3] for step in trace if step[0] == "bodies")
     return bodies, answers, errors, closed
+
+
+def test_messages_sent_right_behind_the_upgrade_request_are_read(ws_server):
+    """A client may send its first messages before the 101 arrives (pywsgi has buffered them)."""
+    client = client_side()
+    hello = client.send(BytesMessage(hello_body("eager", "g"))) + client.send(BytesMessage(cmd_body("ping", "x")))
+    request = (
+        "GET /hisock HTTP/1.1\r\nHost: {}:{}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {}\r\n\r\n".format(*ws_server.websocket_addr, KEY)
+    ).encode()
+    got = Recorder()
+    ws_server.on("ping")(lambda client, content: got(client.name, content))
+    with socket.create_connection(ws_server.websocket_addr, timeout=5) as sock:
+        sock.sendall(request + hello)
+        answer = b""
+        while b"$CLTCONN$" not in answer:
+            chunk = sock.recv(4096)
+            assert chunk, answer
+            answer += chunk
+        assert answer.startswith(b"HTTP/1.1 101 ")
+        assert got.wait_for(1) == [("eager", "x")]

@@ -5,7 +5,8 @@ A page served by the WebSocket port itself imports ``/hisock.js`` from there, jo
 exchanges every type with a Python client both ways, changes its name and group where
 the others see it, and leaves.  The chat page of ``hisock-gevent chat --websocket-port``
 talks to a terminal-style client, and reconnects by itself when the server process is
-killed and started again on the same ports.
+killed and started again on the same ports (and after a graceful stop, whose
+``$DISCONN$`` says "server closing").
 
 Chromium and ChromeDriver come from Debian's ``chromium`` and ``chromium-driver`` packages
 (``.ci/run`` installs them), as for tests/test_stats_page.py, whose browser fixture this
@@ -252,7 +253,7 @@ def test_the_chat_page_talks_to_terminal_clients_and_reconnects_after_a_restart(
     chat.kill()  # SIGKILL: no $DISCONN$, no close frame; the page must find out and retry
     _wait_for(browser, "the reconnecting status", lambda d: _text(d, "status").startswith("reconnecting"))
     time.sleep(1.0)  # a failed attempt or two, with backoff
-    run_chat(tcp_port, ws_port)
+    restarted = run_chat(tcp_port, ws_port)
     _wait_for(browser, "the page back", lambda d: _text(d, "status") == "connected" and "reconnected" in _log(d))
     back = hisock_gevent.HiSockClient((LOOPBACK, tcp_port), "checker", None)
     back.send("who")
@@ -261,6 +262,13 @@ def test_the_chat_page_talks_to_terminal_clients_and_reconnects_after_a_restart(
     browser.find_element(By.ID, "text").send_keys("still here")
     browser.find_element(By.ID, "send").click()
     _wait_for(browser, "its own line after the restart", lambda d: "browser:still here" in _log(d))
+
+    # A graceful stop ($DISCONN$ "server closing", close code 1001) is a lost connection too.
+    restarted.proc.terminate()
+    assert restarted.wait() == 0
+    _wait_for(browser, "the reconnecting status after a graceful stop", lambda d: _text(d, "status").startswith("reconnecting"))
+    run_chat(tcp_port, ws_port)
+    _wait_for(browser, "the page back again", lambda d: _text(d, "status") == "connected" and _log(d).count("reconnected") >= 2)
 
 
 def _log(driver: Any) -> str:
