@@ -657,3 +657,10 @@ def test_messages_sent_right_behind_the_upgrade_request_are_read(ws_server):
             answer += chunk
         assert answer.startswith(b"HTTP/1.1 101 ")
         assert got.wait_for(1) == [("eager", "x")]
+
+
+def test_chat_refuses_an_origin_without_a_websocket_port():
+    from cliprogram import one_shot
+
+    result = one_shot("chat", "--websocket-origin", "https://example.com")
+    assert result.returncode == 2 and "--websocket-origin needs --websocket-port" in result.stderr
