@@ -215,7 +215,7 @@ class WebSocketConnection(Connection):
         data = self.frames.close(self.close_code, self.close_reason)
         if self._backlogged or self.overflowed is not None or self.error is not None:
             if data:
-                self.send_now_raw(data)
+                self._send_now_raw(data)
         else:
             # After the queued messages (and a pong or close answer still queued), written
             # now as far as the kernel takes them.
@@ -226,7 +226,7 @@ class WebSocketConnection(Connection):
                 self._flush_queued()
         super().close(flush_timeout)
 
-    def send_now_raw(self, data: bytes) -> None:
+    def _send_now_raw(self, data: bytes) -> None:
         try:
             self._raw.send(data)
         except OSError:
