@@ -12,7 +12,11 @@ HTTP endpoints (errors are JSON ``{"error": str}`` with a 4xx status, never a tr
 * ``GET /clients``: ``[{"name": str | null, "group": str | null, "address": "ip:port"}, ...]``;
 * ``POST /send`` with ``{"command": str, "content": any JSON, "to": name or "ip:port"}``
   (one client), ``"group": str`` instead of ``"to"`` (that group) or neither (everyone):
-  ``{"sent": true, "command": str, "recipients": ["ip:port", ...]}``.
+  ``{"sent": true, "command": str, "recipients": ["ip:port", ...]}``;
+* ``/hisock`` (WebSocket), ``/hisock.js`` and ``/msgpack/...``: the HiSock server's own
+  WebSocket entrance, ``hisock.websocket_app()``, mounted in this app: browsers with
+  ``hisock.js`` join the same server as the TCP clients (``ws://127.0.0.1:8000/hisock``;
+  needs ``pip install -e '.[websocket]'``, without it those paths are 404).
 
 On the HiSock side, ``hello`` is answered with ``hello`` carrying the asker's entry as
 ``/clients`` shows it; joins and leaves are logged.
@@ -121,11 +125,23 @@ def send(hisock: hisock_gevent.HiSockServer, request: Any) -> Dict[str, Any]:
     return {"sent": True, "command": command, "recipients": [client.ipstr for client in recipients]}
 
 
+#: Paths handed to the HiSock server's WebSocket app: the upgrade and the browser client.
+WEBSOCKET_PATHS = ("/hisock", "/hisock.js", "/msgpack/")
+
+
 def make_app(hisock: hisock_gevent.HiSockServer) -> Callable[..., Iterable[bytes]]:
-    """The WSGI callable: routes by method and path, answers JSON (``/`` answers text)."""
+    """The WSGI callable: routes by method and path, answers JSON (``/`` answers text);
+    the WebSocket paths go to ``hisock.websocket_app()``."""
+    try:
+        websocket = hisock.websocket_app()  # upgrades /hisock; serves /hisock.js and /msgpack/
+    except ImportError as exc:
+        log.info("no WebSocket entrance: %s", exc)
+        websocket = None
 
     def app(environ: Dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         route = (environ["REQUEST_METHOD"], environ.get("PATH_INFO") or "/")
+        if websocket is not None and route[1].startswith(WEBSOCKET_PATHS):
+            return websocket(environ, start_response)  # a WebSocket lasts as long as its client
         status, content_type, body = "200 OK", "application/json", b""
         try:
             if route == ("GET", "/"):
@@ -182,8 +198,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     for signum in (signal.SIGINT, signal.SIGTERM):
         gevent.signal_handler(signum, stop.set)
     stop.wait()
-    http.stop(timeout=STOP_TIMEOUT)  # no new requests; running ones may finish their sends
-    hisock.close(timeout=STOP_TIMEOUT)
+    http.close()  # no new requests
+    hisock.close(timeout=STOP_TIMEOUT)  # its WebSocket clients' requests end with it
+    http.stop(timeout=STOP_TIMEOUT)  # the other running requests may finish
     log.info("stopped")
     return 0
 

@@ -32,13 +32,14 @@ plain HiSock 3.x clients can read it too:
 from __future__ import annotations
 
 import logging
+from importlib import resources
 from typing import Any, Dict, Optional
 
 from .errors import ClientNotFound, GroupNotFound
 from .server import HiSockServer
 from .utils import ClientInfo
 
-__all__ = ["MAX_NAME", "MAX_TEXT", "ChatServer", "clean_text", "display_name", "make_server"]
+__all__ = ["MAX_NAME", "MAX_TEXT", "ChatServer", "chat_page", "clean_text", "display_name", "make_server"]
 
 log = logging.getLogger("hisock_gevent.chat")
 
@@ -176,13 +177,24 @@ class ChatServer:
         self.reply(client, "error", f"unknown command {command[:MAX_NAME]!r}")
 
 
+def chat_page() -> bytes:
+    """The chat page for browsers (``static/chat.html``: one file, no build step, using
+    ``/hisock.js``), served at ``/`` of the WebSocket port."""
+    return resources.files("hisock_gevent").joinpath("static", "chat.html").read_bytes()
+
+
 def make_server(host: str = DEFAULT_ADDR[0], port: int = DEFAULT_ADDR[1], **options: Any) -> HiSockServer:
     """A HiSockServer on ``(host, port)`` with the chat rules registered, not yet started.
 
+    With ``websocket=(host, port)``, browsers chat too: the chat page is served at ``/`` of
+    that port (unless ``websocket_pages`` says otherwise).
+
     :param options: passed on to :class:`~hisock_gevent.HiSockServer` (``max_connections``,
-        ``keepalive``, ``certfile``, ...).
+        ``keepalive``, ``certfile``, ``websocket``, ...).
     :raises OSError: the address cannot be bound.
     """
+    if options.get("websocket") is not None and options.get("websocket_pages") is None:
+        options["websocket_pages"] = {"/": ("text/html; charset=utf-8", chat_page())}
     server = HiSockServer((host, port), **options)
     ChatServer(server)
     return server

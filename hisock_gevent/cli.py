@@ -4,7 +4,7 @@ Subcommands (``hisock-gevent SUBCOMMAND --help`` for each one's options)::
 
     hisock-gevent serve MODULE:ATTR [--host H] [--port P] ...   serve your server, like ``gunicorn app:app``
     hisock-gevent serve MODULE:ATTR --port P --workers N          N supervised worker processes on one port
-    hisock-gevent chat [--host H] [--port P]                      the chat server in hisock_gevent/chat.py
+    hisock-gevent chat [--host H] [--port P] [--websocket-port W] the chat server in hisock_gevent/chat.py (and its web page)
     hisock-gevent client HOST:PORT [--name N] [--group G]         interactive terminal client (hisock_gevent.console)
     hisock-gevent send HOST:PORT COMMAND [PAYLOAD] [--wait R]     one message, for scripts and health checks
 
@@ -461,10 +461,20 @@ def cmd_chat(args: argparse.Namespace) -> int:
         options["max_connections"] = args.max_connections
     if args.keepalive:
         options["keepalive"] = True
+    if args.websocket_port is not None:
+        options["websocket"] = (args.host, args.websocket_port)
+        if args.websocket_origin:
+            options["websocket_origins"] = args.websocket_origin
+    elif args.websocket_origin:
+        raise UsageError("--websocket-origin needs --websocket-port")
     try:
         server = make_server(args.host, args.port, **options)
     except OSError as exc:
         raise UsageError(f"cannot serve on {args.host}:{args.port}: {exc}") from exc
+    except ImportError as exc:
+        raise UsageError(str(exc)) from exc
+    if server.websocket_addr is not None:
+        log.info("chat page at http://%s:%s/", *server.websocket_addr)
     return _serve(server, args)
 
 
@@ -711,6 +721,16 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--port", type=_port, default=DEFAULT_CHAT_PORT, help=f"port; 0 picks a free one (default {DEFAULT_CHAT_PORT})")
     chat.add_argument("--max-connections", type=_non_negative_int, default=None, help="clients at once; 0 = no limit")
     chat.add_argument("--keepalive", action="store_true", help="drop clients that stop answering keepalives")
+    chat.add_argument(
+        "--websocket-port", type=_port, default=None,
+        help="also serve browsers on this port (0 picks one): the chat page at http://HOST:PORT/, WebSocket "
+        "clients at ws://HOST:PORT/hisock (needs pip install 'hisock_gevent[websocket]'); logs 'chat page at ...'",
+    )
+    chat.add_argument(
+        "--websocket-origin", metavar="ORIGIN", action="append", default=None,
+        help="with --websocket-port: a web page allowed to connect, e.g. https://example.com (repeatable; "
+        "default: only the chat page itself, from the same host and port; '*' for any)",
+    )
     add_stats_options(chat)
     chat.set_defaults(func=cmd_chat, default_level="INFO")
 

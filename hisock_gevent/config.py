@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import ssl
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Tuple
 
 from . import typecast
 from .connection import DEFAULT_FRAME_TIMEOUT, DEFAULT_MAX_QUEUE_BYTES
@@ -32,6 +32,8 @@ __all__ = [
     "ANNOUNCE_GROUP",
     "ANNOUNCE_NONE",
     "ANNOUNCE_SCOPES",
+    "DEFAULT_WEBSOCKET_PING_INTERVAL",
+    "DEFAULT_WEBSOCKET_PING_TIMEOUT",
 ]
 
 #: Seconds between two keepalive rounds (HiSock: every minute).
@@ -49,6 +51,10 @@ DEFAULT_MAX_HELLO_SIZE = 64 * 1024
 DEFAULT_MAX_PENDING = 4096
 #: The longest name or group, in characters.
 DEFAULT_MAX_NAME_LENGTH = 256
+#: Seconds between two WebSocket ping rounds (browsers answer pings by themselves).
+DEFAULT_WEBSOCKET_PING_INTERVAL = 30.0
+#: Seconds a WebSocket client has to answer a ping (or send anything) before it is dropped.
+DEFAULT_WEBSOCKET_PING_TIMEOUT = 20.0
 
 
 @dataclass(frozen=True)
@@ -153,6 +159,29 @@ class ServerConfig:
     :param backplane: a ``redis://`` URL or a Delivery joining this server to others
         (see :class:`~hisock_gevent.backplane.RedisBackplane`); not with ``delivery``.
 
+    WebSocket (PROTOCOL.md section 10; needs ``pip install 'hisock_gevent[websocket]'``):
+
+    :param websocket: ``(host, port)`` of a second listener, served on the server's hub
+        until :meth:`close`: WebSocket clients (browsers with ``hisock.js``) upgrade at
+        ``ws://host:port/hisock`` and join the same registry, groups and handlers as the
+        TCP clients, under the same limits; ``/hisock.js`` and its ``/msgpack/`` modules
+        are served there too.  Port 0 picks a free one (``server.websocket_addr``).  The
+        listener speaks plain ``ws://``, whatever ``certfile`` says: put a TLS proxy in
+        front for ``wss://``.  :meth:`HiSockServer.websocket_app` is the same entrance as
+        a WSGI application, for a gevent/pywsgi program of your own.
+    :param websocket_origins: the web pages allowed to connect, as origins
+        (``"https://example.com"``, ``"http://127.0.0.1:8000"``), or ``("*",)`` for any.
+        None (default): only pages served by the WebSocket's own host and port.  A
+        browser's upgrade from another page is refused with 403 and a log line; requests
+        without ``Origin`` (programs, not pages) are let in.
+    :param websocket_ping_interval: seconds between WebSocket pings to every WebSocket
+        client (default 30); None for none.
+    :param websocket_ping_timeout: seconds a WebSocket client has to answer (or send
+        anything) before it is dropped (default 20).
+    :param websocket_pages: ``{path: (content_type, bytes)}`` served with GET on the
+        WebSocket port besides the client's files (``hisock-gevent chat`` serves its page
+        at ``/`` this way).
+
     :raises ValueError: an option is out of range, or two exclude each other.
     """
 
@@ -185,6 +214,11 @@ class ServerConfig:
     listener: Any = None
     delivery: Any = None
     backplane: Any = None
+    websocket: Optional[Tuple[str, int]] = None
+    websocket_origins: Optional[Tuple[str, ...]] = None
+    websocket_ping_interval: Optional[float] = DEFAULT_WEBSOCKET_PING_INTERVAL
+    websocket_ping_timeout: float = DEFAULT_WEBSOCKET_PING_TIMEOUT
+    websocket_pages: Any = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.header_len, int) or self.header_len < 1:
@@ -219,3 +253,29 @@ class ServerConfig:
             raise ValueError("give delivery or backplane, not both")
         if self.announce not in ANNOUNCE_SCOPES:
             raise ValueError(f"announce must be one of {', '.join(map(repr, ANNOUNCE_SCOPES))}, not {self.announce!r}")
+        self._check_websocket()
+
+    def _check_websocket(self) -> None:
+        address = self.websocket
+        if address is not None:
+            if not (
+                isinstance(address, tuple) and len(address) == 2 and isinstance(address[0], str)
+                and isinstance(address[1], int) and not isinstance(address[1], bool) and 0 <= address[1] <= 65535
+            ):
+                raise ValueError(f"websocket must be a (host, port) tuple, not {address!r}")
+        origins = self.websocket_origins
+        if origins is not None:
+            if isinstance(origins, (str, bytes)) or not all(isinstance(origin, str) for origin in origins):
+                raise ValueError(f"websocket_origins must be a list of origins (strings), not {origins!r}")
+            object.__setattr__(self, "websocket_origins", tuple(origins))
+        interval = self.websocket_ping_interval
+        if interval is not None and interval <= 0:
+            raise ValueError("websocket_ping_interval must be positive, or None for no pings")
+        if self.websocket_ping_timeout <= 0:
+            raise ValueError("websocket_ping_timeout must be positive")
+        pages = self.websocket_pages
+        if pages is not None:
+            for path, page in dict(pages).items():
+                if not (isinstance(path, str) and path.startswith("/") and isinstance(page, tuple) and len(page) == 2
+                        and isinstance(page[0], str) and isinstance(page[1], bytes)):
+                    raise ValueError(f"websocket_pages maps a path (/...) to (content_type, bytes), not {path!r}: {page!r}")

@@ -44,6 +44,8 @@ __all__ = [
     "FunctionNotFoundWarning",
     "MalformedClusterMessage",
     "BackplaneUnreachable",
+    "TextMessageRefused",
+    "WebSocketProtocolError",
 ]
 
 
@@ -180,6 +182,22 @@ class MalformedClusterMessage(HiSockError, ValueError):
 
 class BackplaneUnreachable(HiSockError, ConnectionError):
     """The backplane's Redis could not be reached (at start, when it was required)."""
+
+
+class TextMessageRefused(RemoteProtocolError):
+    """A WebSocket peer sent a text message: HiSock bodies travel in binary messages only."""
+
+
+class WebSocketProtocolError(RemoteProtocolError):
+    """A WebSocket peer broke RFC 6455 itself (an unmasked frame, a bad opcode, a control
+    frame too long, invalid UTF-8 in a close reason...).
+
+    :ivar code: the close code the connection is closed with (1002, or 1007 for bad text).
+    """
+
+    def __init__(self, message: str, code: int = 1002):
+        super().__init__(message)
+        self.code = code
 
 
 class NoHeaderWarning(Warning):

@@ -275,6 +275,25 @@ class HiSockServer:
         self._timers = Group()
         self._stopped: Optional[Event] = None
         self._closed = False
+        self._setup_websocket(config)
+
+    def _setup_websocket(self, config: ServerConfig) -> None:
+        """The WebSocket entrance (ws_gate.WebSocketGate), made when first needed; the
+        ``websocket`` listener is bound now, like the TCP one, and served from start()."""
+        self._ws_gate: Optional[Any] = None
+        #: The ``(ip, port)`` of the WebSocket listener (``websocket=``), or None.
+        self.websocket_addr: Optional[Tuple[str, int]] = None
+        if config.websocket is None or self.deferred:
+            return
+        listener = _bind_listener(config.websocket, config.backlog, config.reuse_port)
+        host, port = listener.getsockname()[:2]
+        self.websocket_addr = (host, port)
+        try:
+            self._websocket_gate().add_listener(listener)
+        except BaseException:
+            listener.close()
+            raise
+        logger.info("WebSocket at ws://%s:%s/hisock (the browser client at http://%s:%s/hisock.js)", host, port, host, port)
 
     def _make_delivery(self, delivery: Optional[Delivery], backplane: Union[str, Delivery, None]) -> Delivery:
         if backplane is None:
@@ -382,6 +401,8 @@ class HiSockServer:
         self._stream_server = StreamServer(self._listener, self._serve_connection, spawn=self._serving.spawn)
         if self._pages is not None:
             self._pages.start()
+        if self._ws_gate is not None:
+            self._ws_gate.start()
         self._stream_server.start()
         if self.config.keepalive:
             self._timers.spawn(self._keepalive_loop)
@@ -416,6 +437,8 @@ class HiSockServer:
         deadline = time.monotonic() + timeout
         if self._stream_server is not None:
             self._stream_server.close()
+        if self._ws_gate is not None:
+            self._ws_gate.closing()
         self._timers.kill(block=False)
         membership = self._membership
         membership.everyone_out(force=False, drain_timeout=timeout)
@@ -437,6 +460,8 @@ class HiSockServer:
         self._delivery.stop()
         if self._pages is not None:
             self._pages.stop()
+        if self._ws_gate is not None:
+            self._ws_gate.stop()
         self._home.close()
         logger.info("server at %s:%s closed", *self.addr)
         if self._stopped is not None:
@@ -543,6 +568,35 @@ class HiSockServer:
         logger.info("stats at http://%s:%s/", address[0], address[1])
         self._pages.add(listener, self._home.call)
         return address[0], address[1]
+
+    def websocket_app(self, path: str = "/hisock") -> Callable[[Dict[str, Any], Any], Any]:
+        """This server's WebSocket entrance as a WSGI application, for a monkey-patched
+        program serving its own site with gevent's pywsgi (not part of HiSock's API).
+
+        A request to ``path`` (``PATH_INFO``) that is a WebSocket upgrade allowed by
+        ``websocket_origins`` is answered ``101`` and the client joins this server like
+        any other, until it leaves; ``/hisock.js`` and ``/msgpack/...`` serve the browser
+        client; anything else is 404 (route it to your own app first).  It needs the
+        socket under the request, which gevent.pywsgi and gunicorn's gevent worker give.
+        The server must be serving (503 before start() and after close()).
+
+        :raises ImportError: wsproto is not installed.
+        """
+        return self._websocket_gate().app(path)
+
+    def _websocket_gate(self) -> Any:
+        if self._ws_gate is None:
+            try:
+                import wsproto  # noqa: F401
+            except ImportError as exc:
+                raise ImportError("the WebSocket transport needs wsproto: pip install 'hisock_gevent[websocket]'") from exc
+            from .ws_gate import WebSocketGate
+
+            gate = WebSocketGate(self._context, self._serving, self._connections, self._home, self.config.websocket_pages)
+            self._ws_gate = gate
+            if self._stream_server is not None and not self._closed:
+                self._home.call(gate.start)
+        return self._ws_gate
 
     @at_home
     def get_all_clients(self, key: Union[Callable[[ClientInfo], Any], str, None] = None) -> List[Any]:

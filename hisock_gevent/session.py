@@ -115,6 +115,10 @@ class ServerSession:
 
     __slots__ = ("context", "sock", "address", "conn", "peer", "greenlet", "_bodies", "_ending", "_failure")
 
+    #: Whether the connection itself speaks TLS when the server has a certificate (a
+    #: WebSocket's transport belongs to the HTTP server that upgraded it).
+    serves_tls = True
+
     def __init__(self, context: SessionContext, sock: Any, address: Tuple[str, int]):
         self.context = context
         self.sock = sock
@@ -187,7 +191,7 @@ class ServerSession:
         self.conn = conn
         self.greenlet = gevent.getcurrent()
         context = self.context
-        if context.config.ssl_context is not None:
+        if self.serves_tls and context.config.ssl_context is not None:
             conn.tls = self._tls_handshake()
             if conn.tls is None:
                 return stats.LEFT

@@ -6,6 +6,7 @@
     python loadtest/bench.py --profile      # S1 against hisock_gevent under cProfile
     python loadtest/bench.py --quick --workers 2 --scenarios S1,S2   # 1 process vs 2 joined by Redis
     python loadtest/bench.py --quick --join-storm   # 10,000 joins with announce="all", "group", "none"
+    python loadtest/bench.py --quick --websocket                       # S1, S2 over TCP vs over WebSocket
 
 Each server under test runs in its own process, started fresh for every case:
 
@@ -42,6 +43,11 @@ the workers; redis-server's is reported apart.  Nothing is pinned in that mode.
 ``--join-storm`` opens S3's clients (10,000; 100 in ``--smoke``) against ``hisock`` three
 times, once per announcement scope (``HiSockServer(announce="all" | "group" | "none")``),
 every client in a group of 50, and compares how long the joins take and what they cost.
+
+``--websocket`` compares, for S1 and S2 only, the same hisock server loaded over TCP
+(``loadgen.py``) and over WebSocket (``wsload.py``: the same clients, upgraded at
+``/hisock``, one body per binary message); the server runs with its WebSocket listener
+in both columns, so only the transport differs.
 """
 
 from __future__ import annotations
@@ -75,6 +81,10 @@ SERVERS = {
 #: The servers every hisock figure is divided by, in the order of the table's columns.
 BASELINES = ("baseline", "uvloop")
 LOADGEN = os.path.join(HERE, "loadgen.py")
+#: The load generator of ``--websocket`` (the same scenarios over WebSocket, PROTOCOL.md section 10).
+WSLOAD = os.path.join(HERE, "wsload.py")
+#: The transports ``--websocket`` compares, in the table's column order.
+TRANSPORTS = ("tcp", "websocket")
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 #: Seconds a fresh redis-server has to answer PING, and tries on other free ports.
 REDIS_START_WAIT = 10.0
@@ -378,8 +388,15 @@ class Case:
     joined by the Redis backplane and answering ``clients SEQ`` on stdin; never pinned.
     """
 
-    def __init__(self, kind: str, pin: bool, server_args: Sequence[str] = (), workers: int = 0):
+    def __init__(self, kind: str, pin: bool, server_args: Sequence[str] = (), workers: int = 0, transport: Optional[str] = None):
         self.kind = kind
+        #: ``--websocket``: the server also serves WebSocket (whichever transport this case
+        #: loads it with, so both run against the same server), and the generators speak
+        #: ``transport`` ("tcp" or "websocket").
+        self.transport = transport
+        self.ws_port: Optional[int] = None
+        if transport is not None:
+            server_args = (*server_args, "--websocket")
         self.label = f"{kind} x{workers}" if workers else kind
         self.workers = workers
         self.pin = pin and NCPU >= 2 and not workers
@@ -413,6 +430,11 @@ class Case:
         if n == 0 and len(words) > 2:
             banner = words[2].strip()
             self.banner = banner[1:-1] if banner.startswith("(") and banner.endswith(")") else banner
+        if "--websocket" in server_args:
+            ws_line = self.servers[-1].line(15.0)
+            if not ws_line.startswith("WSPORT "):
+                raise CaseFailed(f"{label} said {ws_line!r} where its WebSocket port was expected")
+            self.ws_port = int(ws_line.split()[1])
         return int(words[1])
 
     def about(self) -> Dict[str, str]:
@@ -430,9 +452,10 @@ class Case:
 
     def spawn(self, scenario: str, params_list: Sequence[Dict[str, Any]]) -> List[Proc]:
         gen_cpus = set(range(1, NCPU)) if self.pin else None
+        script, port = (WSLOAD, self.ws_port) if self.transport == "websocket" else (LOADGEN, self.port)
         for i, params in enumerate(params_list):
-            argv = [PYTHON, LOADGEN, "--port", str(self.port), "--scenario", scenario, "--params", json.dumps(params)]
-            self.gens.append(Proc(argv, f"loadgen {scenario}#{i} ({self.label})", gen_cpus))
+            argv = [PYTHON, script, "--port", str(port), "--scenario", scenario, "--params", json.dumps(params)]
+            self.gens.append(Proc(argv, f"{os.path.basename(script)[:-3]} {scenario}#{i} ({self.label})", gen_cpus))
         return self.gens
 
     def meter(self) -> CpuMeter:
@@ -495,12 +518,15 @@ def split(total: int, parts: int) -> List[int]:
 
 def run_s1(
     kind: str, clients: int, window: int, cfg: Dict[str, Any], pin: bool, server_args: Sequence[str] = (), workers: int = 0,
+    transport: Optional[str] = None,
 ) -> Dict[str, Any]:
     """S1 ping-pong; with ``workers`` the server is N processes joined by Redis
-    (server CPU is then their sum, and each worker's share and clients are reported)."""
+    (server CPU is then their sum, and each worker's share and clients are reported);
+    with ``transport`` (``--websocket``) the server serves WebSocket too and the load
+    comes over that transport."""
     params = {"clients": clients, "window": window, "warmup": cfg["s1_warmup"], "duration": cfg["s1_duration"], "ramp_timeout": cfg["case_timeout"] / 2}
     cluster: Dict[str, Any] = {}
-    with Case(kind, pin, server_args, workers) as case:
+    with Case(kind, pin, server_args, workers, transport) as case:
         (gen,) = case.spawn("s1", [params])
         ready = gen.expect("ready", cfg["case_timeout"])
         if ready["connected"] < clients:
@@ -538,7 +564,7 @@ def run_s1(
     return figures
 
 
-def run_s2(kind: str, clients: int, cfg: Dict[str, Any], pin: bool, workers: int = 0) -> Dict[str, Any]:
+def run_s2(kind: str, clients: int, cfg: Dict[str, Any], pin: bool, workers: int = 0, transport: Optional[str] = None) -> Dict[str, Any]:
     """S2 fan-out; with ``workers`` the server is N processes joined by Redis, and the
     broadcast reaches the other workers' clients through it.  Measuring starts only once
     every worker's mirror knows all N clients."""
@@ -547,7 +573,7 @@ def run_s2(kind: str, clients: int, cfg: Dict[str, Any], pin: bool, workers: int
     ramp_timeout = cfg["case_timeout"] * 0.6
     params = [{"clients": n, "sender": i == 0, "ramp_timeout": ramp_timeout} for i, n in enumerate(counts)]
     cluster: Dict[str, Any] = {}
-    with Case(kind, pin, workers=workers) as case:
+    with Case(kind, pin, workers=workers, transport=transport) as case:
         gens = case.spawn("s2", params)
         readies = [gen.expect("ready", ramp_timeout + 30.0) for gen in gens]
         connected = sum(r["connected"] for r in readies)
@@ -1319,6 +1345,124 @@ def main_join_storm(args: argparse.Namespace, mode: str, pin: bool) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------- --websocket
+
+WEBSOCKET_SCENARIOS = ("S1", "S2")
+
+
+def run_websocket(mode: str, scenarios: Sequence[str], pin: bool) -> Tuple[Dict[str, Any], List[str]]:
+    """S1 and S2 against the hisock server (serving both transports), loaded over TCP
+    (loadgen.py) and over WebSocket (wsload.py), one case after the other."""
+    cfg = MODES[mode]
+    failures: List[str] = []
+    out: Dict[str, Any] = {}
+    if "S1" in scenarios:
+        log("S1 ping-pong")
+        out["S1"] = []
+        for clients, window in cfg["s1_cases"]:
+            row: Dict[str, Any] = {"clients": clients, "window": window}
+            for transport in TRANSPORTS:
+                row[transport] = attempt(
+                    f"S1 C={clients} W={window} {transport}",
+                    lambda transport=transport, clients=clients, window=window: run_s1("hisock", clients, window, cfg, pin, transport=transport),
+                    failures,
+                )
+            out["S1"].append(row)
+    if "S2" in scenarios:
+        log("S2 fan-out")
+        out["S2"] = []
+        for clients in cfg["s2_clients"]:
+            row = {"clients": clients}
+            for transport in TRANSPORTS:
+                row[transport] = attempt(
+                    f"S2 N={clients} {transport}",
+                    lambda transport=transport, clients=clients: run_s2("hisock", clients, cfg, pin, transport=transport),
+                    failures,
+                )
+            out["S2"].append(row)
+    for rows in out.values():
+        for row in rows:
+            row["ratio_websocket_to_tcp"] = {
+                key: _quotient(get(row.get("websocket"), key), get(row.get("tcp"), key))
+                for key in ("rt_per_s", "p99_ms", "server_cpu_us_per_rt", "median_ms", "deliveries_per_s", "server_cpu_ms_per_broadcast", "ramp_s")
+                if get(row.get("tcp"), key) is not None
+            }
+    return out, failures
+
+
+def websocket_table_rows(results: Dict[str, Any]) -> List[Tuple[str, str, str, str, str, str]]:
+    rows: List[Tuple[str, str, str, str, str, str]] = []
+    for row in results.get("S1", []):
+        a, b = row.get("tcp"), row.get("websocket")
+        case = f"C={row['clients']} W={row['window']}"
+        rows.append(("S1 ping-pong", case, "round trips/s", fmt_num(get(a, "rt_per_s")), fmt_num(get(b, "rt_per_s")), versus(get(b, "rt_per_s"), get(a, "rt_per_s"), HIGHER)))
+        rows.append(("", "", "p50 / p99 latency ms", _pair(a, "p50_ms", "p99_ms"), _pair(b, "p50_ms", "p99_ms"), versus(get(b, "p99_ms"), get(a, "p99_ms"), LOWER, note="p99")))
+        rows.append(("", "", "server CPU us per round trip", fmt_num(get(a, "server_cpu_us_per_rt"), 1), fmt_num(get(b, "server_cpu_us_per_rt"), 1), versus(get(b, "server_cpu_us_per_rt"), get(a, "server_cpu_us_per_rt"), LOWER)))
+        rows.append(("", "", "CPU % gen / server / other", _cpu(a), _cpu(b), ""))
+    for row in results.get("S2", []):
+        a, b = row.get("tcp"), row.get("websocket")
+        case = f"N={row['clients']:,}"
+        rows.append(("S2 fan-out", case, "all received, median ms", fmt_num(get(a, "median_ms"), 1), fmt_num(get(b, "median_ms"), 1), versus(get(b, "median_ms"), get(a, "median_ms"), LOWER)))
+        rows.append(("", "", "deliveries/s", fmt_num(get(a, "deliveries_per_s")), fmt_num(get(b, "deliveries_per_s")), versus(get(b, "deliveries_per_s"), get(a, "deliveries_per_s"), HIGHER)))
+        rows.append((
+            "", "", "CPU ms/broadcast server / gen", _pair(a, "server_cpu_ms_per_broadcast", "gen_cpu_ms_per_broadcast", 1),
+            _pair(b, "server_cpu_ms_per_broadcast", "gen_cpu_ms_per_broadcast", 1),
+            versus(get(b, "server_cpu_ms_per_broadcast"), get(a, "server_cpu_ms_per_broadcast"), LOWER, note="srv"),
+        ))
+        rows.append(("", "", "join storm (ramp) s", fmt_num(get(a, "ramp_s"), 1), fmt_num(get(b, "ramp_s"), 1), versus(get(b, "ramp_s"), get(a, "ramp_s"), LOWER)))
+    return rows
+
+
+def main_websocket(args: argparse.Namespace, mode: str) -> int:
+    """``--websocket``: S1 and S2 over TCP and over WebSocket against one server build; table and JSON."""
+    import importlib.util
+
+    if importlib.util.find_spec("wsproto") is None:
+        print("--websocket needs wsproto (pip install -e '.[websocket]')", file=sys.stderr)
+        return 2
+    asked = [s.strip().upper() for s in args.scenarios.split(",") if s.strip()]
+    scenarios = [s for s in asked if s in WEBSOCKET_SCENARIOS]
+    if not scenarios:
+        print(f"--websocket runs {' and '.join(WEBSOCKET_SCENARIOS)} only; --scenarios asked for {', '.join(asked)}", file=sys.stderr)
+        return 2
+    pin = not args.no_pin
+    started = time.time()
+    load_before = os.getloadavg()
+    log(f"bench.py --{mode} --websocket: hisock over TCP vs over WebSocket; scenarios {', '.join(scenarios)}"
+        f"{' (the others are ignored)' if len(scenarios) < len(asked) else ''}; {NCPU} CPUs; pinning {'on' if pin and NCPU >= 2 else 'off'}")
+    results, failures = run_websocket(mode, scenarios, pin)
+    wall = time.time() - started
+    settings = {k: v for k, v in MODES[mode].items() if k.startswith(("s1_", "s2_", "case_"))}
+    document: Dict[str, Any] = {
+        "limits": limits(results, TRANSPORTS),
+        "meta": {
+            "mode": mode, "transports": list(TRANSPORTS), "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
+            "wall_s": round(wall, 1), "python": platform.python_version(), "platform": platform.platform(), "cpus": NCPU,
+            "pinned": pin and NCPU >= 2, "loadavg_before": load_before, "loadavg_after": os.getloadavg(), "settings": settings,
+            "failures": failures, "ratio_better": RATIO_BETTER,
+        },
+        "results": results,
+    }
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(started))
+    path = args.json or os.path.join(RESULTS_DIR, f"bench-{mode}-websocket-{stamp}.json")
+    with open(path, "w") as f:
+        json.dump(document, f, indent=1)
+    print()
+    print(render_rows(("scenario", "case", "metric", "hisock over TCP", "hisock over WebSocket", "ratio ws/tcp"), websocket_table_rows(results)))
+    print()
+    if document["limits"]:
+        print("Stopped by their time bound (shown as '-'):\n  " + "\n  ".join(document["limits"]))
+        print()
+    print("One server build (loadtest/hisock_server.py --websocket) for both columns; the TCP load is loadgen.py, the WebSocket load "
+          "wsload.py (masked frames made by wsproto, server frames read by hand). CPU % is of one core.")
+    print(f"Load average before/after: {load_before[0]:.2f} / {document['meta']['loadavg_after'][0]:.2f}. "
+          f"{mode} run took {wall:.0f} s; results in {os.path.relpath(path, ROOT)}")
+    if failures:
+        print(f"{len(failures)} case(s) failed to run:\n  " + "\n  ".join(failures))
+        return 1
+    return 0
+
+
 # ---------------------------------------------------------------------------- profiling
 
 
@@ -1402,6 +1546,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--profile-out", default=os.path.join(RESULTS_DIR, "hisock-s1.prof"), metavar="PATH")
     parser.add_argument("--compare", nargs=2, metavar=("OLD", "NEW"), help="print two result files side by side and exit")
     parser.add_argument(
+        "--websocket", action="store_true",
+        help="compare S1 and S2 over TCP with the same over WebSocket, against one hisock server serving both "
+        "(ignores --servers and the scenarios other than S1, S2)",
+    )
+    parser.add_argument(
         "--workers", type=int, metavar="N",
         help="compare S1 and S2 on one hisock process with N worker processes on one port joined by Redis "
         "(starts its own redis-server; not pinned; ignores --servers and the scenarios other than S1, S2)",
@@ -1424,6 +1573,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.profile:
         run_profile(cfg, pin, args.profile_clients, args.profile_window, 25, args.profile_out)
         return 0
+    if args.websocket:
+        return main_websocket(args, mode)
     if args.workers is not None:
         if args.workers < 2:
             parser.error("--workers needs N >= 2")

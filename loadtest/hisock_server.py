@@ -6,7 +6,8 @@ len(content))``.  Everything else (handshake, ``$CLTCONN$`` announcements, frami
 type casting) is the library's.  The baseline in ``baselines/gevent_server.py`` does the
 same work by hand.
 
-Run: ``python loadtest/hisock_server.py --port 0`` prints ``PORT <n>`` once listening;
+Run: ``python loadtest/hisock_server.py --port 0`` prints ``PORT <n>`` once listening
+(``--websocket`` adds a WebSocket listener and a ``WSPORT <n>`` line, for ``bench.py --websocket``);
 SIGTERM or SIGINT closes it.  ``--profile FILE`` runs the server under cProfile and
 writes the stats (``pstats`` format) to FILE when it stops.
 
@@ -29,7 +30,7 @@ import json
 import os
 import signal
 import sys
-from typing import Any, Optional
+from typing import Any, Dict, Optional
 
 import gevent
 
@@ -39,8 +40,15 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import wire
 
 
-def build(port: int, reuse_port: bool = False, redis_url: Optional[str] = None, announce: str = "all") -> hisock_gevent.HiSockServer:
-    server = hisock_gevent.HiSockServer(("127.0.0.1", port), reuse_port=reuse_port, backplane=redis_url, announce=announce)
+def build(
+    port: int, reuse_port: bool = False, redis_url: Optional[str] = None, announce: str = "all", websocket: bool = False
+) -> hisock_gevent.HiSockServer:
+    # With --websocket: a WebSocket listener on a free port too, without ping rounds (a
+    # bench window is shorter than their interval, and the generators answer none).
+    options: Dict[str, Any] = {"websocket": ("127.0.0.1", 0), "websocket_ping_interval": None} if websocket else {}
+    server = hisock_gevent.HiSockServer(
+        ("127.0.0.1", port), reuse_port=reuse_port, backplane=redis_url, announce=announce, **options
+    )
 
     @server.on(wire.PING)
     def on_ping(client: hisock_gevent.ClientInfo, content: Any) -> None:
@@ -81,12 +89,15 @@ def main(argv: Optional[list] = None) -> int:
         "--announce", choices=("all", "group", "none"), default="all",
         help="who hears of joins and leaves (HiSockServer's announce; default all, as HiSock)",
     )
+    parser.add_argument("--websocket", action="store_true", help="also serve WebSocket clients; a 'WSPORT <n>' line follows the PORT line")
     args = parser.parse_args(argv)
     wire.raise_nofile()
-    server = build(args.port, args.reuse_port, args.redis, args.announce)
+    server = build(args.port, args.reuse_port, args.redis, args.announce, args.websocket)
     for signum in (signal.SIGTERM, signal.SIGINT):
         gevent.signal_handler(signum, server.close)
     print(f"PORT {server.get_addr()[1]}", flush=True)
+    if server.websocket_addr is not None:
+        print(f"WSPORT {server.websocket_addr[1]}", flush=True)
     if args.control:
         gevent.spawn(serve_control, server)
     if args.profile:

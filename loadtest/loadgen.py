@@ -140,8 +140,11 @@ def open_clients(
     concurrency: int,
     on_open: Optional[Callable[[Client], Any]] = None,
     group_of: Optional[Callable[[int], Optional[str]]] = None,
+    opener: Optional[Callable[..., Client]] = None,
 ) -> Tuple[List[Client], Dict[str, int]]:
-    """Open ``count`` clients, ``concurrency`` at a time, stopping at ``deadline``.
+    """Open ``count`` clients, ``concurrency`` at a time, stopping at ``deadline``
+    (with ``opener(addr, timeout)``, :func:`open_client` by default; ``wsload.py`` lends
+    its WebSocket one).
 
     ``on_open(client)`` runs as soon as each one is connected: a client must start reading
     at once, or the ``$CLTCONN$`` announcements of those joining after it pile up in the
@@ -155,7 +158,8 @@ def open_clients(
     def one(index: int) -> None:
         try:
             group = group_of(index) if group_of is not None else None
-            client = open_client(addr, max(0.5, min(timeout, deadline - now())), group=group)
+            timeout_left = max(0.5, min(timeout, deadline - now()))
+            client = opener(addr, timeout_left) if opener is not None else open_client(addr, timeout_left, group=group)
         except (OSError, ConnectionError, gevent.Timeout) as exc:
             errors[type(exc).__name__] += 1
             return

@@ -804,6 +804,7 @@ def test_wsgi_app_closes_both_servers_and_exits_zero_on_signal(signum: int) -> N
         disconnected = threading.Event()
         client.on("force_disconnect")(disconnected.set)
         client.start()
+        client.wait_joined()  # the constructor returns once the hello is sent, not answered
         assert server.json("GET", "/clients")[1][0]["name"] == "watcher"
         server.signal(signum)
         assert server.wait() == 0, server.output

@@ -19,13 +19,13 @@ LAYERS: Dict[str, int] = {
     # 1: no sockets, no gevent
     "errors": 1, "utils": 1, "constants": 1, "frames": 1, "messages": 1, "typecast": 1, "protocol": 1,
     "outgoing": 1, "stats": 1, "budget": 1, "tls": 1, "history": 1, "lines": 1,
-    "cluster_messages": 1, "cluster_mirror": 1, "cluster_sync": 1,
+    "cluster_messages": 1, "cluster_mirror": 1, "cluster_sync": 1, "websocket": 1,
     # 2: one peer on gevent
-    "connection": 2, "plainwriter": 2, "home": 2, "handlers": 2, "registry": 2, "inbox": 2,
+    "connection": 2, "ws_connection": 2, "plainwriter": 2, "home": 2, "handlers": 2, "registry": 2, "inbox": 2,
     "calls": 2, "dial": 2,
     # 3: what servers and clients are made of
     "config": 3, "admission": 3, "membership": 3, "session": 3, "client_link": 3,
-    "reconnect": 3, "cluster": 3, "redis_store": 3, "redis_bus": 3, "backplane": 3,
+    "reconnect": 3, "ws_session": 3, "ws_gate": 3, "cluster": 3, "redis_store": 3, "redis_bus": 3, "backplane": 3,
     # 4: the faces
     "server": 4, "client": 4, "monitor": 4, "workers": 4, "chat": 4, "console": 4, "cli": 4,
     "locust": 4, "__init__": 4, "__main__": 4,

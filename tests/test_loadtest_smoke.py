@@ -147,6 +147,30 @@ def test_bench_smoke_join_storm_runs_the_same_joins_under_each_announcement_scop
     assert "ratio group/all" in proc.stdout.decode()  # the table was printed
 
 
+@pytest.mark.timeout(150)
+def test_bench_smoke_websocket_compares_tcp_with_websocket_on_one_server(tmp_path: Path) -> None:
+    out = tmp_path / "bench-websocket.json"
+    proc = subprocess.run(
+        [sys.executable, str(BENCH), "--smoke", "--websocket", "--json", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, _output(proc)
+    document = json.loads(out.read_text())
+    results = document["results"]
+    assert set(results) == {"S1", "S2"}
+    for scenario in ("S1", "S2"):
+        assert results[scenario], scenario
+        for row in results[scenario]:
+            for transport in ("tcp", "websocket"):
+                assert "error" not in row[transport] and "limit" not in row[transport], (scenario, transport, row[transport])
+            key = "rt_per_s" if scenario == "S1" else "median_ms"
+            assert row[transport][key] > 0 and row["ratio_websocket_to_tcp"][key] > 0
+    assert document["meta"]["failures"] == []
+    assert "hisock over WebSocket" in proc.stdout.decode()  # the table was printed
+
+
 # ---------------------------------------------------------------- the baselines' bytes
 
 #: The hand-written baselines, as argv after the interpreter: the uvloop one runs twice

@@ -1262,6 +1262,9 @@ export function reconnectDelay(attempt, { base = 1000, max = 30000, random = Mat
 
 // =========================================================================== the client
 
+/** The `$DISCONN$` reason of a server shutting down (PROTOCOL.md section 7.4): a reconnecting client comes back. */
+const SERVER_CLOSING = "server closing";
+
 const RESERVED_EVENTS = new Set(["client_connect", "client_disconnect", "force_disconnect", "reconnect", "*"]);
 
 const DEFAULTS = Object.freeze({
@@ -1298,8 +1301,10 @@ function reportError(error, where) {
  *  - `reconnect` (true): when the connection is lost, connect again with exponential
  *    backoff and jitter (`reconnectDelay` 1000 ms doubling up to `reconnectDelayMax`
  *    30000 ms, see {@link reconnectDelay}); give up after `reconnectAttempts` failed
- *    attempts in a row (0: never).  Not after `$DISCONN$` (the server meant it), not
- *    after `close()`, and not when the first connection fails (`connect()` rejects).
+ *    attempts in a row (0: never).  Also after `$DISCONN$` whose reason is "server
+ *    closing" (the server went down gracefully and comes back), as the Python client
+ *    does; not after any other `$DISCONN$` (the server meant it), not after `close()`,
+ *    and not when the first connection fails (`connect()` rejects).
  *  - `connectTimeout` (10000 ms): opening plus the server's answer to the hello.
  *  - `answerTimeout` (10000 ms): each `getClient`.  `callTimeout` (10000 ms): each `call`
  *    by default (0 or Infinity: none).
@@ -1633,6 +1638,10 @@ export class HiSockClient {
                     return;
                 }
                 const why = `the server disconnected us${reason ? `: ${reason}` : ""}`;
+                if (reason === SERVER_CLOSING && this._opts.reconnect) {
+                    this._lost(conn, why); // it comes back when the server does
+                    return;
+                }
                 this._endConnection(conn, why);
                 this._emit("force_disconnect");
                 this._finish(why);

@@ -238,6 +238,26 @@ describe("sending while disconnected", () => {
         assert.throws(() => client.send("x", 1), ClientDisconnected);
     });
 
+    test("$DISCONN$ saying the server is closing is a lost connection: it comes back", async () => {
+        const { client, ws, clock, sockets } = await connected();
+        let forced = 0;
+        client.on("force_disconnect", () => forced++);
+        ws.receive(disconnectBody({ reason: "server closing" }));
+        assert.equal(client.connected, false);
+        assert.equal(client.closed, false);
+        assert.equal(forced, 0);
+        await clock.tick(clock.pending[0]);
+        accept(sockets[1]);
+        await settle();
+        assert.equal(client.connected, true);
+    });
+
+    test("$DISCONN$ saying the server is closing ends a client without reconnect", async () => {
+        const { client, ws } = await connected({ reconnect: false });
+        ws.receive(disconnectBody({ reason: "server closing" }));
+        assert.equal(client.closed, true);
+    });
+
     test("after $DISCONN$ nothing is queued: the client is closed", async () => {
         const { client, ws } = await connected();
         ws.receive(disconnectBody());
