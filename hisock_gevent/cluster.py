@@ -200,9 +200,7 @@ class ClusterDelivery(Delivery):
             if not named:
                 raise ClientNotFound(f"no client named {client!r}")
             return self._first(named, f"{len(named)} clients are named {client!r}", depth)
-        local = self.registry.at(address)
-        found: List[Peer] = [local] if local is not None else []
-        found.extend(self._mirror.at(address))
+        found: List[Peer] = [*self.registry.all_at(address), *self._mirror.at(address)]
         if not found:
             raise ClientNotFound(f"no client at {address[0]}:{address[1]}")
         if len(found) > 1 and isinstance(client, ClientInfo):

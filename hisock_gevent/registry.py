@@ -138,33 +138,56 @@ def client_refs(exclude: Exclude) -> Tuple[ClientRef, ...]:
 
 
 class ClientRegistry(Generic[PeerT]):
-    """The joined clients of one server process, with lookups by address, name and group."""
+    """The joined clients of one server process, with lookups by address, name and group.
+
+    Two clients may share an address: a TCP and a WebSocket client whose source ports
+    happen to match (the kernel reuses a port towards another destination port), or two
+    clients behind one proxy.  Both are registered; a lookup by that address gets the
+    one that joined first, with a warning (as for a shared name), a lookup by a client's
+    own ClientInfo gets that client, and when the first leaves the next takes its place.
+    """
 
     def __init__(self) -> None:
         #: HiSock's ``clients``: socket -> ClientInfo.
         self.clients: Dict[Any, ClientInfo] = {}
         #: HiSock's ``clients_rev``: ClientInfo -> socket.
         self.clients_rev: Dict[ClientInfo, Any] = {}
+        # address -> the first peer that joined at it (every peer is here or in _sharing).
         self._by_address: Dict[Tuple[str, int], PeerT] = {}
+        # Peers that joined at an address someone already had, in join order (usually empty).
+        self._sharing: Dict[PeerT, None] = {}
         # name/group -> peers in join order (a dict used as an ordered set).
         self._by_name: Dict[str, Dict[PeerT, None]] = {}
         self._by_group: Dict[str, Dict[PeerT, None]] = {}
 
     def __len__(self) -> int:
-        return len(self._by_address)
+        return len(self._by_address) + len(self._sharing)
 
     def __iter__(self) -> Iterator[PeerT]:
-        return iter(list(self._by_address.values()))
+        return iter(self._all())
 
     def __contains__(self, peer: PeerT) -> bool:
-        return self._by_address.get(peer.info.ip) is peer
+        return self._by_address.get(peer.info.ip) is peer or peer in self._sharing
+
+    def _all(self) -> List[PeerT]:
+        peers = list(self._by_address.values())
+        if self._sharing:
+            peers.extend(self._sharing)
+        return peers
 
     # ------------------------------------------------------------- changes
 
     def add(self, peer: PeerT) -> None:
         """Register a peer under its current ``info``."""
         info = peer.info
-        self._by_address[info.ip] = peer
+        if info.ip in self._by_address:
+            logger.warning(
+                "%s shares its address with a client already joined; lookups by that address reach the first",
+                info,
+            )
+            self._sharing[peer] = None
+        else:
+            self._by_address[info.ip] = peer
         self.clients[peer.sock] = info
         self.clients_rev[info] = peer.sock
         self._index(peer, info)
@@ -186,12 +209,21 @@ class ClientRegistry(Generic[PeerT]):
 
     def remove(self, peer: PeerT) -> bool:
         """Forget a peer; False when it was not registered."""
-        if self._by_address.get(peer.info.ip) is not peer:
-            return False
         info = peer.info
-        del self._by_address[info.ip]
+        if self._by_address.get(info.ip) is peer:
+            successor = next((other for other in self._sharing if other.info.ip == info.ip), None)
+            if successor is None:
+                del self._by_address[info.ip]
+            else:  # the next to join at this address takes the first's place
+                del self._sharing[successor]
+                self._by_address[info.ip] = successor
+        elif peer in self._sharing:
+            del self._sharing[peer]
+        else:
+            return False
         self.clients.pop(peer.sock, None)
-        self.clients_rev.pop(info, None)
+        if self.clients_rev.get(info) is peer.sock:
+            del self.clients_rev[info]
         self._unindex(peer, info)
         return True
 
@@ -232,13 +264,15 @@ class ClientRegistry(Generic[PeerT]):
         """
         if type(client) is ClientInfo:
             found = self._by_address.get(client.ip)
-            if found is not None:
+            if found is not None and (found.info is client or not self._sharing):
                 return found
         address = address_of(client)
         if address is not None:
             peer = self._by_address.get(address)
             if peer is None:
                 raise ClientNotFound(f"no client at {address[0]}:{address[1]}")
+            if self._sharing:
+                return self._among_sharing(peer, client, stacklevel + 1)
             return peer
         assert isinstance(client, str)
         named = self._by_name.get(client)
@@ -252,9 +286,45 @@ class ClientRegistry(Generic[PeerT]):
             )
         return next(iter(named))
 
+    def _among_sharing(self, first: PeerT, client: ClientRef, stacklevel: int) -> PeerT:
+        """``first`` (the first joiner at an address) or, for a ClientInfo, the peer whose
+        info it is; warns when an address alone names several peers."""
+        address = first.info.ip
+        sharing = [first] + [peer for peer in self._sharing if peer.info.ip == address]
+        if len(sharing) == 1:
+            return first
+        if isinstance(client, ClientInfo):
+            for peer in sharing:
+                if peer.info is client:
+                    return peer
+            for peer in sharing:
+                if peer.info == client:
+                    return peer
+        warnings.warn(
+            f"{len(sharing)} clients share the address {address[0]}:{address[1]}; using the one that joined first",
+            UserWarning,
+            stacklevel=stacklevel,
+        )
+        return first
+
     def at(self, address: Tuple[str, int]) -> Optional[PeerT]:
-        """The peer at ``(ip, port)``, or None."""
+        """The peer at ``(ip, port)`` (the first to join there), or None."""
         return self._by_address.get(address)
+
+    def all_at(self, address: Tuple[str, int]) -> List[PeerT]:
+        """Every peer at ``(ip, port)``, the first to join there first."""
+        first = self._by_address.get(address)
+        if first is None:
+            return []
+        return [first] + [peer for peer in self._sharing if peer.info.ip == address]
+
+    def holding(self, info: ClientInfo) -> Optional[PeerT]:
+        """The peer whose current info is this very object (as lookups hand out), or None
+        (it left, changed name or group since, or another worker holds it)."""
+        for peer in self.all_at(info.ip) if self._sharing else (self._by_address.get(info.ip),):
+            if peer is not None and peer.info is info:
+                return peer
+        return None
 
     def named(self, name: str) -> List[PeerT]:
         """Every peer with this name, in join order."""
@@ -285,7 +355,7 @@ class ClientRegistry(Generic[PeerT]):
         ``group`` (:data:`ANNOUNCE_GROUP`; nobody when ``group`` is None), or nobody
         (:data:`ANNOUNCE_NONE`)."""
         if scope == ANNOUNCE_ALL:
-            return list(self._by_address.values())
+            return self._all()
         if scope == ANNOUNCE_GROUP and group is not None:
             return list(self._by_group.get(group, ()))
         return []

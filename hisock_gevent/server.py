@@ -696,8 +696,8 @@ class HiSockServer:
         :raises ClientNotFound: no such client.
         """
         info = self._delivery.find_client(client)
-        peer = self._registry.at(info.ip)
-        if peer is None or peer.info is not info:
+        peer = self._registry.holding(info)
+        if peer is None:
             raise CallNotSupported(f"{info} is held by another worker: call() reaches only this worker's clients")
         if not peer.call_ok:
             raise CallNotSupported(f"{info} did not offer the call extension (a plain HiSock client cannot answer calls)")
@@ -736,7 +736,10 @@ class HiSockServer:
         info = self._delivery.find_client(client)
         if self._delivery.disconnect_elsewhere(info, force, call_func):
             return
-        self._membership.kick(self._registry.find(info.ip), force, call_func)
+        peer = self._registry.holding(info)
+        if peer is None:  # it changed its name or group meanwhile: find it again
+            peer = self._registry.find(info)
+        self._membership.kick(peer, force, call_func)
 
     @_acts
     def disconnect_all_clients(self, force: bool = False) -> None:

@@ -483,3 +483,55 @@ def test_fan_out_accepts_any_iterable_of_peers():
     peers = [peer(1), peer(2, msgpack_ok=False)]
     fan_out(iter(peers), command("once"))
     assert [each.got("note") for each in peers] == [["once"], ["once"]]
+
+
+# ------------------------------------------------------------------ two clients at one address
+
+
+def test_two_clients_at_one_address_are_both_registered_and_each_is_reached_by_its_own_info(caplog):
+    # A TCP and a WebSocket client whose source ports match, or two behind one proxy.
+    first, second = peer(7, "tcp", "red"), peer(7, "ws", "red")
+    registry = registry_of(first, second)
+    assert "shares its address" in caplog.text
+    assert len(registry) == 2 and set(registry) == {first, second}
+    assert first in registry and second in registry
+    assert registry.group("red") == [first, second]
+    assert registry.all_at(first.info.ip) == [first, second]
+    assert registry.find(second.info) is second and registry.find(first.info) is first
+    assert registry.holding(second.info) is second
+    delivery = LocalDelivery(registry)
+    delivery.to_client(second.info, command("for ws"))
+    assert second.frames and not first.frames
+
+
+def test_an_address_shared_by_two_clients_names_the_first_with_a_warning():
+    first, second = peer(7, "tcp"), peer(7, "ws")
+    registry = registry_of(first, second)
+    with pytest.warns(UserWarning, match="2 clients share the address"):
+        assert registry.find(f"{IP}:7") is first
+    with pytest.warns(UserWarning):
+        assert registry.find((IP, 7)) is first
+
+
+def test_when_the_first_at_an_address_leaves_the_next_takes_its_place_and_nothing_stale_stays():
+    first, second, other = peer(7, "tcp", "red"), peer(7, "ws", "red"), peer(8, "other", "red")
+    registry = registry_of(first, second, other)
+    assert registry.remove(first)
+    assert registry.at(first.info.ip) is second
+    assert_in_step(registry, [second, other])
+    assert registry.named("tcp") == [] and registry.group("red") == [second, other]
+    assert registry.remove(second) and not registry.remove(second)
+    assert_in_step(registry, [other])
+    assert registry.at(first.info.ip) is None
+
+
+def test_when_the_second_at_an_address_leaves_the_first_stays_and_nothing_stale_stays():
+    first, second = peer(7, "tcp", "red"), peer(7, "ws", "blue")
+    registry = registry_of(first, second)
+    assert registry.remove(second)
+    assert_in_step(registry, [first])
+    with pytest.raises(GroupNotFound):
+        registry.group("blue")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert registry.find(f"{IP}:7") is first  # one client there again: no warning

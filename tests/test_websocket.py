@@ -664,3 +664,38 @@ def test_chat_refuses_an_origin_without_a_websocket_port():
 
     result = one_shot("chat", "--websocket-origin", "https://example.com")
     assert result.returncode == 2 and "--websocket-origin needs --websocket-port" in result.stderr
+
+
+def test_a_tcp_and_a_websocket_client_at_one_source_address_are_two_clients(ws_server, peers, caplog):
+    """The kernel may give a TCP and a WebSocket connection the same source port (their
+    destination ports differ); both must be served, and neither may hide the other."""
+    from rawpeer import RawPeer
+
+    probe = socket.socket()
+    probe.bind((LOOPBACK, 0))
+    source = probe.getsockname()
+    probe.close()
+    srv = ws_server
+    tcp = RawPeer(srv.get_addr(), source=source)
+    try:
+        tcp.hello("tcp", "room")
+        web = peers(srv, source=source)
+        web.hello("web", "room")
+        assert tcp.sock.getsockname() == web.sock.getsockname() == source
+        wait_until(lambda: len(srv.get_all_clients()) == 2)
+        assert "shares its address" in caplog.text
+        srv.send_client("web", "only", "for web")
+        srv.send_client("tcp", "only", "for tcp")
+        assert web.recv_body() == cmd_body("only", "for web")
+        while not (body := tcp.read_frame(timeout=5)).startswith(b"$CMD$only"):
+            pass
+        assert body == cmd_body("only", "for tcp")
+        assert sorted(info.name for info in srv.get_group("room")) == ["tcp", "web"]
+    finally:
+        tcp.close()
+    # The first to join there left: the address (and the name) lead to the other one.
+    wait_until(lambda: len(srv.get_all_clients()) == 1)
+    assert srv.get_client(f"{source[0]}:{source[1]}").name == "web"
+    srv.send_client(source, "still", "here")
+    assert json.loads(web.recv_body()[len(b"$CLTDISCONN$") :])["name"] == "tcp"
+    assert web.recv_body() == cmd_body("still", "here")

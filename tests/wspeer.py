@@ -55,8 +55,21 @@ class WsPeer:
     :raises Rejected: the server refused the upgrade.
     """
 
-    def __init__(self, addr: Tuple[str, int], path: str = "/hisock", origin: Optional[str] = None, timeout: float = WAIT):
-        self.sock = socket.create_connection(addr, timeout=timeout)
+    def __init__(
+        self,
+        addr: Tuple[str, int],
+        path: str = "/hisock",
+        origin: Optional[str] = None,
+        timeout: float = WAIT,
+        source: Optional[Tuple[str, int]] = None,
+    ):
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        if source is not None:  # e.g. the very address a TCP peer already uses
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            self.sock.bind(source)
+        self.sock.settimeout(timeout)
+        self.sock.connect(addr)
         self.ws = WSConnection(ConnectionType.CLIENT)
         self.bodies: List[bytes] = []
         self.texts: List[str] = []
