@@ -17,16 +17,22 @@ commands on stdin: ``clients SEQ`` is answered on stdout with one JSON line,
 ``{"ev": "clients", "seq": SEQ, "local": <clients of this process>, "total": <clients
 this process knows of, its own and the other workers'>}``.  (Off by default: a server
 started in the background from a shell must not read the terminal.)
+
+``--announce all|group|none`` sets the server's announcement scope (bench.py's S6 holds
+its clients with ``none``).  It needs a hisock_gevent whose ServerConfig has
+``announce``; with an older one, anything but ``all`` (HiSock's behaviour, which such a
+server always has) is an error.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import signal
 import sys
-from typing import Any, Optional
+from typing import Any, Dict, Optional
 
 import gevent
 
@@ -36,8 +42,20 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import wire
 
 
-def build(port: int, reuse_port: bool = False, redis_url: Optional[str] = None) -> hisock_gevent.HiSockServer:
-    server = hisock_gevent.HiSockServer(("127.0.0.1", port), reuse_port=reuse_port, backplane=redis_url)
+def announce_supported() -> bool:
+    """True when this hisock_gevent's servers take ``announce`` (who hears of joins)."""
+    from hisock_gevent.config import ServerConfig
+
+    return "announce" in {field.name for field in dataclasses.fields(ServerConfig)}
+
+
+def build(port: int, reuse_port: bool = False, redis_url: Optional[str] = None, announce: str = "all") -> hisock_gevent.HiSockServer:
+    options: Dict[str, Any] = {"reuse_port": reuse_port, "backplane": redis_url}
+    if announce_supported():
+        options["announce"] = announce
+    elif announce != "all":
+        raise ValueError(f"announce={announce!r}: this hisock_gevent announces every join to all")
+    server = hisock_gevent.HiSockServer(("127.0.0.1", port), **options)
 
     @server.on(wire.PING)
     def on_ping(client: hisock_gevent.ClientInfo, content: Any) -> None:
@@ -74,9 +92,15 @@ def main(argv: Optional[list] = None) -> int:
     parser.add_argument("--reuse-port", action="store_true", help="set SO_REUSEPORT: several processes serve one port")
     parser.add_argument("--redis", metavar="URL", help="join the other workers through the Redis backplane at URL")
     parser.add_argument("--control", action="store_true", help="answer 'clients SEQ' lines on stdin (for bench.py)")
+    parser.add_argument(
+        "--announce", choices=("all", "group", "none"), default="all",
+        help="who hears of joins and leaves (HiSockServer's announce; default all, as HiSock)",
+    )
     args = parser.parse_args(argv)
+    if args.announce != "all" and not announce_supported():
+        parser.error(f"--announce {args.announce}: this hisock_gevent's ServerConfig has no 'announce' (every join is announced to all)")
     wire.raise_nofile()
-    server = build(args.port, args.reuse_port, args.redis)
+    server = build(args.port, args.reuse_port, args.redis, args.announce)
     for signum in (signal.SIGTERM, signal.SIGINT):
         gevent.signal_handler(signum, server.close)
     print(f"PORT {server.get_addr()[1]}", flush=True)
