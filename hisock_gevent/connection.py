@@ -260,6 +260,9 @@ class Connection:
                 if reply:
                     self._queue(reply)
             bodies = feed(data)
+            # Nothing read is kept while the next bytes are awaited: an idle peer would
+            # otherwise hold its last chunk (up to RECV_CHUNK) and last bodies resident.
+            data = b""
             if bodies:
                 frame_deadline = None
                 if len(bodies) < turn:
@@ -273,6 +276,8 @@ class Connection:
                             # Everyone else's turn: a peer that floods waits like the rest.
                             turn = FRAMES_PER_TURN
                             yield_to_loop()
+                    body = b""
+                bodies.clear()
             if parser.failed:
                 feed(b"")  # raises the error found behind those bodies
             if tls is not None and tls.closed_by_peer:
