@@ -51,6 +51,8 @@ DEFAULT_CONCURRENCY = 500
 PROGRESS_EVERY = 0.25
 
 CONNECTING, HANDSHAKE, JOINED = 0, 1, 2
+#: The command of the message each client sends after joining with ``say_bytes``.
+SAY_COMMAND = "said"
 
 now = time.monotonic
 
@@ -110,6 +112,10 @@ class HoldGenerator:
         self.ramp_deadline = now() + params.get("ramp_timeout", 300.0)
         self.sender: bool = bool(params.get("sender"))
         self.padding: int = params.get("size", 64)
+        # Each client sends one message of this many bytes as soon as it has joined (a
+        # command nobody handles), so the server holds clients that have spoken once.
+        say = params.get("say_bytes", 0)
+        self.say = wire.command_frame(SAY_COMMAND, b"x" * say) if say else b""
         self.epoll = select.epoll()
         self.clients: Dict[int, Client] = {}
         self.pending: Dict[int, Client] = {}  # fd -> client still connecting or hand-shaking
@@ -195,6 +201,12 @@ class HoldGenerator:
                 self.alive += 1
                 if self.first_joined is None:
                     self.first_joined = fd
+                if self.say:
+                    try:
+                        client.sock.sendall(self.say)
+                    except OSError as exc:
+                        self.fail(fd, client, errno.errorcode.get(exc.errno or 0, type(exc).__name__))
+                        return
                 rest = bodies[i + 1 :]
                 if rest:
                     self.on_bodies(rest)
