@@ -42,6 +42,7 @@ the workers; redis-server's is reported apart.  Nothing is pinned in that mode.
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import platform
@@ -717,6 +718,8 @@ S6_CONCURRENCY = 2_000
 #: Clients S6 opens when the server announces every join to everyone (a hisock_gevent
 #: without ``announce``): N joins then cost about N²/2 frames, 50 million at this size.
 S6_ANNOUNCE_ALL_CLIENTS = 10_000
+#: Progress samples (a quarter of a second apart) a ramp needs for joins/s early and late.
+S6_MIN_SAMPLES = 8
 
 
 def nofile_limits() -> Tuple[int, int]:
@@ -747,7 +750,7 @@ def hisock_announce_supported() -> bool:
     return "announce" in {field.name for field in dataclasses.fields(ServerConfig)}
 
 
-def s6_plan(asked: int) -> Dict[str, Any]:
+def s6_plan(asked: int, per_source: int = S6_PER_SOURCE, per_gen: int = S6_MAX_PER_GEN) -> Dict[str, Any]:
     """How many clients S6 can hold here, and how: generator processes, source addresses.
 
     The server holds one descriptor per client, so RLIMIT_NOFILE's hard limit caps the
@@ -764,9 +767,9 @@ def s6_plan(asked: int) -> Dict[str, Any]:
         clients = S6_ANNOUNCE_ALL_CLIENTS
         limited_by.append("hisock_gevent has no announce='none': every join is announced to all (N²/2 frames)")
     ports = ephemeral_ports()
-    per_source = max(1, min(S6_PER_SOURCE, ports * 9 // 10))
+    per_source = max(1, min(per_source, ports * 9 // 10))
     sources = [f"127.0.0.{2 + i}" for i in range(min(253, -(-clients // per_source)))]
-    per_gen = max(1, min(S6_MAX_PER_GEN, hard - 64))
+    per_gen = max(1, min(per_gen, hard - 64))
     counts = split(clients, -(-clients // per_gen))
     firsts = [sum(counts[:i]) for i in range(len(counts))]
     return {
@@ -786,6 +789,10 @@ def join_rates(progress: List[Tuple[float, int, int]], total: int, t0: float) ->
         latest[gen] = joined
         series.append((t, sum(latest.values())))
 
+    samples = collections.Counter(gen for _, gen, _ in progress)
+    if not samples or min(samples.values()) < S6_MIN_SAMPLES:
+        return {"joins_per_s_early": None, "joins_per_s_late": None}  # a ramp too short to tell
+
     def crossing(fraction: float) -> Optional[float]:
         goal = fraction * total
         for (ta, a), (tb, b) in zip(series, series[1:]):
@@ -800,14 +807,14 @@ def join_rates(progress: List[Tuple[float, int, int]], total: int, t0: float) ->
     return {"joins_per_s_early": rate(0.10, 0.35), "joins_per_s_late": rate(0.65, 0.90)}
 
 
-def tcp_memory_kib() -> Optional[int]:
-    """Kernel memory of every TCP socket on the machine (/proc/net/sockstat ``mem``), KiB."""
+def slab_kib() -> Optional[int]:
+    """The kernel's slab memory, machine-wide (/proc/meminfo ``Slab:``), KiB: where both
+    ends of every TCP connection live (other programs move it too)."""
     try:
-        with open("/proc/net/sockstat") as f:
+        with open("/proc/meminfo") as f:
             for line in f:
-                if line.startswith("TCP:"):
-                    words = line.split()
-                    return int(words[words.index("mem") + 1]) * os.sysconf("SC_PAGESIZE") // 1024
+                if line.startswith("Slab:"):
+                    return int(line.split()[1])
     except (OSError, ValueError, IndexError):
         pass
     return None
@@ -831,7 +838,7 @@ def run_s6(kind: str, plan: Dict[str, Any], cfg: Dict[str, Any], pin: bool) -> D
     with Case(kind, pin, ("--announce", plan["announce"])) as case:
         time.sleep(0.2)
         rss_idle = proc_rss_kib(case.server.pid) or 0
-        tcp_idle = tcp_memory_kib()
+        slab_idle = slab_kib()
         meter = case.meter()
         meter.mark()
         t0 = time.monotonic()
@@ -856,7 +863,7 @@ def run_s6(kind: str, plan: Dict[str, Any], cfg: Dict[str, Any], pin: bool) -> D
             gen.send("check")
         held = sum(gen.expect("held", 30.0)["alive"] for gen in gens)
         rss_held = proc_rss_kib(case.server.pid) or 0
-        tcp_held = tcp_memory_kib()
+        slab_held = slab_kib()
         gen_rss = sum(proc_rss_kib(g.pid) or 0 for g in gens)
         times: List[float] = []
         server_cpu0 = proc_cpu_seconds(case.server.pid)
@@ -881,9 +888,11 @@ def run_s6(kind: str, plan: Dict[str, Any], cfg: Dict[str, Any], pin: bool) -> D
         "rss_idle_kib": rss_idle, "rss_held_kib": rss_held, "rss_after_fanout_kib": rss_after, "rss_peak_kib": rss_peak,
         "rss_per_conn_kib": (rss_held - rss_idle) / held if held else None,
         "gen_rss_kib": gen_rss, "gen_procs": len(gens),
-        "tcp_kernel_kib_per_conn": (tcp_held - tcp_idle) / held if held and tcp_held is not None and tcp_idle is not None else None,
+        "kernel_slab_kib_per_conn": (slab_held - slab_idle) / held if held and slab_held is not None and slab_idle is not None else None,
         "ramp_cpu": ramp_cpu, "gen_cpu": ramp_cpu["gen"], "server_cpu": ramp_cpu["server"], "other_cpu": ramp_cpu["other"],
         "gen_cpu_share": ramp_cpu["gen"] / busy if busy else None,
+        "server_cpu_us_per_join": ramp_cpu["server"] * ramp / connected * 1e6 if connected else None,
+        "gen_cpu_us_per_join": ramp_cpu["gen"] * ramp / connected * 1e6 if connected else None,
         "median_ms": median * 1000, "min_ms": min(times) * 1000, "max_ms": max(times) * 1000, "repeats": len(times),
         "deliveries_per_s": held / median if median else None,
         "server_cpu_ms_per_broadcast": server_ms, "gen_cpu_ms_per_broadcast": gen_ms,
@@ -920,8 +929,11 @@ def attempt(label: str, func: Callable[[], Dict[str, Any]], failures: List[str])
 
 
 def run_all(
-    mode: str, kinds: Sequence[str], scenarios: Sequence[str], pin: bool, s6_clients: Optional[int] = None,
+    mode: str, kinds: Sequence[str], scenarios: Sequence[str], pin: bool, s6: Optional[Dict[str, Optional[int]]] = None,
 ) -> Tuple[Dict[str, Any], List[str]]:
+    """Every case of every scenario asked for; ``s6`` overrides S6's ``clients``,
+    ``per_source`` and ``per_gen``."""
+    s6 = s6 or {}
     cfg = MODES[mode]
     failures: List[str] = []
     out: Dict[str, Any] = {}
@@ -954,7 +966,7 @@ def run_all(
             row[kind] = attempt(f"S4 {kind}", lambda kind=kind: run_s4(kind, cfg, pin), failures)
         out["S4"] = [row]
     if "S6" in scenarios:
-        plan = s6_plan(s6_clients or cfg["s6_clients"])
+        plan = s6_plan(s6.get("clients") or cfg["s6_clients"], s6.get("per_source") or S6_PER_SOURCE, s6.get("per_gen") or S6_MAX_PER_GEN)
         log(f"S6 held at scale: {plan['clients']:,} clients (asked {plan['asked']:,}), announce={plan['announce']!r}, "
             f"{len(plan['gen_counts'])} generator(s), sources {plan['sources'][0]}..{plan['sources'][-1]}; "
             f"RLIMIT_NOFILE soft/hard {plan['nofile_soft']:,}/{plan['nofile_hard']:,}"
@@ -1035,6 +1047,12 @@ def _rss(result: Any) -> str:
     return "-" if i is None or h is None else f"{i / 1024:.0f} / {h / 1024:.0f} / {(p or 0) / 1024:.0f}"
 
 
+def _gen_shares(result: Any) -> str:
+    """S6: the load generators' share of the CPU the case used (generators + server)."""
+    a, b = get(result, "gen_cpu_share"), get(result, "gen_cpu_share_fanout")
+    return "-" if a is None or b is None else f"{a * 100:.0f} % / {b * 100:.0f} %"
+
+
 def _num(key: str, digits: int = 0) -> Callable[[Any], str]:
     return lambda result: fmt_num(get(result, key), digits)
 
@@ -1086,12 +1104,14 @@ METRICS: Dict[str, List[Metric]] = {
         Metric("server RSS MiB idle/held/peak", _rss),
         Metric("joins/s, whole ramp", _num("joins_per_s"), "joins_per_s", HIGHER),
         Metric("joins/s early / late in the ramp", lambda r: _pair(r, "joins_per_s_early", "joins_per_s_late", 0)),
+        Metric("server CPU us per join", _num("server_cpu_us_per_join"), "server_cpu_us_per_join", LOWER),
         Metric("ramp CPU % gen / server / other", _cpu),
         Metric("fan-out to all, median ms", _num("median_ms", 1), "median_ms", LOWER),
         Metric(
             "CPU ms/broadcast server / gen", lambda r: _pair(r, "server_cpu_ms_per_broadcast", "gen_cpu_ms_per_broadcast", 1),
             "server_cpu_ms_per_broadcast", LOWER, note="srv",
         ),
+        Metric("generator's share of CPU, ramp / fan-out", _gen_shares),
     ],
 }
 TITLES = {"S1": "S1 ping-pong", "S2": "S2 fan-out", "S3": "S3 connections", "S4": "S4 bulk", "S6": "S6 held at scale"}
@@ -1495,6 +1515,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     )
     parser.add_argument("--s6-clients", type=int, metavar="N", help="clients S6 asks for (default: 300 with --smoke, else 100,000)")
     parser.add_argument(
+        "--s6-per-source", type=int, metavar="N",
+        help=f"S6 clients per source address 127.0.0.2, .3, ... (default {S6_PER_SOURCE:,}; at most 90 %% of the ephemeral ports)",
+    )
+    parser.add_argument(
+        "--s6-per-gen", type=int, metavar="N",
+        help=f"S6 clients per generator process (default {S6_MAX_PER_GEN:,}; at most the hard RLIMIT_NOFILE less 64)",
+    )
+    parser.add_argument(
         "--servers", default="hisock,baseline,uvloop",
         help="comma-separated subset of hisock,baseline,uvloop (baseline = the gevent baseline; uvloop = the asyncio one)",
     )
@@ -1537,7 +1565,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     started = time.time()
     load_before = os.getloadavg()
     log(f"bench.py --{mode}: servers {', '.join(kinds)}; scenarios {', '.join(scenarios)}; {NCPU} CPUs; pinning {'on' if pin and NCPU >= 2 else 'off'}")
-    results, failures = run_all(mode, kinds, scenarios, pin, args.s6_clients)
+    s6 = {"clients": args.s6_clients, "per_source": args.s6_per_source, "per_gen": args.s6_per_gen}
+    results, failures = run_all(mode, kinds, scenarios, pin, s6)
     add_ratios(results)
     wall = time.time() - started
     document = {
