@@ -63,7 +63,7 @@ def test_an_idle_client_does_not_keep_its_last_message_resident(
 def test_a_connection_with_nothing_queued_costs_less_than_an_empty_deque() -> None:
     # An empty deque holds a 512-byte block: a queue of its own per idle connection was
     # 760 bytes of the ~13 KiB a held client costs.  A connection takes one only while
-    # frames wait for the kernel.
+    # two or more frames wait for the kernel.
     count = 200
     pairs = [gsocket.socketpair() for _ in range(count)]
     body = frame(b"$CMD$ping$MSG$0       ")
