@@ -5,6 +5,7 @@
     python loadtest/bench.py                # the full run (longer windows, more repeats)
     python loadtest/bench.py --profile      # S1 against hisock_gevent under cProfile
     python loadtest/bench.py --quick --workers 2 --scenarios S1,S2   # 1 process vs 2 joined by Redis
+    python loadtest/bench.py --quick --s100k  # S6 alone: 100,000 held clients, or as many as the machine allows
 
 Each server under test runs in its own process, started fresh for every case:
 
@@ -26,6 +27,12 @@ raw gevent sockets.  Scenarios (each bounded in time):
   server's RSS per connection.
 * S4 bulk: 1 MiB ``bytes`` payloads one way with a small ack; MB/s.
 * S5 codec: ``hisock_gevent.typecast`` encode+decode, native letters vs msgpack.
+* S6 held at scale (only when named: ``--s100k`` or ``--scenarios S6``): 100,000 joined
+  clients on one server process with ``announce="none"``, or as many as RLIMIT_NOFILE's
+  hard limit allows, from ``holdgen.py`` processes (raw sockets on one epoll each) bound to
+  127.0.0.2, .3, ...; RSS per connection, joins/s, server CPU per join, the fan-out time of
+  a broadcast to all of them and the generators' share of the CPU.  hisock and the gevent
+  baseline only.
 
 Prints one table (absolute figures, and the ratios hisock/gevent baseline and hisock/uvloop
 baseline measured in the same run) and writes every figure and ratio as JSON
