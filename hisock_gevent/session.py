@@ -201,6 +201,9 @@ class ServerSession:
         if hello is None or not self._admit(hello):
             return stats.LEFT
         peer = self.peer = context.membership.join(conn, hello)
+        # What was read is let go before the next message is awaited (the hello, with any
+        # credentials, and each message after it): an idle client keeps nothing resident.
+        del hello
         peer.session = self
         if self._after_handlers():
             return stats.LEFT
@@ -211,8 +214,10 @@ class ServerSession:
             if peer.gone:
                 break
             message = parse_client_body(body)
+            del body
             if dispatch[type(message)](self, message):
                 break
+            del message
         else:
             # (A client dropped meanwhile, as a slow reader say, was logged already.)
             if not peer.gone and _log_unclean_end(conn):

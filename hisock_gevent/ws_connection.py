@@ -220,8 +220,7 @@ class WebSocketConnection(Connection):
             # After the queued messages (and a pong or close answer still queued), written
             # now as far as the kernel takes them.
             if data:
-                self._out.append(data)
-                self._out_bytes += len(data)
+                self._enqueue(data)
             if flush_timeout <= 0 and self._out:
                 self._flush_queued()
         super().close(flush_timeout)

@@ -7,6 +7,7 @@
     python loadtest/bench.py --quick --workers 2 --scenarios S1,S2   # 1 process vs 2 joined by Redis
     python loadtest/bench.py --quick --join-storm   # 10,000 joins with announce="all", "group", "none"
     python loadtest/bench.py --quick --websocket                       # S1, S2 over TCP vs over WebSocket
+    python loadtest/bench.py --quick --s100k  # S6 alone: 100,000 held clients, or as many as the machine allows
 
 Each server under test runs in its own process, started fresh for every case:
 
@@ -28,6 +29,12 @@ raw gevent sockets.  Scenarios (each bounded in time):
   server's RSS per connection.
 * S4 bulk: 1 MiB ``bytes`` payloads one way with a small ack; MB/s.
 * S5 codec: ``hisock_gevent.typecast`` encode+decode, native letters vs msgpack.
+* S6 held at scale (only when named: ``--s100k`` or ``--scenarios S6``): 100,000 joined
+  clients on one server process with ``announce="none"``, or as many as RLIMIT_NOFILE's
+  hard limit allows, from ``holdgen.py`` processes (raw sockets on one epoll each) bound to
+  127.0.0.2, .3, ...; RSS per connection, joins/s, server CPU per join, the fan-out time of
+  a broadcast to all of them and the generators' share of the CPU.  hisock and the gevent
+  baseline only.
 
 Prints one table (absolute figures, and the ratios hisock/gevent baseline and hisock/uvloop
 baseline measured in the same run) and writes every figure and ratio as JSON
@@ -53,6 +60,7 @@ in both columns, so only the transport differs.
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import platform
@@ -85,6 +93,7 @@ LOADGEN = os.path.join(HERE, "loadgen.py")
 WSLOAD = os.path.join(HERE, "wsload.py")
 #: The transports ``--websocket`` compares, in the table's column order.
 TRANSPORTS = ("tcp", "websocket")
+HOLDGEN = os.path.join(HERE, "holdgen.py")
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 #: Seconds a fresh redis-server has to answer PING, and tries on other free ports.
 REDIS_START_WAIT = 10.0
@@ -106,6 +115,7 @@ MODES: Dict[str, Dict[str, Any]] = {
         "s3_clients": 100, "s3_ramp_timeout": 20.0,
         "s4_warmup": 0.2, "s4_duration": 0.6,
         "s5_seconds": 0.02,
+        "s6_clients": 300, "s6_ramp_timeout": 30.0, "s6_hold_s": 0.5, "s6_repeats": 2,
         "case_timeout": 30.0,
     },
     "quick": {
@@ -114,6 +124,7 @@ MODES: Dict[str, Dict[str, Any]] = {
         "s3_clients": 10000, "s3_ramp_timeout": 90.0,
         "s4_warmup": 0.5, "s4_duration": 3.0,
         "s5_seconds": 0.3,
+        "s6_clients": 100_000, "s6_ramp_timeout": 300.0, "s6_hold_s": 5.0, "s6_repeats": 5,
         "case_timeout": 120.0,
     },
     "full": {
@@ -122,6 +133,7 @@ MODES: Dict[str, Dict[str, Any]] = {
         "s3_clients": 10000, "s3_ramp_timeout": 240.0,
         "s4_warmup": 1.0, "s4_duration": 10.0,
         "s5_seconds": 1.0,
+        "s6_clients": 100_000, "s6_ramp_timeout": 600.0, "s6_hold_s": 30.0, "s6_repeats": 11,
         "case_timeout": 360.0,
     },
 }
@@ -134,11 +146,13 @@ TARGETS = {
     "S3": "10,000 held, RSS <= 40 KiB/conn",
     "S4": "hisock >= 0.8x baseline MB/s",
     "S5": "msgpack >= 3x faster than native (dict, list)",
+    "S6": "100,000 joined clients held by one process (announce='none')",
 }
 #: The case sizes the S2 and S3 targets are about: a run whose cases are smaller (--smoke)
 #: cannot reach them by construction, so they are not judged there.
 S2_TARGET_CLIENTS = 1000
 S3_TARGET_CLIENTS = 10000
+S6_TARGET_CLIENTS = 100_000
 
 # ---------------------------------------------------------------------------- /proc
 
@@ -454,8 +468,11 @@ class Case:
         gen_cpus = set(range(1, NCPU)) if self.pin else None
         script, port = (WSLOAD, self.ws_port) if self.transport == "websocket" else (LOADGEN, self.port)
         for i, params in enumerate(params_list):
-            argv = [PYTHON, script, "--port", str(port), "--scenario", scenario, "--params", json.dumps(params)]
-            self.gens.append(Proc(argv, f"{os.path.basename(script)[:-3]} {scenario}#{i} ({self.label})", gen_cpus))
+            if scenario == "s6":  # its own generator: raw sockets on one epoll
+                argv = [PYTHON, HOLDGEN, "--port", str(self.port), "--params", json.dumps(params)]
+            else:
+                argv = [PYTHON, script, "--port", str(port), "--scenario", scenario, "--params", json.dumps(params)]
+            self.gens.append(Proc(argv, f"{os.path.basename(argv[1])[:-3]} {scenario}#{i} ({self.label})", gen_cpus))
         return self.gens
 
     def meter(self) -> CpuMeter:
@@ -723,6 +740,205 @@ def run_s5(cfg: Dict[str, Any]) -> List[Dict[str, Any]]:
     return rows
 
 
+# ---------------------------------------------------------------------------- S6 held at scale
+
+#: The servers S6 runs against: both can announce joins to nobody (the uvloop baseline cannot).
+S6_KINDS = ("hisock", "baseline")
+#: Descriptors a server process needs besides one per client (listener, epoll, stdio, ...).
+S6_FD_MARGIN = 100
+#: Clients bound to one source address (127.0.0.2, .3, ...): well under the ephemeral
+#: port range, which bounds the connections from one address to the server's one port.
+S6_PER_SOURCE = 10_000
+#: Clients per generator process at most (each holds one descriptor per client).
+S6_MAX_PER_GEN = 25_000
+#: Handshakes in flight for all generators together, under the server's max_pending (4096).
+S6_CONCURRENCY = 2_000
+#: Clients S6 opens when the server announces every join to everyone (a hisock_gevent
+#: without ``announce``): N joins then cost about N²/2 frames, 50 million at this size.
+S6_ANNOUNCE_ALL_CLIENTS = 10_000
+#: Progress samples (a quarter of a second apart) a ramp needs for joins/s early and late.
+S6_MIN_SAMPLES = 8
+
+
+def nofile_limits() -> Tuple[int, int]:
+    """This process's RLIMIT_NOFILE (soft, hard); "unlimited" as wire.NOFILE_CEILING."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    inf = resource.RLIM_INFINITY
+    return (wire.NOFILE_CEILING if soft == inf else soft), (wire.NOFILE_CEILING if hard == inf else hard)
+
+
+def ephemeral_ports() -> int:
+    """How many ports /proc/sys/net/ipv4/ip_local_port_range gives (28,232 by default)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low, high = (int(x) for x in f.read().split())
+        return high - low + 1
+    except (OSError, ValueError):
+        return 28_232
+
+
+def hisock_announce_supported() -> bool:
+    """True when this hisock_gevent's ServerConfig has ``announce`` (who hears of joins)."""
+    import dataclasses
+
+    from hisock_gevent.config import ServerConfig
+
+    return "announce" in {field.name for field in dataclasses.fields(ServerConfig)}
+
+
+def s6_plan(asked: int, per_source: int = S6_PER_SOURCE, per_gen: int = S6_MAX_PER_GEN) -> Dict[str, Any]:
+    """How many clients S6 can hold here, and how: generator processes, source addresses.
+
+    The server holds one descriptor per client, so RLIMIT_NOFILE's hard limit caps the
+    case (only CAP_SYS_RESOURCE raises it; every process raises its soft limit to it).
+    Without ``announce`` in hisock_gevent, the case is capped at S6_ANNOUNCE_ALL_CLIENTS.
+    """
+    soft, hard = nofile_limits()
+    announce = "none" if hisock_announce_supported() else "all"
+    clients, limited_by = asked, []
+    if hard - S6_FD_MARGIN < clients:
+        clients = hard - S6_FD_MARGIN
+        limited_by.append(f"RLIMIT_NOFILE hard limit {hard:,} (one descriptor per client in the server)")
+    if announce == "all" and clients > S6_ANNOUNCE_ALL_CLIENTS:
+        clients = S6_ANNOUNCE_ALL_CLIENTS
+        limited_by.append("hisock_gevent has no announce='none': every join is announced to all (N²/2 frames)")
+    ports = ephemeral_ports()
+    per_source = max(1, min(per_source, ports * 9 // 10))
+    sources = [f"127.0.0.{2 + i}" for i in range(min(253, -(-clients // per_source)))]
+    per_gen = max(1, min(per_gen, hard - 64))
+    counts = split(clients, -(-clients // per_gen))
+    firsts = [sum(counts[:i]) for i in range(len(counts))]
+    return {
+        "asked": asked, "clients": clients, "limited_by": limited_by, "announce": announce,
+        "nofile_soft": soft, "nofile_hard": hard, "ephemeral_ports": ports, "per_source": per_source,
+        "sources": sources, "gen_counts": counts, "gen_firsts": firsts,
+    }
+
+
+def join_rates(progress: List[Tuple[float, int, int]], total: int, t0: float) -> Dict[str, Optional[float]]:
+    """Joins/s early and late in the ramp, from each generator's ``(t, gen, joined)``
+    samples: between 10 % and 35 % of the clients, and between 65 % and 90 %.  A rate that
+    falls as clients accumulate is a cost per join that grows with them."""
+    latest: Dict[int, int] = {}
+    series = [(t0, 0)]
+    for t, gen, joined in sorted(progress):
+        latest[gen] = joined
+        series.append((t, sum(latest.values())))
+
+    samples = collections.Counter(gen for _, gen, _ in progress)
+    if not samples or min(samples.values()) < S6_MIN_SAMPLES:
+        return {"joins_per_s_early": None, "joins_per_s_late": None}  # a ramp too short to tell
+
+    def crossing(fraction: float) -> Optional[float]:
+        goal = fraction * total
+        for (ta, a), (tb, b) in zip(series, series[1:]):
+            if a < goal <= b:
+                return ta + (tb - ta) * (goal - a) / (b - a)
+        return None
+
+    def rate(lo: float, hi: float) -> Optional[float]:
+        a, b = crossing(lo), crossing(hi)
+        return None if a is None or b is None or b <= a else (hi - lo) * total / (b - a)
+
+    return {"joins_per_s_early": rate(0.10, 0.35), "joins_per_s_late": rate(0.65, 0.90)}
+
+
+def slab_kib() -> Optional[int]:
+    """The kernel's slab memory, machine-wide (/proc/meminfo ``Slab:``), KiB: where both
+    ends of every TCP connection live (other programs move it too)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("Slab:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def run_s6(kind: str, plan: Dict[str, Any], cfg: Dict[str, Any], pin: bool) -> Dict[str, Any]:
+    """S6: open ``plan["clients"]`` clients from several generator processes and source
+    addresses, hold them, then time broadcasts to all of them; RSS per connection, joins/s
+    (whole ramp, early and late), fan-out time and every process's CPU."""
+    clients = plan["clients"]
+    counts = plan["gen_counts"]
+    ramp_timeout = cfg["s6_ramp_timeout"]
+    concurrency = max(50, S6_CONCURRENCY // len(counts))
+    params = [
+        {
+            "clients": n, "first": first, "sources": plan["sources"], "per_source": plan["per_source"],
+            "sender": i == 0, "ramp_timeout": ramp_timeout, "connect_timeout": 60.0, "concurrency": concurrency,
+        }
+        for i, (n, first) in enumerate(zip(counts, plan["gen_firsts"]))
+    ]
+    with Case(kind, pin, ("--announce", plan["announce"])) as case:
+        time.sleep(0.2)
+        rss_idle = proc_rss_kib(case.server.pid) or 0
+        slab_idle = slab_kib()
+        meter = case.meter()
+        meter.mark()
+        t0 = time.monotonic()
+        gens = case.spawn("s6", params)
+        meter.pids["gen"] = [g.pid for g in gens]
+        readies = [gen.expect("ready", ramp_timeout + 60.0) for gen in gens]
+        ramp_cpu = meter.read()
+        connected = sum(r["connected"] for r in readies)
+        errors: Dict[str, int] = {}
+        for r in readies:
+            for name, count in r["errors"].items():
+                errors[name] = errors.get(name, 0) + count
+        if connected < clients * 0.99:
+            raise LimitReached(f"only {connected:,} of {clients:,} clients joined within {ramp_timeout:.0f} s: {errors}")
+        ramp = max(r["ramp_s"] for r in readies)
+        progress = [(e["t"], i, e["joined"]) for i, gen in enumerate(gens) for e in gen.pending if e.get("ev") == "progress"]
+        for gen in gens:
+            gen.pending = [e for e in gen.pending if e.get("ev") != "progress"]
+        settle = wait_quiet(case.pids, cfg["case_timeout"] / 4)
+        time.sleep(cfg["s6_hold_s"])  # held for a while, not just opened
+        for gen in gens:
+            gen.send("check")
+        held = sum(gen.expect("held", 30.0)["alive"] for gen in gens)
+        rss_held = proc_rss_kib(case.server.pid) or 0
+        slab_held = slab_kib()
+        gen_rss = sum(proc_rss_kib(g.pid) or 0 for g in gens)
+        times: List[float] = []
+        server_cpu0 = proc_cpu_seconds(case.server.pid)
+        gen_cpu0 = sum(proc_cpu_seconds(g.pid) for g in gens)
+        for seq in range(cfg["s6_repeats"]):
+            gens[0].send(f"send {seq}")
+            sent = gens[0].expect("sent", 30.0, seq=seq)
+            lasts = [gen.expect("got", 120.0, seq=seq)["last"] for gen in gens]
+            times.append(max(lasts) - sent["t"])
+            wait_quiet(case.pids, 10.0, threshold=0.1, window=0.05)
+        server_ms = (proc_cpu_seconds(case.server.pid) - server_cpu0) / len(times) * 1000
+        gen_ms = (sum(proc_cpu_seconds(g.pid) for g in gens) - gen_cpu0) / len(times) * 1000
+        rss_after = proc_rss_kib(case.server.pid) or 0
+        rss_peak = proc_status_kib(case.server.pid, "VmHWM:") or 0
+        if case.server.popen.poll() is not None:
+            raise CaseFailed(f"the {kind} server died: {case.server.stderr_tail()}")
+    median = statistics.median(times)
+    busy = ramp_cpu["gen"] + ramp_cpu["server"]
+    return {
+        "clients": clients, "connected": connected, "held": held, "errors": errors, "ramp_s": ramp, "settle_s": settle,
+        "joins_per_s": connected / ramp if ramp else None, **join_rates(progress, connected, t0),
+        "rss_idle_kib": rss_idle, "rss_held_kib": rss_held, "rss_after_fanout_kib": rss_after, "rss_peak_kib": rss_peak,
+        "rss_per_conn_kib": (rss_held - rss_idle) / held if held else None,
+        "gen_rss_kib": gen_rss, "gen_procs": len(gens),
+        "kernel_slab_kib_per_conn": (slab_held - slab_idle) / held if held and slab_held is not None and slab_idle is not None else None,
+        "ramp_cpu": ramp_cpu, "gen_cpu": ramp_cpu["gen"], "server_cpu": ramp_cpu["server"], "other_cpu": ramp_cpu["other"],
+        "gen_cpu_share": ramp_cpu["gen"] / busy if busy else None,
+        "server_cpu_us_per_join": ramp_cpu["server"] * ramp / connected * 1e6 if connected else None,
+        "gen_cpu_us_per_join": ramp_cpu["gen"] * ramp / connected * 1e6 if connected else None,
+        "median_ms": median * 1000, "min_ms": min(times) * 1000, "max_ms": max(times) * 1000, "repeats": len(times),
+        "deliveries_per_s": held / median if median else None,
+        "server_cpu_ms_per_broadcast": server_ms, "gen_cpu_ms_per_broadcast": gen_ms,
+        "gen_cpu_share_fanout": gen_ms / (gen_ms + server_ms) if gen_ms + server_ms else None,
+        **case.about(),
+    }
+
+
 # ---------------------------------------------------------------------------- running
 
 
@@ -750,7 +966,12 @@ def attempt(label: str, func: Callable[[], Dict[str, Any]], failures: List[str])
     return result
 
 
-def run_all(mode: str, kinds: Sequence[str], scenarios: Sequence[str], pin: bool) -> Tuple[Dict[str, Any], List[str]]:
+def run_all(
+    mode: str, kinds: Sequence[str], scenarios: Sequence[str], pin: bool, s6: Optional[Dict[str, Optional[int]]] = None,
+) -> Tuple[Dict[str, Any], List[str]]:
+    """Every case of every scenario asked for; ``s6`` overrides S6's ``clients``,
+    ``per_source`` and ``per_gen``."""
+    s6 = s6 or {}
     cfg = MODES[mode]
     failures: List[str] = []
     out: Dict[str, Any] = {}
@@ -782,6 +1003,16 @@ def run_all(mode: str, kinds: Sequence[str], scenarios: Sequence[str], pin: bool
         for kind in kinds:
             row[kind] = attempt(f"S4 {kind}", lambda kind=kind: run_s4(kind, cfg, pin), failures)
         out["S4"] = [row]
+    if "S6" in scenarios:
+        plan = s6_plan(s6.get("clients") or cfg["s6_clients"], s6.get("per_source") or S6_PER_SOURCE, s6.get("per_gen") or S6_MAX_PER_GEN)
+        log(f"S6 held at scale: {plan['clients']:,} clients (asked {plan['asked']:,}), announce={plan['announce']!r}, "
+            f"{len(plan['gen_counts'])} generator(s), sources {plan['sources'][0]}..{plan['sources'][-1]}; "
+            f"RLIMIT_NOFILE soft/hard {plan['nofile_soft']:,}/{plan['nofile_hard']:,}"
+            + "".join(f"; limited by {why}" for why in plan["limited_by"]))
+        row = {"clients": plan["clients"], "plan": plan}
+        for kind in [k for k in kinds if k in S6_KINDS]:
+            row[kind] = attempt(f"S6 N={plan['clients']} {kind}", lambda kind=kind: run_s6(kind, plan, cfg, pin), failures)
+        out["S6"] = [row]
     if "S5" in scenarios:
         log("S5 codec")
         try:
@@ -832,7 +1063,7 @@ def limits(results: Dict[str, Any], kinds: Sequence[str] = tuple(SERVERS)) -> Li
         for row in rows:
             for kind in kinds:
                 if isinstance(row.get(kind), dict) and "limit" in row[kind]:
-                    case = ", ".join(f"{k}={v}" for k, v in row.items() if k not in kinds and k != "ratios")
+                    case = ", ".join(f"{k}={v}" for k, v in row.items() if k not in kinds and k not in ("ratios", "plan"))
                     found.append(f"{scenario} {case} {kind}: {row[kind]['limit']}")
     return found
 
@@ -852,6 +1083,12 @@ def _cpu(result: Any) -> str:
 def _rss(result: Any) -> str:
     i, h, p = get(result, "rss_idle_kib"), get(result, "rss_held_kib"), get(result, "rss_peak_kib")
     return "-" if i is None or h is None else f"{i / 1024:.0f} / {h / 1024:.0f} / {(p or 0) / 1024:.0f}"
+
+
+def _gen_shares(result: Any) -> str:
+    """S6: the load generators' share of the CPU the case used (generators + server)."""
+    a, b = get(result, "gen_cpu_share"), get(result, "gen_cpu_share_fanout")
+    return "-" if a is None or b is None else f"{a * 100:.0f} % / {b * 100:.0f} %"
 
 
 def _num(key: str, digits: int = 0) -> Callable[[Any], str]:
@@ -899,8 +1136,23 @@ METRICS: Dict[str, List[Metric]] = {
         Metric("server CPU ms per MB", _num("server_cpu_ms_per_mb", 2), "server_cpu_ms_per_mb", LOWER),
         Metric("CPU % gen / server / other", _cpu),
     ],
+    "S6": [
+        Metric("held", _num("held"), "held", HIGHER),
+        Metric("server RSS KiB/conn", _num("rss_per_conn_kib", 1), "rss_per_conn_kib", LOWER),
+        Metric("server RSS MiB idle/held/peak", _rss),
+        Metric("joins/s, whole ramp", _num("joins_per_s"), "joins_per_s", HIGHER),
+        Metric("joins/s early / late in the ramp", lambda r: _pair(r, "joins_per_s_early", "joins_per_s_late", 0)),
+        Metric("server CPU us per join", _num("server_cpu_us_per_join"), "server_cpu_us_per_join", LOWER),
+        Metric("ramp CPU % gen / server / other", _cpu),
+        Metric("fan-out to all, median ms", _num("median_ms", 1), "median_ms", LOWER),
+        Metric(
+            "CPU ms/broadcast server / gen", lambda r: _pair(r, "server_cpu_ms_per_broadcast", "gen_cpu_ms_per_broadcast", 1),
+            "server_cpu_ms_per_broadcast", LOWER, note="srv",
+        ),
+        Metric("generator's share of CPU, ramp / fan-out", _gen_shares),
+    ],
 }
-TITLES = {"S1": "S1 ping-pong", "S2": "S2 fan-out", "S3": "S3 connections", "S4": "S4 bulk"}
+TITLES = {"S1": "S1 ping-pong", "S2": "S2 fan-out", "S3": "S3 connections", "S4": "S4 bulk", "S6": "S6 held at scale"}
 
 
 def case_label(scenario: str, row: Dict[str, Any]) -> str:
@@ -908,6 +1160,8 @@ def case_label(scenario: str, row: Dict[str, Any]) -> str:
         return f"C={row['clients']} W={row['window']}"
     if scenario == "S4":
         return "1 MiB, window 2"
+    if scenario == "S6":
+        return f"N={row['clients']:,} announce={row['plan']['announce']}"
     return f"N={row['clients']:,}"
 
 
@@ -1040,6 +1294,13 @@ def target_lines(results: Dict[str, Any]) -> List[str]:
         h, b = get(row.get("hisock"), "mb_per_s"), get(row.get("baseline"), "mb_per_s")
         ok = None if h is None or not b else h / b >= 0.8
         lines.append(f"S4  hisock >= 0.8x baseline MB/s: {ratio(h, b)} -> {verdict(ok)}")
+    for row in results.get("S6", []):
+        if row["clients"] < S6_TARGET_CLIENTS:
+            continue
+        h = row.get("hisock")
+        held, per = get(h, "held"), get(h, "rss_per_conn_kib")
+        ok = None if held is None else held >= S6_TARGET_CLIENTS
+        lines.append(f"S6  100,000 clients held by one process: {fmt_num(held)} held, {fmt_num(per, 1)} KiB/conn -> {verdict(ok)}")
     s5 = [row for row in results.get("S5", []) if "speedup" in row]
     if s5:
         checked = [row for row in s5 if row["payload"] in ("chat message dict", "list of 100 ints")]
@@ -1058,6 +1319,10 @@ def targets_out_of_reach(results: Dict[str, Any]) -> List[str]:
     s3 = [row["clients"] for row in results.get("S3", [])]
     if s3 and max(s3) < S3_TARGET_CLIENTS:
         missed.append(f"S3 (about {S3_TARGET_CLIENTS:,} clients; this run opened {max(s3):,})")
+    for row in results.get("S6", []):
+        if row["clients"] < S6_TARGET_CLIENTS:
+            why = "; ".join(row["plan"]["limited_by"]) or f"asked for {row['plan']['asked']:,}"
+            missed.append(f"S6 ({S6_TARGET_CLIENTS:,} clients; this run opened {row['clients']:,}: {why})")
     return missed
 
 
@@ -1533,7 +1798,20 @@ def main(argv: Optional[List[str]] = None) -> int:
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="every scenario with short windows (a few minutes)")
     size.add_argument("--smoke", action="store_true", help="a tiny version of every scenario (seconds; for CI)")
-    parser.add_argument("--scenarios", default="S1,S2,S3,S4,S5", help="comma-separated subset, e.g. S1,S4")
+    parser.add_argument("--scenarios", default="S1,S2,S3,S4,S5", help="comma-separated subset, e.g. S1,S4 (S6 runs only when named)")
+    parser.add_argument(
+        "--s100k", action="store_true",
+        help="run S6 only: hold 100,000 clients (or as many as RLIMIT_NOFILE allows) on one server process",
+    )
+    parser.add_argument("--s6-clients", type=int, metavar="N", help="clients S6 asks for (default: 300 with --smoke, else 100,000)")
+    parser.add_argument(
+        "--s6-per-source", type=int, metavar="N",
+        help=f"S6 clients per source address 127.0.0.2, .3, ... (default {S6_PER_SOURCE:,}; at most 90 %% of the ephemeral ports)",
+    )
+    parser.add_argument(
+        "--s6-per-gen", type=int, metavar="N",
+        help=f"S6 clients per generator process (default {S6_MAX_PER_GEN:,}; at most the hard RLIMIT_NOFILE less 64)",
+    )
     parser.add_argument(
         "--servers", default="hisock,baseline,uvloop",
         help="comma-separated subset of hisock,baseline,uvloop (baseline = the gevent baseline; uvloop = the asyncio one)",
@@ -1583,7 +1861,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return main_join_storm(args, mode, pin)
 
     kinds = [k for k in args.servers.split(",") if k]
-    scenarios = [s.strip().upper() for s in args.scenarios.split(",") if s.strip()]
+    scenarios = ["S6"] if args.s100k else [s.strip().upper() for s in args.scenarios.split(",") if s.strip()]
     unknown = [k for k in kinds if k not in SERVERS] + [s for s in scenarios if s not in TARGETS]
     if unknown:
         parser.error(f"unknown server or scenario: {', '.join(unknown)}")
@@ -1591,7 +1869,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     started = time.time()
     load_before = os.getloadavg()
     log(f"bench.py --{mode}: servers {', '.join(kinds)}; scenarios {', '.join(scenarios)}; {NCPU} CPUs; pinning {'on' if pin and NCPU >= 2 else 'off'}")
-    results, failures = run_all(mode, kinds, scenarios, pin)
+    s6 = {"clients": args.s6_clients, "per_source": args.s6_per_source, "per_gen": args.s6_per_gen}
+    results, failures = run_all(mode, kinds, scenarios, pin, s6)
     add_ratios(results)
     wall = time.time() - started
     document = {

@@ -20,12 +20,15 @@ this process knows of, its own and the other workers'>}``.  (Off by default: a s
 started in the background from a shell must not read the terminal.)
 
 ``--announce all|group|none`` sets the server's announcement scope (``bench.py
---join-storm`` runs the join storm once with each).
+--join-storm`` runs the join storm once with each; S6 holds its clients with ``none``).
+It needs a hisock_gevent whose ServerConfig has ``announce``; with an older one,
+anything but ``all`` (HiSock's behaviour, which such a server always has) is an error.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import signal
@@ -40,15 +43,26 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import wire
 
 
+def announce_supported() -> bool:
+    """True when this hisock_gevent's servers take ``announce`` (who hears of joins)."""
+    from hisock_gevent.config import ServerConfig
+
+    return "announce" in {field.name for field in dataclasses.fields(ServerConfig)}
+
+
 def build(
     port: int, reuse_port: bool = False, redis_url: Optional[str] = None, announce: str = "all", websocket: bool = False
 ) -> hisock_gevent.HiSockServer:
-    # With --websocket: a WebSocket listener on a free port too, without ping rounds (a
-    # bench window is shorter than their interval, and the generators answer none).
-    options: Dict[str, Any] = {"websocket": ("127.0.0.1", 0), "websocket_ping_interval": None} if websocket else {}
-    server = hisock_gevent.HiSockServer(
-        ("127.0.0.1", port), reuse_port=reuse_port, backplane=redis_url, announce=announce, **options
-    )
+    options: Dict[str, Any] = {"reuse_port": reuse_port, "backplane": redis_url}
+    if announce_supported():
+        options["announce"] = announce
+    elif announce != "all":
+        raise ValueError(f"announce={announce!r}: this hisock_gevent announces every join to all")
+    if websocket:
+        # A WebSocket listener on a free port too, without ping rounds (a bench window is
+        # shorter than their interval, and the generators answer none).
+        options.update(websocket=("127.0.0.1", 0), websocket_ping_interval=None)
+    server = hisock_gevent.HiSockServer(("127.0.0.1", port), **options)
 
     @server.on(wire.PING)
     def on_ping(client: hisock_gevent.ClientInfo, content: Any) -> None:
@@ -91,6 +105,8 @@ def main(argv: Optional[list] = None) -> int:
     )
     parser.add_argument("--websocket", action="store_true", help="also serve WebSocket clients; a 'WSPORT <n>' line follows the PORT line")
     args = parser.parse_args(argv)
+    if args.announce != "all" and not announce_supported():
+        parser.error(f"--announce {args.announce}: this hisock_gevent's ServerConfig has no 'announce' (every join is announced to all)")
     wire.raise_nofile()
     server = build(args.port, args.reuse_port, args.redis, args.announce, args.websocket)
     for signum in (signal.SIGTERM, signal.SIGINT):

@@ -12,6 +12,9 @@ import json
 import resource
 from typing import Any, List, Optional, Tuple
 
+#: The open-file limit :func:`raise_nofile` sets when the hard limit is "unlimited"
+#: (Linux's default ``fs.nr_open``).
+NOFILE_CEILING = 1 << 20
 #: Frame header width both sides use (HiSock's default).
 HEADER_LEN = 16
 #: Width of the fmt-length field of a command message.
@@ -137,11 +140,17 @@ def split_frames(buffer: bytearray) -> List[bytes]:
     return bodies
 
 
-def raise_nofile(wanted: int = 65536) -> int:
-    """Raise this process's open-file limit as far as the hard limit allows; return it."""
+def raise_nofile(wanted: Optional[int] = None) -> int:
+    """Raise this process's open-file limit (soft) as far as ``wanted`` and the hard limit
+    allow, the hard limit itself by default; return the soft limit now in force.
+
+    Only root with CAP_SYS_RESOURCE may raise the hard limit, so it is left alone: S6 of
+    bench.py reports it, since a server holds one descriptor per client.
+    """
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
-    if soft < target:
+    ceiling = NOFILE_CEILING if hard == resource.RLIM_INFINITY else hard
+    target = ceiling if wanted is None else min(wanted, ceiling)
+    if soft != resource.RLIM_INFINITY and soft < target:
         resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
         soft = target
     return soft

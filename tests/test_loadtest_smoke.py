@@ -171,6 +171,38 @@ def test_bench_smoke_websocket_compares_tcp_with_websocket_on_one_server(tmp_pat
     assert "hisock over WebSocket" in proc.stdout.decode()  # the table was printed
 
 
+@pytest.mark.timeout(180)
+def test_bench_smoke_s100k_holds_clients_from_several_generators_and_source_addresses(tmp_path: Path) -> None:
+    out = tmp_path / "bench-s6.json"
+    proc = subprocess.run(
+        [
+            sys.executable, str(BENCH), "--smoke", "--s100k", "--servers", "hisock,baseline",
+            "--s6-clients", "600", "--s6-per-source", "250", "--s6-per-gen", "400", "--json", str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, _output(proc)
+    document = json.loads(out.read_text())
+    assert set(document["results"]) == {"S6"}  # --s100k runs S6 alone
+    (row,) = document["results"]["S6"]
+    plan = row["plan"]
+    assert plan["clients"] == 600 and plan["gen_counts"] == [300, 300]
+    assert plan["sources"] == ["127.0.0.2", "127.0.0.3", "127.0.0.4"]
+    assert plan["nofile_hard"] >= plan["nofile_soft"] > 0
+    for server in ("hisock", "baseline"):
+        result = row[server]
+        assert "error" not in result and "limit" not in result, (server, result)
+        assert result["held"] == 600 and result["gen_procs"] == 2, (server, result)
+        assert result["rss_per_conn_kib"] > 0 and result["median_ms"] > 0 and result["joins_per_s"] > 0
+        assert 0 < result["gen_cpu_share"] < 1
+    assert row["ratios"]["baseline"]["rss_per_conn_kib"] > 0
+    # 600 of 100,000: the target is named as not judged, with the reason.
+    assert [line.split()[0] for line in document["targets_out_of_reach"]] == ["S6"]
+    assert "S6 held at scale" in proc.stdout.decode()
+
+
 # ---------------------------------------------------------------- the baselines' bytes
 
 #: The hand-written baselines, as argv after the interpreter: the uvloop one runs twice

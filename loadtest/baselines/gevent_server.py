@@ -13,7 +13,9 @@ with a non-blocking ``send`` (a greenlet is only spawned for a socket whose kern
 is full), so a burst of messages to one client costs one system call.
 
 Run: ``python loadtest/baselines/gevent_server.py --port 0`` prints ``PORT <n>`` once
-listening; SIGTERM or SIGINT stops it.
+listening; SIGTERM or SIGINT stops it.  ``--announce none`` announces joins and
+departures to nobody (the joining client still gets its own ``$CLTCONN$``), as
+hisock_gevent's ``announce="none"``; bench.py's S6 runs both servers so.
 """
 
 from __future__ import annotations
@@ -56,7 +58,8 @@ class Conn:
 
 
 class BaselineServer:
-    def __init__(self, port: int):
+    def __init__(self, port: int, announce: bool = True):
+        self.announce = announce
         self.conns: Dict[Tuple[str, int], Conn] = {}
         self.dirty: List[Conn] = []
         self.flush_scheduled = False
@@ -193,11 +196,12 @@ class BaselineServer:
         conn.info = json.dumps(info, separators=(",", ":")).encode()
         self.conns[conn.addr] = conn
         announcement = wire.frame(wire.CLTCONN + conn.info)
-        self.send_all(announcement, exclude=conn)
+        if self.announce:
+            self.send_all(announcement, exclude=conn)
         self.send(conn, announcement)
 
     def leave(self, conn: Conn) -> None:
-        if self.conns.pop(conn.addr, None) is conn:
+        if self.conns.pop(conn.addr, None) is conn and self.announce:
             self.send_all(wire.frame(wire.CLTDISCONN + conn.info))
 
     def close(self, conn: Conn) -> None:
@@ -220,9 +224,10 @@ class BaselineServer:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--announce", choices=("all", "none"), default="all", help="who hears of joins and departures")
     args = parser.parse_args()
     wire.raise_nofile()
-    BaselineServer(args.port).serve()
+    BaselineServer(args.port, announce=args.announce == "all").serve()
     return 0
 
 
