@@ -344,13 +344,21 @@ class Connection:
         # _queue(), inlined for the common case, a frame to a peer with nothing queued (a
         # broadcast calls this once per client); tests/test_connection_queue.py sends
         # through both.
-        if not self._out and not self._backlogged and len(data) <= self.max_queue_bytes:
-            self._out = (data,)
-            self._out_bytes = len(data)
-            if not self._flush_pending:
-                self._flush_pending = True
-                self._batch.add(self)
-            return
+        if not self._backlogged:
+            queued = self._out_bytes + len(data)
+            if queued <= self.max_queue_bytes:
+                out = self._out
+                if not out:
+                    self._out = (data,)
+                elif type(out) is tuple:
+                    self._out = deque((out[0], data))
+                else:
+                    out.append(data)  # type: ignore[union-attr]
+                self._out_bytes = queued
+                if not self._flush_pending:
+                    self._flush_pending = True
+                    self._batch.add(self)
+                return
         self._queue(data)
 
     def send_raw(self, data: bytes) -> None:
@@ -433,8 +441,13 @@ class Connection:
 
     def _consume(self, sent: int) -> None:
         """Forget the first ``sent`` queued bytes (the kernel has them)."""
-        self._out_bytes -= sent
         self.traffic.bytes_out += sent
+        self._out_bytes -= sent
+        if not self._out_bytes and not self._backlogged:
+            # The kernel took everything (the usual case): nothing to count frame by frame.
+            self._out = _NOTHING_QUEUED
+            self._offset = 0
+            return
         out = self._out
         offset = self._offset + sent
         budget = self.budget if self._backlogged else None
