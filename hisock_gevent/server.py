@@ -463,7 +463,13 @@ class HiSockServer:
         if self._ws_gate is not None:
             self._ws_gate.stop()
         self._home.close()
-        logger.info("server at %s:%s closed", *self.addr)
+        if self.deferred:
+            # Made while ``serve`` imported its program: it never bound, and ``serve`` is
+            # about to serve a server of its own, maybe on another port. Saying at INFO
+            # that a server at this address closed would only mislead.
+            logger.debug("deferred server for %s:%s dropped (it never bound)", *self.addr)
+        else:
+            logger.info("server at %s:%s closed", *self.addr)
         if self._stopped is not None:
             self._stopped.set()
 

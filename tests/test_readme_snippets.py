@@ -2,7 +2,8 @@
 
 The server snippet of the API guide, saved as it is, runs under ``hisock-gevent serve``
 on the port the command names, whatever port the snippet itself says and even when that
-port is taken; its ``broadcast`` handler does not fail for a sender outside any group.
+port is taken; its ``broadcast`` handler does not fail for a sender outside any group, and
+``serve`` says nothing about the snippet's own address, which it never served.
 """
 
 from __future__ import annotations
@@ -21,13 +22,17 @@ pytestmark = pytest.mark.timeout(60)
 README = Path(__file__).resolve().parent.parent / "README.md"
 
 
-def server_snippet() -> str:
-    """The first Python block after the README's "### A server" heading."""
+def snippet_after(heading: str) -> str:
+    """The first Python block after ``heading`` in the README."""
     text = README.read_text()
-    section = text[text.index("### A server") :]
+    section = text[text.index(heading) :]
     match = re.search(r"```python\n(.*?)```", section, re.S)
-    assert match, "no python block under '### A server'"
+    assert match, f"no python block after {heading!r}"
     return match.group(1)
+
+
+def server_snippet() -> str:
+    return snippet_after("### A server")
 
 
 def free_port() -> int:
@@ -84,3 +89,19 @@ def test_serve_names_the_address_it_cannot_bind(tmp_path):
     finally:
         program.kill()
         holder.close()
+
+
+@pytest.mark.slow
+def test_serve_logs_nothing_about_the_address_the_snippet_named(tmp_path):
+    # The snippet's own server (127.0.0.1:6969) is made at import and dropped unbound:
+    # a newcomer serving on another port must not read that a server at 6969 closed.
+    (tmp_path / "myapp.py").write_text(server_snippet())
+    program = Program(["serve", "myapp:server", "--port", "0"], cwd=tmp_path)
+    try:
+        host, port = program.address()
+        assert port != 6969
+        before = program.seen["stderr"][:-1]
+        assert before == [], before
+    finally:
+        program.kill()
+
