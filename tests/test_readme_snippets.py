@@ -3,17 +3,22 @@
 The server snippet of the API guide, saved as it is, runs under ``hisock-gevent serve``
 on the port the command names, whatever port the snippet itself says and even when that
 port is taken; its ``broadcast`` handler does not fail for a sender outside any group, and
-``serve`` says nothing about the snippet's own address, which it never served.
+``serve`` says nothing about the snippet's own address, which it never served.  The
+reconnecting client of "Beyond HiSock", saved as it is (its port aside), comes back when
+its server does and says so.
 """
 
 from __future__ import annotations
 
 import re
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from cliprogram import Program
+from conftest import wait_until
 
 import hisock_gevent
 
@@ -105,3 +110,33 @@ def test_serve_logs_nothing_about_the_address_the_snippet_named(tmp_path):
     finally:
         program.kill()
 
+
+@pytest.mark.slow
+def test_the_reconnect_snippet_comes_back_with_its_server(tmp_path):
+    code = snippet_after("**Clients that reconnect.**")
+    assert "reconnect=True" in code and '("127.0.0.1", 6969)' in code
+    port = free_port()
+    code = code.replace('("127.0.0.1", 6969)', f'("127.0.0.1", {port})')
+    script = tmp_path / "snippet.py"
+    # The snippet as a program would hold it: imported hisock_gevent, then stays alive.
+    script.write_text("import time\n\nimport hisock_gevent\n\n" + code + "\ntime.sleep(60)\n")
+    first = hisock_gevent.ThreadedHiSockServer(("127.0.0.1", port))
+    first.start()
+    proc = subprocess.Popen([sys.executable, "-u", str(script)], stdout=subprocess.PIPE, text=True)
+    second = None
+    try:
+        wait_until(lambda: first.get_all_clients(), timeout=20, message="the snippet's client never joined")
+        first.close()
+        second = hisock_gevent.ThreadedHiSockServer(("127.0.0.1", port))
+        second.start()
+        wait_until(lambda: second.get_all_clients(), timeout=20, message="the snippet's client never came back")
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == "back, as alice\n"
+        (info,) = second.get_all_clients()
+        assert (info.name, info.group) == ("alice", "red")
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+        first.close()
+        if second is not None:
+            second.close()
