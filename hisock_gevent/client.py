@@ -26,7 +26,7 @@ from gevent.event import AsyncResult
 
 from . import typecast
 from .client_link import DEFAULT_CLOSE_TIMEOUT, ClientLink, ClientState, decoder
-from .connection import DEFAULT_MAX_QUEUE_BYTES, FRAMES_PER_TURN, yield_to_loop
+from .connection import DEFAULT_MAX_QUEUE_BYTES, FRAMES_PER_TURN, end_turn, loop_pass
 from .errors import (
     AuthenticationFailed,
     CallError,
@@ -446,13 +446,15 @@ class HiSockClient:
         assert inbox is not None
         self._dispatching = True
         turn = FRAMES_PER_TURN
+        loop = gevent.get_hub().loop
+        turn_began = loop_pass(loop)
         try:
             while self._handle(inbox.get()):
                 turn -= 1
                 if turn <= 0:
                     # A full inbox never makes get() wait: let the hub's other work run.
                     turn = FRAMES_PER_TURN
-                    yield_to_loop()
+                    turn_began = end_turn(loop, turn_began)
         except (SystemExit, KeyboardInterrupt):
             self._leave_before_exiting()
             raise

@@ -20,7 +20,7 @@ from typing import Any, Iterator, List, Optional, Tuple
 
 import gevent
 
-from .connection import FRAMES_PER_TURN, RECV_CHUNK, Connection, Interrupted, yield_to_loop
+from .connection import FRAMES_PER_TURN, RECV_CHUNK, Connection, Interrupted, end_turn, loop_pass
 from .websocket import CLOSE_NORMAL, CLOSE_POLICY, WebSocketFrames, binary_header
 
 __all__ = ["WebSocketConnection", "message_pieces"]
@@ -121,6 +121,8 @@ class WebSocketConnection(Connection):
         traffic = self.traffic
         monotonic = time.monotonic
         turn = FRAMES_PER_TURN
+        loop = gevent.get_hub().loop
+        turn_began = loop_pass(loop)
         frame_deadline: Optional[float] = None
         data, self._received = self._received, b""
         while True:
@@ -135,7 +137,7 @@ class WebSocketConnection(Connection):
                     turn -= 1
                     if turn <= 0:
                         turn = FRAMES_PER_TURN
-                        yield_to_loop()
+                        turn_began = end_turn(loop, turn_began)
             if frames.failed:
                 receive(b"")  # raises the error found behind those bodies
             if frames.closed_by_peer:
