@@ -30,7 +30,7 @@ import socket as _stdlib_socket
 import time
 from collections import deque
 from itertools import islice
-from typing import Any, Callable, Deque, Iterator, List, Optional, Tuple, Union
+from typing import Any, Callable, Deque, Iterator, List, Optional, Sequence, Tuple, Union
 
 import gevent
 import gevent.monkey
@@ -295,14 +295,15 @@ class Connection:
                 data, reply = tls.receive(data)
                 if reply:
                     self._queue(reply)
-            bodies = feed(data)
+            bodies: Sequence[bytes] = feed(data)
             # Nothing read is kept while the next bytes are awaited: an idle peer would
             # otherwise hold its last chunk (up to RECV_CHUNK) and last bodies resident.
             data = b""
             if bodies:
                 frame_deadline = None
-                if len(bodies) < turn:
-                    turn -= len(bodies)
+                count = len(bodies)
+                if count < turn:
+                    turn -= count
                     yield from bodies
                 else:
                     for body in bodies:
@@ -313,9 +314,9 @@ class Connection:
                             turn = FRAMES_PER_TURN
                             turn_began = end_turn(loop, turn_began)
                     body = b""
-                bodies.clear()
-            if parser.failed:
-                feed(b"")  # raises the error found behind those bodies
+                bodies = ()  # the last read's bodies are let go at once
+                if parser.failed:
+                    feed(b"")  # raises the error found behind those bodies (with none, feed raised)
             if tls is not None and tls.closed_by_peer:
                 return
             if parser.mid_frame and self.frame_timeout is not None:
@@ -425,10 +426,22 @@ class Connection:
     def _flush_queued(self) -> None:
         """Write what is queued without waiting; a writer greenlet takes over what is left."""
         self._flush_pending = False
-        if self._backlogged or not self._out or self.closed or self.error is not None:
+        out = self._out
+        if self._backlogged or not out or self.closed or self.error is not None:
             return
         try:
-            self._write_some(self._raw)
+            if type(out) is tuple and not self._offset:
+                # One whole frame waits (a reply, one client's share of a broadcast): the
+                # usual case, written and forgotten here without _write_some/_consume.
+                sent = self._raw.send(out[0])
+                if sent == self._out_bytes:
+                    self.traffic.bytes_out += sent
+                    self._out_bytes = 0
+                    self._out = _NOTHING_QUEUED
+                    return
+                self._consume(sent)
+            else:
+                self._write_some(self._raw)
         except BlockingIOError:
             pass
         except OSError as exc:

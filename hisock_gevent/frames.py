@@ -85,7 +85,7 @@ class FrameParser:
         ``max_body_len``.
     """
 
-    __slots__ = ("header_len", "max_body_len", "_buf", "_body_len", "_error", "_first_limit")
+    __slots__ = ("header_len", "max_body_len", "failed", "mid_frame", "_buf", "_body_len", "_error", "_first_limit")
 
     def __init__(
         self,
@@ -105,21 +105,16 @@ class FrameParser:
         # A protocol error found behind complete bodies: raised by the next feed().
         self._error: Optional[RemoteProtocolError] = None
         self._first_limit = first_body_limit
+        # Plain attributes, not properties: a reader checks both after every read.
+        #: True when an error is waiting: the next :meth:`feed` (even of ``b""``) raises it.
+        self.failed = False
+        #: True when a frame has started but not finished (a close now truncates it).
+        self.mid_frame = False
 
     @property
     def buffered(self) -> int:
         """Bytes received that are not yet part of a complete frame."""
         return len(self._buf)
-
-    @property
-    def failed(self) -> bool:
-        """True when an error is waiting: the next :meth:`feed` (even of ``b""``) raises it."""
-        return self._error is not None
-
-    @property
-    def mid_frame(self) -> bool:
-        """True when a frame has started but not finished (a close now truncates it)."""
-        return self._body_len >= 0 or len(self._buf) > 0
 
     def feed(self, data: bytes) -> List[bytes]:
         """Add received bytes; return every body completed by them, in order.
@@ -143,6 +138,7 @@ class FrameParser:
             if body_len >= 0:
                 end = header_len + body_len
                 if len(buf) < end:
+                    self.mid_frame = True
                     return bodies
                 # One copy out of the buffer, then the buffer forgets the frame.
                 with memoryview(buf) as view:
@@ -152,6 +148,7 @@ class FrameParser:
                 self._first_limit = None
                 continue
             if len(buf) < header_len:
+                self.mid_frame = len(buf) > 0
                 return bodies
             try:
                 self._body_len = self._read_header(bytes(buf[:header_len]))
@@ -159,7 +156,9 @@ class FrameParser:
                 # Once failed, always failed: every later feed() raises the same error,
                 # and nothing behind the bad header is kept.
                 self._error = exc
+                self.failed = True
                 del buf[:]
+                self.mid_frame = False
                 if not bodies:
                     raise
                 return bodies
@@ -184,6 +183,7 @@ class FrameParser:
                     self._read_header(header)
                 except RemoteProtocolError as exc:
                     self._error = exc
+                    self.failed = True
                     if not bodies:
                         raise
                     return bodies
@@ -196,6 +196,7 @@ class FrameParser:
             pos += body_len
         if pos < end:
             self._buf += memoryview(data)[pos:] if pos else data
+            self.mid_frame = True
         return bodies
 
     def _read_header(self, header: bytes) -> int:
