@@ -430,14 +430,17 @@ class Connection:
         if self._backlogged or not out or self.closed or self.error is not None:
             return
         try:
-            if type(out) is tuple and not self._offset:
+            if len(out) == 1 and not self._offset:
                 # One whole frame waits (a reply, one client's share of a broadcast): the
                 # usual case, written and forgotten here without _write_some/_consume.
                 sent = self._raw.send(out[0])
                 if sent == self._out_bytes:
                     self.traffic.bytes_out += sent
                     self._out_bytes = 0
-                    self._out = _NOTHING_QUEUED
+                    if type(out) is deque:
+                        out.clear()  # kept for the next burst (see _consume)
+                    else:
+                        self._out = _NOTHING_QUEUED
                     return
                 self._consume(sent)
             else:
