@@ -45,8 +45,10 @@ import wire
 
 def announce_supported() -> bool:
     """True when this hisock_gevent's servers take ``announce`` (who hears of joins)."""
-    from hisock_gevent.config import ServerConfig
-
+    try:
+        from hisock_gevent.config import ServerConfig
+    except ImportError:  # a hisock_gevent from before ServerConfig (a before/after bench)
+        return False
     return "announce" in {field.name for field in dataclasses.fields(ServerConfig)}
 
 
