@@ -114,7 +114,7 @@ def main(argv: Optional[list] = None) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         gevent.signal_handler(signum, server.close)
     print(f"PORT {server.get_addr()[1]}", flush=True)
-    if server.websocket_addr is not None:
+    if getattr(server, "websocket_addr", None) is not None:  # (None before WebSocket support)
         print(f"WSPORT {server.websocket_addr[1]}", flush=True)
     if args.control:
         gevent.spawn(serve_control, server)
