@@ -3,7 +3,7 @@
 No performance thresholds here -- only that every scenario runs against hisock_gevent and
 both baselines and reports figures with a ratio to each baseline, that the two baselines
 (gevent, and asyncio on uvloop or on asyncio's own loop) put the same bytes on the wire,
-that ``--workers 2`` runs S1 and S2 on one process and on two joined by Redis (skipped
+that ``before_after.py`` measures two trees in both modes, that ``--workers 2`` runs S1 and S2 on one process and on two joined by Redis (skipped
 without redis-server or redis-py, except under CI), that ``--join-storm`` runs the same
 joins under each announcement scope, and that the example Locust users
 (loadtest/locustfile.py) talk to the echo server without failures.
@@ -45,6 +45,21 @@ pytestmark = pytest.mark.slow
 
 def _output(proc: subprocess.CompletedProcess[bytes]) -> str:
     return (proc.stdout.decode(errors="replace") + proc.stderr.decode(errors="replace"))[-4000:]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("mode", ["ping", "broadcast"])
+def test_before_after_compares_two_trees_by_cpu_per_message(mode: str) -> None:
+    """This tree against itself, one pair of tiny runs: a figure for each and their ratio."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "loadtest" / "before_after.py"), str(ROOT), str(ROOT),
+         "--mode", mode, "--pairs", "1", "--clients", "3", "--rounds", "20", "--timeout", "60"],
+        capture_output=True, timeout=100,
+    )
+    out = _output(proc)
+    assert proc.returncode == 0, out
+    assert re.search(r"pair 1: old \d+\.\d us, new \d+\.\d us per unit", out), out
+    assert re.search(rf"{mode}, 3 clients: median CPU per unit .* new/old \d+\.\d{{3}}", out), out
 
 
 @pytest.mark.timeout(180)
