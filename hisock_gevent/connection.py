@@ -271,7 +271,8 @@ class Connection:
     def bodies(self) -> Iterator[bytes]:
         """Yield each body the peer sends, in order, until it closes the connection.
 
-        Every :data:`FRAMES_PER_TURN` bodies it lets the hub run the other greenlets.
+        Every :data:`FRAMES_PER_TURN` bodies it lets the hub run the other greenlets,
+        unless the hub already did meanwhile (see :func:`end_turn`).
 
         :raises RemoteProtocolError: the peer sent a bad header (the caller closes us).
         :raises FrameTimeout: a frame took longer than :attr:`frame_timeout` to arrive.
