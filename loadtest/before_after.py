@@ -12,7 +12,7 @@ of the two trees alternate, and the medians are compared.
 
 A tree is a directory holding a ``hisock_gevent`` package (a git worktree of an older
 commit, say); each run imports it through ``PYTHONPATH``.  ``ping``: ``--clients`` clients,
-one request in flight each, ``--rounds`` round trips each, the server answering with
+``--window`` requests in flight each (default 1), ``--rounds`` round trips each, the server answering with
 ``send_client``.  ``broadcast``: client 0 asks for a ``send_all_clients`` and every
 client waits for it, ``--rounds`` times.  Loopback only; every run is bounded by
 ``--timeout``.
@@ -32,7 +32,7 @@ from typing import Any, Dict, List
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def measure(mode: str, clients: int, rounds: int) -> Dict[str, Any]:
+def measure(mode: str, clients: int, rounds: int, window: int = 1) -> Dict[str, Any]:
     """One run in this process: start a server, connect the clients, time the traffic."""
     import resource
 
@@ -95,9 +95,22 @@ def measure(mode: str, clients: int, rounds: int) -> Dict[str, Any]:
     broadcast = wire.command_prefix(wire.BROADCAST)
 
     def pinger(index: int) -> None:
-        for _ in range(rounds):
-            socks[index].sendall(ping)
-            wait_for(index, pong)
+        """``rounds`` round trips with ``window`` requests in flight."""
+        sock, buffer = socks[index], buffers[index]
+        sent = min(window, rounds)
+        sock.sendall(ping * sent)
+        answered = 0
+        while answered < rounds:
+            data = sock.recv(65536)
+            if not data:
+                raise ConnectionError("the server closed a connection")
+            buffer += data
+            arrived = sum(1 for body in wire.split_frames(buffer) if body.startswith(pong))
+            answered += arrived
+            more = min(arrived, rounds - sent)
+            if more:
+                sock.sendall(ping * more)
+                sent += more
 
     before = resource.getrusage(resource.RUSAGE_SELF)
     began = time.perf_counter()
@@ -118,10 +131,10 @@ def measure(mode: str, clients: int, rounds: int) -> Dict[str, Any]:
     return {"cpu_us_per_unit": cpu / units * 1e6, "wall_s": wall, "units": units}
 
 
-def run_tree(tree: str, mode: str, clients: int, rounds: int, timeout: float) -> float:
+def run_tree(tree: str, mode: str, clients: int, rounds: int, window: int, timeout: float) -> float:
     """CPU µs per unit of one run against the hisock_gevent in ``tree``."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.abspath(tree), HERE]))
-    command = [sys.executable, os.path.abspath(__file__), "--run", mode, "--clients", str(clients), "--rounds", str(rounds)]
+    command = [sys.executable, os.path.abspath(__file__), "--run", mode, "--clients", str(clients), "--rounds", str(rounds), "--window", str(window)]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout, check=False)
     if done.returncode != 0:
         raise SystemExit(f"a run against {tree} failed:\n{done.stderr.strip()}")
@@ -136,23 +149,24 @@ def main(argv: List[str]) -> int:
     parser.add_argument("--pairs", type=int, default=5, help="alternated runs of each tree (default 5)")
     parser.add_argument("--clients", type=int, default=50)
     parser.add_argument("--rounds", type=int, default=1000, help="round trips per client (ping) or broadcasts")
+    parser.add_argument("--window", type=int, default=1, help="requests each client keeps in flight (ping)")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds one run may take")
     parser.add_argument("--run", choices=("ping", "broadcast"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.run:
-        print(json.dumps(measure(args.run, args.clients, args.rounds)), flush=True)
+        print(json.dumps(measure(args.run, args.clients, args.rounds, args.window)), flush=True)
         return 0
     if not (args.old and args.new):
         parser.error("name two trees: OLD NEW")
     old: List[float] = []
     new: List[float] = []
     for pair in range(args.pairs):
-        old.append(run_tree(args.old, args.mode, args.clients, args.rounds, args.timeout))
-        new.append(run_tree(args.new, args.mode, args.clients, args.rounds, args.timeout))
+        old.append(run_tree(args.old, args.mode, args.clients, args.rounds, args.window, args.timeout))
+        new.append(run_tree(args.new, args.mode, args.clients, args.rounds, args.window, args.timeout))
         print(f"pair {pair + 1}: old {old[-1]:.1f} us, new {new[-1]:.1f} us per unit", flush=True)
     ratio = statistics.median(new) / statistics.median(old)
     print(
-        f"{args.mode}, {args.clients} clients: median CPU per unit old {statistics.median(old):.1f} us, "
+        f"{args.mode}, {args.clients} clients{f', window {args.window}' if args.window > 1 else ''}: median CPU per unit old {statistics.median(old):.1f} us, "
         f"new {statistics.median(new):.1f} us; new/old {ratio:.3f} (lower is cheaper)"
     )
     return 0
