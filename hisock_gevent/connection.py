@@ -428,10 +428,12 @@ class Connection:
         if self._backlogged or not out or self.closed or self.error is not None:
             return
         try:
-            if len(out) == 1 and not self._offset:
-                # One whole frame waits (a reply, one client's share of a broadcast): the
-                # usual case, written and forgotten here without _write_some/_consume.
-                sent = self._raw.send(out[0])
+            count = len(out)
+            if not self._offset and (count == 1 or self._out_bytes <= _JOIN_LIMIT):
+                # Whole frames wait, one (a reply, one client's share of a broadcast) or a
+                # few small ones (the replies of one pass): the usual case, written in one
+                # piece and forgotten here without _write_some/_consume.
+                sent = self._raw.send(out[0] if count == 1 else b"".join(out))
                 if sent == self._out_bytes:
                     self.traffic.bytes_out += sent
                     self._out_bytes = 0

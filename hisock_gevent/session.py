@@ -325,7 +325,10 @@ class ServerSession:
             else:
                 # HandlerRunner.call, inlined for the common inline handler.
                 try:
-                    entry["func"](*(info, content)[: entry["num_args"]])
+                    if entry["num_args"] == 2:
+                        entry["func"](info, content)  # (client, content): the usual handler
+                    else:
+                        entry["func"](*(info, content)[: entry["num_args"]])
                 except gevent.GreenletExit:
                     raise
                 except Exception as exc:  # a user handler failed: report, keep serving
