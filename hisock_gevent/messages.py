@@ -31,6 +31,8 @@ __all__ = [
     "ClientMessage",
     "ServerMessage",
     "parse_client_body",
+    "parse_command",
+    "COMMAND_TAG",
     "parse_server_body",
     "command_body",
     "command_prefix",
@@ -58,6 +60,8 @@ NO_SUCH_CLIENT = "$NOEXIST$"
 
 _RESERVED_COMMAND = re.compile(r"\$.+\$")
 _CMD = b"$CMD$"
+#: How every command message's body begins (see :func:`parse_command`).
+COMMAND_TAG = _CMD
 _MSG = b"$MSG$"
 _FMT_LEN_WIDTH = 8
 # The fmt length fields of short fmts, ready made (most fmts are a few bytes long).
@@ -289,7 +293,12 @@ _MSG_LEN = len(_MSG)
 _new_tuple = tuple.__new__
 
 
-def _parse_command(body: bytes) -> Command:
+def parse_command(body: bytes) -> Command:
+    """Parse a body that starts with :data:`COMMAND_TAG` (what :func:`parse_client_body`
+    and :func:`parse_server_body` do for one; a reader may call it directly).
+
+    :raises MalformedMessage: no ``$MSG$``, a command that is not utf-8, a bad fmt length.
+    """
     split = body.find(_MSG, _COMMAND_START)
     if split < 0:
         raise MalformedMessage("command message without $MSG$")
@@ -371,7 +380,7 @@ def _parse_call(payload: bytes) -> Call:
     call_id, rest = _call_id(payload)
     if not rest.startswith(_CMD):
         raise MalformedMessage("a call does not carry a command message")
-    return Call(call_id, _parse_command(rest))
+    return Call(call_id, parse_command(rest))
 
 
 def _parse_reply(payload: bytes) -> Reply:
@@ -473,7 +482,7 @@ def parse_client_body(body: bytes) -> ClientMessage:
     :raises HandshakeError: a hello that is not a JSON object with string name/group.
     """
     if body.startswith(_CMD):
-        return _parse_command(body)
+        return parse_command(body)
     tag, payload = _split_tag(body)
     parser = _CLIENT_TAGS.get(tag)
     if parser is None:
@@ -487,7 +496,7 @@ def parse_server_body(body: bytes) -> ServerMessage:
     :raises MalformedMessage: unknown reserved tag, no command structure, bad JSON.
     """
     if body.startswith(_CMD):
-        return _parse_command(body)
+        return parse_command(body)
     tag, payload = _split_tag(body)
     parser = _SERVER_TAGS.get(tag)
     if parser is None:

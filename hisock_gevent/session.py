@@ -37,12 +37,14 @@ from .frames import FrameParser, frame
 from .handlers import HandlerRunner, HandlerTable
 from .membership import DEFAULT_CLOSE_TIMEOUT, Membership, ServerPeer
 from .messages import (
+    COMMAND_TAG,
     GETCLT_COMMAND,
     NO_SUCH_CLIENT,
     Call,
     CallFailed,
     ChangeGroup,
     ChangeName,
+    ClientMessage,
     Command,
     Disconnect,
     GetClient,
@@ -52,6 +54,7 @@ from .messages import (
     UserClose,
     name_problem,
     parse_client_body,
+    parse_command,
 )
 from .outgoing import OutgoingCommand
 from .protocol import Refusal, ServerHandshake
@@ -209,14 +212,23 @@ class ServerSession:
             return stats.LEFT
         traffic = context.stats.traffic
         dispatch = _DISPATCH
+        on_command = self._on_command
         for body in bodies:
             traffic.messages_in += 1
             if peer.gone:
                 break
-            message = parse_client_body(body)
-            del body
-            if dispatch[type(message)](self, message):
-                break
+            message: ClientMessage
+            if body.startswith(COMMAND_TAG):
+                # parse_client_body() and the dispatch table, short-cut for most messages.
+                message = parse_command(body)
+                del body
+                if on_command(message):
+                    break
+            else:
+                message = parse_client_body(body)
+                del body
+                if dispatch[type(message)](self, message):
+                    break
             del message
         else:
             # (A client dropped meanwhile, as a slow reader say, was logged already.)

@@ -573,6 +573,8 @@ def decode_positional(
     """
     try:
         data = payload if type(payload) is bytes else bytes(payload)
+        if fmt[-1:] == b"s" and len(fmt) <= MAX_LEN_DIGITS and fmt[:-1].isdigit() and int(fmt[:-1]) == len(data):
+            return data.decode()  # a top-level str, the most common payload: no parser (one C call, nothing to pause)
         if pause is not None and len(data) + len(fmt) > PAUSE_ABOVE:
             return _decode_in_slices(fmt, data, max_depth, max_items, pause)
         if fmt == MSGPACK_LETTER:
@@ -589,9 +591,6 @@ def decode_positional(
                 if problem:
                     raise _malformed(problem)
             return value
-        letter = fmt[-1:]
-        if letter == b"s" and len(fmt) <= MAX_LEN_DIGITS and fmt[:-1].isdigit() and int(fmt[:-1]) == len(data):
-            return data.decode()  # a top-level str, the most common payload: no parser
         return _decode_native(bytes(fmt), data, max_depth, max_items)
     except MalformedPayload:
         raise
