@@ -13,7 +13,9 @@ and S2 case:
 * a bootstrap interval of after/before (runs resampled within each set, fixed seed): how
   far the figure could move with other runs of the same code;
 * the baseline's own drift: its median in the after set over its median in the before set.
-  The baseline is the same code in both sets, so this is what noise alone does to a median.
+  The baseline is the same code in both sets, so this is what noise alone does to a median;
+* hisock's own figure, after/before (medians): how the library moved, without the
+  baseline's noise (and without its correction for a machine that got faster or slower).
 
     python loadtest/bench_sets.py 'results/old*.json' 'results/new*.json' [--limit 0.05]
 
@@ -54,6 +56,7 @@ class Row(NamedTuple):
     low: float
     high: float
     baseline_drift: float
+    hisock_change: float
     runs: Tuple[int, int]
 
     def within(self, limit: float) -> bool:
@@ -109,22 +112,23 @@ def compare(before: Dict[str, List[Sample]], after: Dict[str, List[Sample]], rou
             continue
         low, high = bootstrap(old, new, rounds, rng)
         drift = statistics.median(s.baseline for s in new) / statistics.median(s.baseline for s in old)
+        own = statistics.median(s.hisock for s in new) / statistics.median(s.hisock for s in old)
         b, a = median_ratio(old), median_ratio(new)
-        rows.append(Row(case, case.startswith("S1"), b, a, a / b, low, high, drift, (len(old), len(new))))
+        rows.append(Row(case, case.startswith("S1"), b, a, a / b, low, high, drift, own, (len(old), len(new))))
     return rows
 
 
 def render(rows: Sequence[Row], limit: float) -> List[str]:
     lines = [
         f"{'case':<16}{'better':>8}{'runs':>8}{'before':>8}{'after':>8}{'after/before':>14}"
-        f"{'90 % interval':>16}{'baseline drift':>16}  verdict (limit {limit:.0%})"
+        f"{'90 % interval':>16}{'baseline drift':>16}{'hisock itself':>15}  verdict (limit {limit:.0%})"
     ]
     for r in rows:
         verdict = "within" if r.within(limit) else "WORSE"
         lines.append(
             f"{r.case:<16}{'higher' if r.higher_is_better else 'lower':>8}{f'{r.runs[0]}/{r.runs[1]}':>8}"
             f"{r.before:>8.3f}{r.after:>8.3f}{r.change:>14.3f}{f'{r.low:.3f}-{r.high:.3f}':>16}"
-            f"{r.baseline_drift:>16.3f}  {verdict}"
+            f"{r.baseline_drift:>16.3f}{r.hisock_change:>15.3f}  {verdict}"
         )
     return lines
 

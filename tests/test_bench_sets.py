@@ -67,6 +67,7 @@ def test_a_slower_fan_out_is_worse_and_the_baseline_drift_is_shown(tmp_path: Pat
     assert row.case == "S2 N=1000" and not row.higher_is_better
     assert row.change == pytest.approx(10 / 9)
     assert row.baseline_drift == pytest.approx(0.9)
+    assert row.hisock_change == pytest.approx(1.0)  # the library itself did not move
     assert not row.within(0.05) and row.within(0.12)
     assert row.low == pytest.approx(row.high) == pytest.approx(10 / 9)  # identical runs: no spread
 
