@@ -17,7 +17,7 @@ and S2 case:
 * hisock's own figure, after/before (medians): how the library moved, without the
   baseline's noise (and without its correction for a machine that got faster or slower).
 
-    python loadtest/bench_sets.py 'results/old*.json' 'results/new*.json' [--limit 0.05]
+    python loadtest/bench_sets.py 'results/old*.json' 'results/new*.json' [--limit 0.05] [--measure rate|cpu]
 
 Each argument is a glob pattern (quote it) or a file; a set may list several patterns
 separated by commas.  The runs of one set must come from the same tree, with
@@ -34,8 +34,14 @@ import statistics
 import sys
 from typing import Dict, List, NamedTuple, Sequence, Tuple
 
-#: (scenario, figure, True when higher is better) for the ratios the before/after check is about.
-FIGURES = (("S1", "rt_per_s", True), ("S2", "median_ms", False))
+#: (scenario, figure, True when higher is better) for the ratios the before/after check is
+#: about: the rates the scenarios are judged by ("rate"), or the server's CPU time per
+#: round trip and per broadcast ("cpu": steadier, and the library's own cost).
+MEASURES = {
+    "rate": (("S1", "rt_per_s", True), ("S2", "median_ms", False)),
+    "cpu": (("S1", "server_cpu_us_per_rt", False), ("S2", "server_cpu_ms_per_broadcast", False)),
+}
+FIGURES = MEASURES["rate"]
 
 
 class Sample(NamedTuple):
@@ -73,13 +79,13 @@ def expand(patterns: str) -> List[str]:
     return files
 
 
-def load_samples(paths: Sequence[str]) -> Dict[str, List[Sample]]:
+def load_samples(paths: Sequence[str], figures: Sequence[Tuple[str, str, bool]] = FIGURES) -> Dict[str, List[Sample]]:
     """Every S1/S2 case in the runs, keyed ``"S1 C=50 W=4"`` / ``"S2 N=1000"``."""
     cases: Dict[str, List[Sample]] = {}
     for path in paths:
         with open(path) as f:
             results = json.load(f)["results"]
-        for scenario, figure, _ in FIGURES:
+        for scenario, figure, _ in figures:
             for row in results.get(scenario, []):
                 hisock, baseline = row.get("hisock"), row.get("baseline")
                 if not hisock or not baseline or figure not in hisock or figure not in baseline:
@@ -102,7 +108,10 @@ def bootstrap(before: Sequence[Sample], after: Sequence[Sample], rounds: int, rn
     return changes[int(0.05 * (rounds - 1))], changes[int(0.95 * (rounds - 1))]
 
 
-def compare(before: Dict[str, List[Sample]], after: Dict[str, List[Sample]], rounds: int = 2000, seed: int = 1) -> List[Row]:
+def compare(
+    before: Dict[str, List[Sample]], after: Dict[str, List[Sample]], rounds: int = 2000, seed: int = 1,
+    figures: Sequence[Tuple[str, str, bool]] = FIGURES,
+) -> List[Row]:
     """A :class:`Row` for every case both sets measured, in the order the before set has them."""
     rng = random.Random(seed)
     rows = []
@@ -114,7 +123,8 @@ def compare(before: Dict[str, List[Sample]], after: Dict[str, List[Sample]], rou
         drift = statistics.median(s.baseline for s in new) / statistics.median(s.baseline for s in old)
         own = statistics.median(s.hisock for s in new) / statistics.median(s.hisock for s in old)
         b, a = median_ratio(old), median_ratio(new)
-        rows.append(Row(case, case.startswith("S1"), b, a, a / b, low, high, drift, own, (len(old), len(new))))
+        higher = next(h for scenario, _, h in figures if case.startswith(scenario))
+        rows.append(Row(case, higher, b, a, a / b, low, high, drift, own, (len(old), len(new))))
     return rows
 
 
@@ -139,11 +149,16 @@ def main(argv: Sequence[str] = ()) -> int:
     parser.add_argument("after", help="the runs after the change: glob pattern(s), comma-separated")
     parser.add_argument("--limit", type=float, default=0.05, help="how much worse a ratio may get (default 0.05)")
     parser.add_argument("--rounds", type=int, default=2000, help="bootstrap resamplings (default 2000)")
+    parser.add_argument(
+        "--measure", choices=sorted(MEASURES), default="rate",
+        help="rate: S1 round trips/s and S2 fan-out time (default); cpu: the server's CPU per round trip and per broadcast",
+    )
     args = parser.parse_args(list(argv) or None)
     old_files, new_files = expand(args.before), expand(args.after)
     if not old_files or not new_files:
         parser.error(f"no files: before {len(old_files)}, after {len(new_files)}")
-    rows = compare(load_samples(old_files), load_samples(new_files), args.rounds)
+    figures = MEASURES[args.measure]
+    rows = compare(load_samples(old_files, figures), load_samples(new_files, figures), args.rounds, figures=figures)
     if not rows:
         parser.error("no S1 or S2 case with both hisock and baseline figures in both sets")
     print("\n".join(render(rows, args.limit)))

@@ -80,3 +80,22 @@ def test_failed_cases_and_runs_without_the_baseline_are_skipped(tmp_path: Path) 
     assert bench_sets.load_samples([str(path)]) == {}
     with pytest.raises(SystemExit):
         bench_sets.main([str(path), str(path)])
+
+
+def test_the_cpu_measure_compares_the_servers_cpu_per_unit_lower_is_better(tmp_path: Path) -> None:
+    def run(cpu_us: float) -> dict:
+        row = {"clients": 50, "window": 4, "hisock": {"server_cpu_us_per_rt": cpu_us}, "baseline": {"server_cpu_us_per_rt": 10.0}}
+        return {"results": {"S1": [row], "S2": []}}
+
+    before = _write_set(tmp_path, "old", [run(15.0)] * 3)
+    cheaper = _write_set(tmp_path, "cheap", [run(12.0)] * 3)
+    dearer = _write_set(tmp_path, "dear", [run(16.5)] * 3)
+    figures = bench_sets.MEASURES["cpu"]
+    load = lambda pattern: bench_sets.load_samples(bench_sets.expand(pattern), figures)  # noqa: E731
+
+    (better,) = bench_sets.compare(load(before), load(cheaper), rounds=20, figures=figures)
+    (worse,) = bench_sets.compare(load(before), load(dearer), rounds=20, figures=figures)
+
+    assert not better.higher_is_better and better.change == pytest.approx(0.8) and better.within(0.05)
+    assert worse.change == pytest.approx(1.1) and not worse.within(0.05)
+    assert bench_sets.main([before, dearer, "--measure", "cpu", "--rounds", "20"]) == 1
