@@ -428,13 +428,13 @@ class _Publisher:
         """(Re)connected: beat, and write our clients back (Redis may have restarted empty,
         or the others may have reaped us while we could not reach it)."""
         self.client = self.client or self.bus._redis()
-        beat = self.store.heartbeat(self.client)
+        beat, published = self.store.rejoin(self.client, self.mine)
         if beat.reaped:
             logger.warning(
-                "backplane: the other workers counted worker %s dead while it could not reach Redis; writing its %d client(s) back",
+                "backplane: the other workers counted worker %s dead while it could not reach Redis; wrote its %d client(s) back",
                 self.store.worker_id, len(self.mine),
             )
-        self.bus.published += self.store.rewrite(self.client, self.mine)
+        self.bus.published += published
         self.bus.redis_up = True
         self.bus.down_since = None
         self.backoff = _BACKOFF_FIRST

@@ -169,9 +169,31 @@ class RedisStore:
         return published
 
     def rewrite(self, client: Any, mine: Dict[str, ClientEntry]) -> int:
-        """Make our hash exactly ``mine`` and tell everyone, in one MULTI (after a reconnect,
-        or after the others reaped us); returns how many messages it published."""
+        """Make our hash exactly ``mine`` and tell everyone, in one MULTI (after the others
+        reaped us); returns how many messages it published."""
         pipe = client.pipeline(transaction=True)
+        published = self._queue_rewrite(pipe, mine)
+        pipe.execute()
+        return published
+
+    def rejoin(self, client: Any, mine: Dict[str, ClientEntry]) -> Tuple[Beat, int]:
+        """Beat and write our clients back in one MULTI, after a (re)connect: what the
+        heartbeat found (from before the write), and how many messages were published.
+
+        One step, because Redis may have restarted empty: a worker that beat first and
+        wrote its clients a moment later would be read, in between, by another worker's
+        snapshot as alive with no clients, and everyone would hear its clients leave and
+        join again.
+        """
+        pipe = client.pipeline(transaction=True)
+        self._script(client, _HEARTBEAT)(
+            keys=[self.workers_key, self.tombstones_key], args=[self.worker_id, self.ttl_ms, MAX_REAPED_PER_BEAT], client=pipe
+        )
+        published = self._queue_rewrite(pipe, mine)
+        added, reaped, dead = pipe.execute()[0]
+        return Beat(bool(added), bool(reaped), [worker.decode() for worker in dead]), published
+
+    def _queue_rewrite(self, pipe: Any, mine: Dict[str, ClientEntry]) -> int:
         pipe.delete(self.my_clients_key)
         pipe.zrem(self.tombstones_key, self.worker_id)
         entries = list(mine.values())
@@ -180,7 +202,6 @@ class RedisStore:
         chunks = [tuple(entries[start : start + MAX_ENTRIES_PER_MESSAGE]) for start in range(0, len(entries), MAX_ENTRIES_PER_MESSAGE)] or [()]
         for number, chunk in enumerate(chunks, 1):
             pipe.publish(self.all_channel, to_wire(Here(self.worker_id, chunk, complete=number == len(chunks))))
-        pipe.execute()
         return len(chunks)
 
     def goodbye(self, client: Any, bye: bytes) -> None:

@@ -526,7 +526,7 @@ def test_a_worker_cut_off_from_redis_past_the_ttl_is_reaped_comes_back_and_catch
     for inbox in (alice, carol):
         assert sorted(membership(inbox, marks[inbox.name])) == [("joined", "dave"), ("left", "erin")], inbox.name
     assert other.count("LEAVE alice") == 1 and cut.count("LEAVE alice") == 0
-    assert any("dead while it could not reach Redis; writing its 2 client(s) back" in line for line in cut.stderr), "\n".join(cut.stderr)
+    assert any("dead while it could not reach Redis; wrote its 2 client(s) back" in line for line in cut.stderr), "\n".join(cut.stderr)
 
 
 def test_redis_restarting_during_a_broadcast_storm_loses_one_stretch_and_delivers_nothing_twice(cluster):
@@ -543,6 +543,7 @@ def test_redis_restarting_during_a_broadcast_storm_loses_one_stretch_and_deliver
 
     stop = threading.Event()
     sent: List[int] = []
+    sent_at: List[float] = []
 
     def storm() -> None:
         for number in range(20_000):  # bounded: about 40 s at most
@@ -550,6 +551,7 @@ def test_redis_restarting_during_a_broadcast_storm_loses_one_stretch_and_deliver
                 return
             sender.send("shout", number)
             sent.append(number)
+            sent_at.append(time.monotonic())
             time.sleep(0.002)
 
     thread = threading.Thread(target=storm, daemon=True)
@@ -559,7 +561,7 @@ def test_redis_restarting_during_a_broadcast_storm_loses_one_stretch_and_deliver
         cluster.redis.stop()
         time.sleep(1.0)
         cluster.redis.start()  # empty
-        restarted = len(sent)
+        restarted, restarted_at = len(sent), time.monotonic()
         # Across again: bob gets what was sent well after the restart.
         wait_until(
             lambda: any(number > restarted + 100 for number in shouts(bob)), 30, interval=0.01,
@@ -580,7 +582,9 @@ def test_redis_restarting_during_a_broadcast_storm_loses_one_stretch_and_deliver
         missing = sorted(set(sent) - set(got))
         # What was lost is what was sent while Redis was away (and reconnecting): one stretch.
         assert missing and missing == list(range(missing[0], missing[-1] + 1)), (inbox.name, missing)
-        assert missing[-1] <= restarted + 100
+        # The backoff doubles from 0.1 s: after about 1 s away the next try comes within
+        # 0.8 s of the restart; then a resubscribe, and a loaded machine's slack.
+        assert sent_at[missing[-1]] - restarted_at <= 3.0, (inbox.name, sent_at[missing[-1]] - restarted_at)
     # Redis going away is not a client going away: nobody heard anyone join or leave.
     for inbox in everyone:
         assert membership(inbox, marks[inbox.name]) == [], inbox.name

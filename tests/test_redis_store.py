@@ -6,6 +6,7 @@ a script runs too), so the cost of a heartbeat or of reaping is a number, not a 
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Dict, Iterator, List
 
@@ -175,3 +176,59 @@ def test_a_snapshot_marks_its_place_in_the_readers_stream(redis_client) -> None:
     pubsub.close()
     assert [type(message).__name__ for message in received] == ["Here", "Mark", "Here"]
     assert [entry.client_id for entry in snapshot.entries] == ["writer#0"]
+
+
+def test_rejoining_after_redis_restarted_empty_is_never_read_half_done(redis_server, figure) -> None:  # noqa: F811
+    """A worker that (re)connects beats and writes its clients back in one step: another
+    worker's snapshot, taken at any moment meanwhile, sees it either absent or alive with
+    all its clients, never alive with none (its clients would be heard leaving and joining)."""
+    import redis
+
+    writer_client, reader_client = redis.Redis.from_url(redis_server.url), redis.Redis.from_url(redis_server.url)
+    worker, reader = store("back", []), store("reader", [])
+    mine = entries("back", 3)
+    rounds, seen, half_done = 300, {"absent": 0, "whole": 0}, 0
+    stop = threading.Event()
+
+    def rejoin_again_and_again() -> None:
+        for _ in range(rounds):
+            writer_client.flushall()  # Redis restarted empty
+            worker.rejoin(writer_client, mine)
+        stop.set()
+
+    thread = threading.Thread(target=rejoin_again_and_again, daemon=True)
+    thread.start()
+    try:
+        for _ in range(100_000):  # bounded; ends with the writer
+            if stop.is_set():
+                break
+            snapshot = reader.snapshot(reader_client, Mark("reader", "t").to_wire())
+            if "back" not in snapshot.workers:
+                seen["absent"] += 1
+            elif len(snapshot.entries) == len(mine):
+                seen["whole"] += 1
+            else:
+                half_done += 1
+    finally:
+        thread.join(10)
+        writer_client.close()
+        reader_client.close()
+    figure("snapshots during 300 rejoins: absent / whole / half done", f"{seen['absent']} / {seen['whole']} / {half_done}")
+    assert seen["whole"] > 0
+    assert half_done == 0
+
+
+def test_rejoin_reports_what_the_heartbeat_found_before_the_write(redis_client) -> None:
+    malformed: List[str] = []
+    survivor, paused = store("survivor", malformed), store("paused", malformed)
+    survivor.heartbeat(redis_client)
+    paused.rejoin(redis_client, entries("paused", 2))
+    time.sleep(TTL + 0.1)
+    survivor.heartbeat(redis_client)
+    survivor.reap(redis_client, "paused")
+
+    beat, published = paused.rejoin(redis_client, entries("paused", 2))
+
+    assert beat.added and beat.reaped and published == 1
+    assert redis_client.hlen(paused.my_clients_key) == 2
+    assert not paused.heartbeat(redis_client).reaped  # the tombstone went with the write
