@@ -91,7 +91,9 @@ def test_the_cpu_measure_compares_the_servers_cpu_per_unit_lower_is_better(tmp_p
     cheaper = _write_set(tmp_path, "cheap", [run(12.0)] * 3)
     dearer = _write_set(tmp_path, "dear", [run(16.5)] * 3)
     figures = bench_sets.MEASURES["cpu"]
-    load = lambda pattern: bench_sets.load_samples(bench_sets.expand(pattern), figures)  # noqa: E731
+
+    def load(pattern: str) -> dict:
+        return bench_sets.load_samples(bench_sets.expand(pattern), figures)
 
     (better,) = bench_sets.compare(load(before), load(cheaper), rounds=20, figures=figures)
     (worse,) = bench_sets.compare(load(before), load(dearer), rounds=20, figures=figures)
