@@ -88,7 +88,7 @@ def main(argv: Sequence[str] = ()) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("old", help="the tree before the change (a directory holding hisock_gevent)")
     parser.add_argument("new", help="the tree after the change")
-    parser.add_argument("--rounds", type=int, default=6, help="rounds of every case (default 6: each order twice)")
+    parser.add_argument("--rounds", type=int, default=6, help="rounds of every case (default 6: every order once, each run in each place twice)")
     parser.add_argument("--only", default="S1,S2", help="comma-separated subset of S1,S2 (default both)")
     parser.add_argument("--mode", choices=("smoke", "quick", "full"), default="quick", help="bench.py's case sizes (default quick)")
     parser.add_argument("--out", default=os.path.join(bench.RESULTS_DIR, f"trees-{time.strftime('%Y%m%d-%H%M%S')}"), help="where the JSON files go")
