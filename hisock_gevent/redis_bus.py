@@ -15,7 +15,9 @@ In a plain (not monkey-patched) program both loops are real threads, so Redis ne
 blocks the hub and the worker keeps serving its own clients whatever Redis does; in a
 monkey-patched one they are greenlets.  When Redis is unreachable, what is queued for the
 others is dropped (and counted), local delivery goes on, and both loops reconnect with
-backoff; the publisher then writes this worker's clients back.
+backoff; the publisher then beats and writes this worker's clients back in one MULTI
+(:meth:`~hisock_gevent.redis_store.RedisStore.rejoin`), so no other worker's snapshot
+reads it, after Redis restarted empty, as alive with no clients.
 """
 
 from __future__ import annotations
