@@ -120,7 +120,7 @@ MODES: Dict[str, Dict[str, Any]] = {
     },
     "quick": {
         "s1_cases": [(c, w) for c in (1, 50, 500) for w in (1, 4)], "s1_warmup": 1.0, "s1_duration": 3.0,
-        "s2_clients": [100, 1000, 5000], "s2_repeats": 7,
+        "s2_clients": [100, 1000, 5000], "s2_repeats": 21,
         "s3_clients": 10000, "s3_ramp_timeout": 90.0,
         "s4_warmup": 0.5, "s4_duration": 3.0,
         "s5_seconds": 0.3,
